@@ -1,0 +1,120 @@
+"""The two plugin interfaces: Defense (hooks into the one training loop) and Attack.
+
+A plugin is one file with one class that subclasses `Defense` or `Attack` and sets `name`.
+Options are keyword-only constructor arguments; the registry passes only those the user set,
+so a plugin's own defaults stay in force.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainContext:
+    """What a defense may look at during training. Built by the training loop."""
+
+    model: nn.Module  # privbench.models.SplitModel: .encoder, .server, .noise_std
+    train_images: torch.Tensor  # uint8 [N,C,H,W] on `device`, un-augmented
+    train_labels: torch.Tensor  # int64 [N] on `device`
+    num_classes: int
+    noise_std: float
+    device: torch.device
+    epochs: int
+    batch_size: int
+    steps_per_epoch: int
+    seed: int
+    # Call with new parameters (e.g. a lazily built module) to put them in the optimizer.
+    add_parameters: Callable[[list[nn.Parameter]], None] = lambda params: None
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Defense:
+    """A training-time defense. Every hook is optional; `none` overrides nothing.
+
+    The loop calls, per run: `setup(ctx)`; per step: `loss(z, y, epoch=, lr=)` where `z` is the
+    encoder output in train mode *before* the channel noise, and the returned scalar is added
+    to the cross-entropy before the single backward (return None for no term); per epoch:
+    `epoch_end(epoch, ctx)` whose dict is logged. Channel options (bottleneck, noise) belong
+    to the model, so every defense composes with them.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def setup(self, ctx: TrainContext) -> None:
+        pass
+
+    def loss(self, z: torch.Tensor, y: torch.Tensor, *, epoch: int, lr: float) -> torch.Tensor | None:
+        return None
+
+    def epoch_end(self, epoch: int, ctx: TrainContext) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def options(self) -> dict[str, Any]:
+        """The option values in force (recorded in the run's config)."""
+        return dict(getattr(self, "_options", {}))
+
+
+@dataclass
+class Target:
+    """The attacker's view of a trained split model: white-box encoder plus the channel noise.
+
+    `encoder` is frozen and in eval mode. `query(x)` returns what the server would receive for
+    images x in [0,1] (noise included), without gradient; `forward(x)` is the same with
+    gradient, for white-box optimization attacks.
+    """
+
+    encoder: nn.Module
+    noise_std: float
+    image_shape: tuple[int, int, int]
+    device: torch.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.encoder(x)
+        if self.noise_std > 0:
+            z = z + self.noise_std * torch.randn_like(z)
+        return z
+
+    @torch.no_grad()
+    def query(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        return torch.cat([self.forward(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    def z_shape(self) -> tuple[int, ...]:
+        with torch.no_grad():
+            probe = torch.zeros(1, *self.image_shape, device=self.device)
+            return tuple(self.encoder(probe).shape[1:])
+
+
+class Attack:
+    """A model inversion attack.
+
+    `fit(target, images)` (optional) trains on the attacker's data: float images in [0,1],
+    [N,C,H,W] on the target's device. `reconstruct(z)` maps observed activations (noise
+    included) to images in [0,1] of shape [N, *target.image_shape]. The harness scores the
+    output, so every attack is measured the same way. The budget is set through options
+    (`epochs` for learned attacks, `steps` for optimization); presets supply values for them.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def fit(self, target: Target, images: torch.Tensor) -> None:
+        self.target = target
+
+    def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return dict(getattr(self, "_options", {}))

@@ -1,0 +1,147 @@
+"""The run store: one folder per trained model under the results folder.
+
+A run folder holds `config.json` (everything needed to rerun it), `provenance.json`,
+`checkpoint.pt` (state dicts only, loaded with weights_only=True), `metrics.json` and
+`log.txt`; attacks add `attacks/<attack>-<hash>/`. Its name is `<defense>-<config hash>`, so the
+same configuration always maps to the same folder and finished work is reused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import privbench
+from privbench.config import TrainConfig
+from privbench.data import Dataset
+from privbench.errors import UserError
+from privbench.models import SplitModel
+from privbench.storage import atomic_write_bytes, atomic_write_text, build_dir_once, read_json, write_json
+
+RUN_FILES = ("config.json", "provenance.json", "checkpoint.pt", "metrics.json")
+DEFAULT_RESULTS = "results"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(privbench.__file__).parent,
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(device: torch.device | str, seed: int) -> dict[str, Any]:
+    return {
+        "privbench_version": privbench.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name() if str(device).startswith("cuda") else platform.processor() or platform.machine(),
+        "seed": seed,
+    }
+
+
+@dataclass
+class Run:
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        path = Path(path)
+        missing = [f for f in RUN_FILES if not (path / f).is_file()]
+        if not path.is_dir() or missing:
+            why = "no such folder" if not path.is_dir() else f"missing {missing[0]}"
+            raise UserError(f"{path} is not a privbench run folder ({why})")
+        return cls(path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(read_json(self.path / "config.json")["train"])
+
+    def metrics(self) -> dict[str, Any]:
+        return read_json(self.path / "metrics.json")
+
+    def provenance(self) -> dict[str, Any]:
+        return read_json(self.path / "provenance.json")
+
+    def load_model(self, data: Dataset, device: torch.device | str = "cpu") -> SplitModel:
+        """Rebuild the model from config.json and load the checkpoint (weights only)."""
+        from privbench.train import make_model
+
+        cfg = self.config()
+        model = make_model(cfg, data)
+        state = torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"checkpoint of {self.path} does not match its config.json: {first}") from None
+        return model.to(device).eval()
+
+    def attack_dirs(self) -> list[Path]:
+        root = self.path / "attacks"
+        return sorted(p for p in root.iterdir() if (p / "metrics.json").is_file()) if root.is_dir() else []
+
+
+def run_name(cfg: TrainConfig) -> str:
+    return f"{cfg.defense}-{cfg.hash()}"
+
+
+def find_run(cfg: TrainConfig, results_dir: str | Path = DEFAULT_RESULTS) -> Run | None:
+    path = Path(results_dir) / run_name(cfg)
+    return Run(path) if all((path / f).is_file() for f in RUN_FILES) else None
+
+
+def train_run(
+    cfg: TrainConfig, results_dir: str | Path = DEFAULT_RESULTS, *, force: bool = False, log=print
+) -> tuple[Run, bool]:
+    """Train `cfg` into its run folder unless a finished one exists. Returns (run, trained)."""
+    from privbench.train import pick_device, train
+
+    final = Path(results_dir) / run_name(cfg)
+    if force and final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+
+    def build(tmp: Path) -> None:
+        lines: list[str] = []
+
+        def tee(msg: str) -> None:
+            lines.append(msg)
+            log(msg)
+            atomic_write_text(tmp / "log.txt", "\n".join(lines) + "\n")
+
+        device = pick_device(cfg.device)
+        prov = provenance(device, cfg.seed) | {"start_time": now()}
+        result = train(cfg, log=tee)
+        write_json(tmp / "config.json", {"train": cfg.to_dict(), "defense_options": result.defense.options()})
+        buf = io.BytesIO()
+        torch.save({"model": result.model.state_dict(), "defense": result.defense.state_dict()}, buf)
+        atomic_write_bytes(tmp / "checkpoint.pt", buf.getvalue())
+        write_json(tmp / "metrics.json", {
+            "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
+            "history": result.history, "num_classes": result.model.server[-1].out_features,
+        })  # fmt: skip
+        write_json(tmp / "provenance.json", prov | {"end_time": now()})
+
+    built = build_dir_once(final, build)
+    return Run.open(final), built
