@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from privbench.config import TrainConfig
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Keep the embedded data cache of the tests out of the user's cache."""
+    import os
+
+    os.environ["PRIVBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+def tiny_config(**kw) -> TrainConfig:
+    """A training configuration that runs in a few seconds on 2 CPU cores."""
+    base = dict(epochs=1, n_train=300, width=0.125, progress=False)
+    base.update(kw)
+    return TrainConfig.from_preset("quick", **base)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

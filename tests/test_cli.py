@@ -1,0 +1,63 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from privbench.cli import main
+
+
+def run_cli(args, capsys):
+    """Run the command line in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_list(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    assert "none" in out and "embedded" in out and "cifar10" in out and "folder:PATH" in out
+
+
+def test_train_prints_accuracy_and_run_folder_last(tmp_path, capsys):
+    args = ["train", "--epochs", "1", "--n-train", "300", "--width", "0.125", "--seed", "1",
+            "--bottleneck", "C8", "--noise", "0.025", "--results-dir", str(tmp_path), "--quiet"]  # fmt: skip
+    code, out, _ = run_cli(args, capsys)
+    lines = out.strip().splitlines()
+    assert code == 0
+    assert lines[-2].startswith("test accuracy: ")
+    assert (tmp_path / lines[-1].split("/")[-1] / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--defense", "nope"], "unknown defense 'nope'"),
+        (["train", "--cut", "0"], "invalid cut 0"),
+        (["train", "--cut", "99"], "invalid cut 99"),
+        (["train", "--dataset", "cifar10", "--data-dir", "nowhere"], "cifar-10-batches-py"),
+        (["train", "--dataset", "folder:nowhere"], "image folder not found"),
+        (["train", "--noise", "-0.5"], "invalid noise"),
+        (["train", "--dataset", "mnist"], "unknown dataset"),
+        (["train", "--bogus"], "No such option"),
+        (["train", "--plugin", "missing.py"], "plugin file not found"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message, capsys, tmp_path):
+    code, out, err = run_cli([*args, "--results-dir", str(tmp_path)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_installed_command():
+    out = subprocess.run(["privbench", "train", "--cut", "99"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == "error: invalid cut 99 for vgg11: valid cuts are 1..13"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "cli.py"), "list"], capture_output=True, text=True)
+    assert out.returncode == 0 and "defenses:" in out.stdout

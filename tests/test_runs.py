@@ -1,0 +1,98 @@
+import json
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from privbench.errors import UserError
+from privbench.runs import Run, run_name, train_run
+from privbench.storage import atomic_write_text, build_dir_once
+from privbench.train import load_data
+
+
+def test_run_folder_round_trip(tmp_path):
+    cfg = tiny_config(bottleneck=8, noise=0.05, seed=3)
+    run, trained = train_run(cfg, tmp_path, log=lambda m: None)
+    assert trained and run.path == tmp_path / run_name(cfg)
+    assert sorted(p.name for p in run.path.iterdir()) == [
+        "checkpoint.pt", "config.json", "log.txt", "metrics.json", "provenance.json",
+    ]  # fmt: skip
+    assert run.config() == cfg
+    prov = run.provenance()
+    assert prov["seed"] == 3 and prov["torch_version"] == torch.__version__ and prov["device"] == "cpu"
+    assert prov["start_time"] <= prov["end_time"]
+    metrics = run.metrics()
+    assert 0 <= metrics["test_accuracy"] <= 1 and len(metrics["history"]) == 1
+    assert "test_accuracy=" in (run.path / "log.txt").read_text()
+    # The checkpoint is plain tensors: it loads with weights_only=True and rebuilds the model.
+    state = torch.load(run.path / "checkpoint.pt", weights_only=True)
+    model = run.load_model(load_data(cfg, torch.device("cpu")))
+    assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
+    # Same configuration again: reused, not retrained.
+    again, trained = train_run(cfg, tmp_path, log=lambda m: None)
+    assert not trained and again.path == run.path
+    assert not list(tmp_path.glob(".*"))  # no temp folder or lock left behind
+
+
+def test_checkpoint_config_mismatch(tmp_path):
+    cfg = tiny_config()
+    run, _ = train_run(cfg, tmp_path, log=lambda m: None)
+    conf = json.loads((run.path / "config.json").read_text())
+    conf["train"]["bottleneck"] = 4
+    (run.path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(UserError, match="does not match its config.json"):
+        run.load_model(load_data(cfg, torch.device("cpu")))
+
+
+def test_not_a_run(tmp_path):
+    with pytest.raises(UserError, match="not a privbench run folder"):
+        Run.open(tmp_path)
+    with pytest.raises(UserError, match="no such folder"):
+        Run.open(tmp_path / "missing")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def _build_slowly(final, counter):
+    def build(tmp):
+        with open(counter, "a") as f:
+            f.write("x")
+        time.sleep(0.5)
+        (tmp / "done").write_text("ok")
+
+    build_dir_once(final, build, poll=0.05)
+
+
+def test_two_processes_build_once(tmp_path):
+    final, counter = tmp_path / "cell", tmp_path / "counter"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_build_slowly, args=(final, counter)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert counter.read_text() == "x" and (final / "done").read_text() == "ok"
+
+
+def test_interrupted_build_leaves_no_folder(tmp_path):
+    def fail(tmp):
+        (tmp / "half").write_text("...")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_dir_once(tmp_path / "cell", fail)
+    assert list(tmp_path.iterdir()) == []
+    assert build_dir_once(tmp_path / "cell", lambda tmp: (tmp / "ok").write_text("1"))
