@@ -6,7 +6,6 @@ Bad input raises UserError (or a click usage error) and is printed as one line, 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -89,8 +88,10 @@ def list_cmd(plugins: tuple[str, ...]) -> None:
 @click.option("--force", is_flag=True, help="Retrain even if this configuration has a finished run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @plugin_option
-def train(dataset, data_dir, download, defense, options, preset, model, width, epochs, batch_size, lr,
-          schedule, seed, cut, bottleneck, noise, n_train, device, results_dir, force, quiet, plugins) -> None:  # fmt: skip
+def train(
+    dataset, data_dir, download, defense, options, preset, model, width, epochs, batch_size, lr,
+    schedule, seed, cut, bottleneck, noise, n_train, device, results_dir, force, quiet, plugins,
+) -> None:  # fmt: skip
     """Train a split model under a defense; the last line printed is the run folder."""
     from privbench.config import TrainConfig
     from privbench.data import load_dataset
@@ -116,7 +117,7 @@ def train(dataset, data_dir, download, defense, options, preset, model, width, e
     run, trained = train_run(cfg, results_dir, force=force, log=click.echo)
     acc = run.metrics()["test_accuracy"]
     if not trained:
-        click.echo(f"reused finished run (same configuration); --force retrains")
+        click.echo("reused finished run (same configuration); --force retrains")
     click.echo(f"test accuracy: {acc:.4f}")
     click.echo(str(run.path))
 

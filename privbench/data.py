@@ -165,9 +165,7 @@ def embedded(seed: int = 0, n_train: int = 5000, n_test: int = 1000, n_aux: int 
     else:
         crops = embedded_crops(seed, {"train": n_train, "aux": n_aux, "test": n_test})
         blob = {
-            f"{s}_{part}": torch.from_numpy(crops[s][i])
-            for s in crops
-            for i, part in enumerate(("images", "labels"))
+            f"{s}_{part}": torch.from_numpy(crops[s][i]) for s in crops for i, part in enumerate(("images", "labels"))
         }
         buf = _tensor_bytes(blob)
         atomic_write_bytes(path, buf)

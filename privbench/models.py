@@ -65,8 +65,14 @@ def _bottleneck(in_ch: int, c: int) -> tuple[nn.Module, nn.Module]:
 
 
 def vgg11(
-    *, num_classes: int = 10, cut: int = 4, bottleneck: int | None = None, noise_std: float = 0.0,
-    width: float = 1.0, in_channels: int = 3, image_size: int = 32,
+    *,
+    num_classes: int = 10,
+    cut: int = 4,
+    bottleneck: int | None = None,
+    noise_std: float = 0.0,
+    width: float = 1.0,
+    in_channels: int = 3,
+    image_size: int = 32,
 ) -> SplitModel:
     """VGG11-BN (configuration A) for small images; the first `cut` entries run on the client."""
     if not 1 <= cut <= len(VGG11_CFG):
@@ -121,8 +127,14 @@ RESNET20_UNITS = 10  # stem + 9 basic blocks; cut k puts the first k units on th
 
 
 def resnet20(
-    *, num_classes: int = 10, cut: int = 2, bottleneck: int | None = None, noise_std: float = 0.0,
-    width: float = 1.0, in_channels: int = 3, image_size: int = 32,
+    *,
+    num_classes: int = 10,
+    cut: int = 2,
+    bottleneck: int | None = None,
+    noise_std: float = 0.0,
+    width: float = 1.0,
+    in_channels: int = 3,
+    image_size: int = 32,
 ) -> SplitModel:
     """CIFAR-style ResNet-20 (3 stages of 3 basic blocks, 16/32/64 channels x width)."""
     if not 1 <= cut <= RESNET20_UNITS:
@@ -148,8 +160,14 @@ def resnet20(
 
 
 def build_model(
-    name: str, *, num_classes: int, cut: int, bottleneck: int | None = None, noise_std: float = 0.0,
-    width: float = 1.0, image_shape: tuple[int, int, int] = (3, 32, 32),
+    name: str,
+    *,
+    num_classes: int,
+    cut: int,
+    bottleneck: int | None = None,
+    noise_std: float = 0.0,
+    width: float = 1.0,
+    image_shape: tuple[int, int, int] = (3, 32, 32),
 ) -> SplitModel:
     if noise_std < 0:
         raise UserError(f"invalid noise {noise_std}: the noise std must be >= 0")

@@ -44,6 +44,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def device_name(device: torch.device | str) -> str:
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
 def provenance(device: torch.device | str, seed: int) -> dict[str, Any]:
     return {
         "privbench_version": privbench.__version__,
@@ -51,7 +57,7 @@ def provenance(device: torch.device | str, seed: int) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name() if str(device).startswith("cuda") else platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "seed": seed,
     }
 

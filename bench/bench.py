@@ -1,0 +1,245 @@
+"""privbench benchmarks: training, defense, attack and metric throughput, side by side.
+
+    python bench/bench.py                      # CPU-sized defaults, prints a table, writes JSON
+    python bench/bench.py --n-train 50000 --width 1 --batch-size 512 --compile   # CIFAR scale, GPU
+
+Every ratio is measured in this one process on this one machine. Training throughput comes
+from privbench's real training loop (`privbench.train.train`), timed per epoch; defenses run
+with warm-up 1 and the first (warm-up) epoch is excluded from their figures. The
+reference-style baseline trains the same model the way the reference code feeds it: a
+torchvision DataLoader with per-image PIL transforms, fp32, one worker per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from privbench import registry
+from privbench.config import TrainConfig
+from privbench.data import load_dataset, to_float
+from privbench.plugins import Target
+from privbench.runs import device_name
+from privbench.train import make_model, pick_device, train
+
+OUT = Path(__file__).parent / "out"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def bench_training(args, defense: str, data) -> dict:
+    """Images/s of privbench's loop over the epochs after warm-up."""
+    options = {} if defense == "none" else {"warmup": 1}
+    cfg = TrainConfig.from_preset(
+        "quick", defense=defense, defense_options=options, epochs=args.epochs, width=args.width,
+        batch_size=args.batch_size, cut=4, bottleneck=8, noise=0.025, n_train=args.n_train,
+        device=args.device, amp=args.amp, compile=args.compile, progress=False,
+    )  # fmt: skip
+    if args.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = train(cfg, data=data, log=lambda m: None)
+    timed = [h["epoch_seconds"] for h in result.history[1:]]  # epoch 1: warm-up / compile
+    sec = statistics.mean(timed)
+    return {
+        "what": f"train {defense}", "epoch_seconds": sec,
+        "epoch_seconds_all": [h["epoch_seconds"] for h in result.history],
+        "images_per_s": len(data.train) / sec, "test_accuracy": result.test_accuracy,
+        "peak_memory_mb": peak_memory_mb(pick_device(args.device)), "model": result.model,
+    }  # fmt: skip
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """The reference's input path: numpy uint8 -> PIL image -> per-image transforms."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        import torchvision.transforms as T
+
+        self.images = images.permute(0, 2, 3, 1).cpu().numpy()
+        self.labels = labels.cpu().tolist()
+        self.tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.tf(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def bench_reference_style(args, data) -> dict:
+    """Same model and optimizer, fed the reference way: DataLoader + PIL, fp32, batch 128."""
+    device = pick_device(args.device)
+    cfg = TrainConfig.from_preset("quick", width=args.width, cut=4, bottleneck=8, noise=0.025)
+    torch.manual_seed(0)
+    model = make_model(cfg, data).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        PILDataset(data.train.images, data.train.labels), batch_size=128, shuffle=True,
+        num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
+    )  # fmt: skip
+    times = []
+    for _ in range(args.epochs):
+        sync(device)
+        t = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    sec = statistics.mean(times[1:] or times)
+    return {"what": f"reference-style train none ({workers} workers, fp32, batch 128)", "epoch_seconds": sec,
+            "epoch_seconds_all": times, "images_per_s": len(data.train) / sec}  # fmt: skip
+
+
+def bench_attacks(args, data, model) -> list[dict]:
+    device = pick_device(args.device)
+    shape = data.image_shape
+    target = Target(model.encoder.eval().requires_grad_(False), 0.025, shape, device)
+    images = to_float(data.train.images[: args.attack_images])
+    rows = []
+    if "decoder" in registry.names("attack"):
+        attack = registry.create("attack", "decoder", {"epochs": 2}, strict=False)
+        sync(device)
+        t = time.perf_counter()
+        attack.fit(target, images)
+        sync(device)
+        sec = time.perf_counter() - t
+        rows.append(
+            {"what": "decoder attack training (2 epochs)", "seconds": sec, "images_per_s": 2 * len(images) / sec}
+        )
+    if "optimization" in registry.names("attack"):
+        steps = 100
+        attack = registry.create("attack", "optimization", {"steps": steps}, strict=False)
+        attack.fit(target, images)
+        z = target.query(to_float(data.test.images[:256]))
+        sync(device)
+        t = time.perf_counter()
+        attack.reconstruct(z)
+        sync(device)
+        sec = time.perf_counter() - t
+        rows.append({"what": f"optimization attack ({steps} steps, 256 images)", "seconds": sec,
+                     "images_per_s": 256 / sec})  # fmt: skip
+    return rows
+
+
+def bench_metrics(args, data) -> list[dict]:
+    import importlib
+
+    try:
+        metrics = importlib.import_module("privbench.metrics")
+    except ImportError:
+        return []
+    device = pick_device(args.device)
+    n = args.metric_images
+    x = to_float(data.train.images[:n].repeat(max(1, n // len(data.train) + 1), 1, 1, 1)[:n]).to(device)
+    y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    rows = []
+    for name in ("ssim", "psnr", "mse"):
+        fn = getattr(metrics, name)
+        fn(x[:16], y[:16])
+        sync(device)
+        t = time.perf_counter()
+        fn(x, y)
+        sync(device)
+        sec = time.perf_counter() - t
+        rows.append({"what": f"metric {name} ({n} images)", "seconds": sec, "images_per_s": n / sec})
+    try:
+        import lpips
+
+        net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).to(device)
+        m = min(n, 2000)
+        t = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, m, 500):
+                net(x[i : i + 500] * 2 - 1, y[i : i + 500] * 2 - 1)
+        sync(device)
+        sec = time.perf_counter() - t
+        rows.append(
+            {"what": f"metric lpips alexnet, random weights ({m} images)", "seconds": sec, "images_per_s": m / sec}
+        )
+    except Exception as exc:  # speed only; the harness reports LPIPS availability itself
+        rows.append({"what": f"metric lpips: not measured ({type(exc).__name__})"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--n-train", type=int, default=5000, help="embedded crops (50000 = CIFAR scale)")
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3, help="per measurement; the first is excluded")
+    p.add_argument("--defense", action="append", help="default: none, gmm-cem, slot-cem")
+    p.add_argument("--workers", type=int, default=None, help="reference-style loader workers (default: cores)")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model halves")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--attack-images", type=int, default=5000)
+    p.add_argument("--metric-images", type=int, default=10000)
+    p.add_argument("--out", default=None, help="JSON file (default bench/out/bench-<time>.json)")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    data = load_dataset("embedded", n_train=args.n_train).to(device)
+    defenses = [d for d in (args.defense or ["none", "gmm-cem", "slot-cem"]) if d in registry.names("defense")]
+    rows, model = [], None
+    for d in defenses:
+        row = bench_training(args, d, data)
+        model = model or row.pop("model")
+        row.pop("model", None)
+        rows.append(row)
+    base = rows[0]["epoch_seconds"] if rows and defenses[0] == "none" else None
+    for row in rows:
+        if base:
+            row["ratio_to_none"] = row["epoch_seconds"] / base
+    if not args.skip_reference:
+        ref = bench_reference_style(args, data)
+        if base:
+            ref["privbench_speedup"] = ref["epoch_seconds"] / base
+        rows.append(ref)
+    if model is not None:
+        rows += bench_attacks(args, data, model)
+    rows += bench_metrics(args, data)
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "device": str(device), "device_name": device_name(device),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "args": vars(args), "rows": rows,
+        "peak_memory_mb": peak_memory_mb(device),
+    }  # fmt: skip
+    for row in rows:
+        extra = "".join(
+            f"  {k}={v:.3g}" for k, v in row.items() if k in ("ratio_to_none", "privbench_speedup", "test_accuracy")
+        )
+        ips = row.get("images_per_s")
+        print(f"{row['what']:<62} {f'{ips:10.0f} img/s' if ips else '':>16}{extra}")
+    print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
+    out = Path(args.out) if args.out else OUT / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
