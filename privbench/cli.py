@@ -122,6 +122,145 @@ def train(
     click.echo(str(run.path))
 
 
+@cli.command()
+@click.argument("run_dir")
+@click.option("--attack", "attacks", multiple=True, help="Attack name (repeatable; default: decoder, optimization).")
+@click.option(
+    "--attacker-data",
+    type=click.Choice(["train", "aux"]),
+    default="train",
+    show_default=True,
+    help="train: the private training split (worst case); aux: a disjoint split.",
+)
+@click.option("--epochs", type=int, default=None, help="Training epochs of learned attacks (default: the preset's).")
+@click.option("--steps", type=int, default=None, help="Steps of optimization attacks (default: the preset's).")
+@click.option("--eval-images", type=int, default=None, help="Test images to reconstruct (default: the preset's).")
+@click.option("-o", "--option", "options", multiple=True, help="Attack option ATTACK.key=value (repeatable).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the evaluation images and the attacks.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@plugin_option
+def attack(run_dir, attacks, attacker_data, epochs, steps, eval_images, options, device, seed, quiet, plugins) -> None:
+    """Attack a trained run; writes RUN_DIR/attacks/<attack>-<hash>/ and prints a table."""
+    from privbench.attack import attack_run, format_table, split_options
+
+    load_plugins(plugins)
+    names = list(dict.fromkeys(attacks or ("decoder", "optimization")))
+    results = attack_run(
+        run_dir, names, attacker_data=attacker_data, epochs=epochs, steps=steps, eval_images=eval_images,
+        options=split_options(parse_options(options), names), device=device, seed=seed, progress=not quiet,
+        log=click.echo,
+    )  # fmt: skip
+    first = results[0]
+    click.echo(f"run {first['run']}: {first['eval_images']} {first['eval_split']} images; {first['threat_model']}")
+    click.echo(format_table(results))
+
+
+@cli.command("run")
+@click.option("--preset", type=click.Choice(["quick", "paper"]), default=None, help="Budgets [default: quick].")
+@click.option("--dataset", default=None, help="embedded | cifar10 | cifar100 | folder:PATH [default: embedded]")
+@click.option("--data-dir", default=None, help="Folder holding the CIFAR python-pickle folder.")
+@click.option("--defense", "defenses", multiple=True, metavar="NAME[@CHANNEL]",
+              help="Repeatable. NAME runs on every base channel; NAME@CHANNEL pins one: plain, C8, 0.05 or "
+                   "C8+0.05. [default: none@plain none gmm-cem slot-cem]")  # fmt: skip
+@click.option("--attack", "attacks", multiple=True, help="Repeatable. [default: decoder optimization]")
+@click.option("--seeds", type=int, default=None, help="Train seeds 0..N-1 of every configuration [default: 1].")
+@click.option("--cut", type=int, default=None, help="Cut layer k: the first k VGG entries run on the client.")
+@click.option("--bottleneck", "bottlenecks", multiple=True, metavar="C<c>|none",
+              help="Base channel bottleneck; repeat to sweep [default: C8].")  # fmt: skip
+@click.option("--noise", "noises", multiple=True, type=float, metavar="SIGMA",
+              help="Base channel noise std; repeat to sweep [default: 0.025].")  # fmt: skip
+@click.option("--device", default=None, help="auto | cpu | cuda [default: auto]")
+@click.option("--results-dir", default=None, help="Where run folders go [default: results].")
+@click.option("--out", default=None, help="Output folder [default: RESULTS_DIR/tables/<grid hash>].")
+@click.option("--config", "config_file", default=None, metavar="FILE.toml",
+              help="TOML file with the same keys (lists for repeatable ones) plus [train], [attacks], "
+                   "[attacks.<name>] and [defenses.<name>] tables; options given here win.")  # fmt: skip
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@plugin_option
+def run(
+    preset, dataset, data_dir, defenses, attacks, seeds, cut, bottlenecks, noises, device, results_dir, out,
+    config_file, quiet, plugins,
+) -> None:  # fmt: skip
+    """The main job: train every defense configuration, attack each, print the privacy-utility
+    table and write table.md, table.csv, results.csv, privacy_utility.png and reconstructions.png.
+
+    \b
+    The channel is what the client sends: bottleneck C<c> and/or Gaussian noise. The base
+    channel (--bottleneck x --noise, default C8 + noise 0.025) applies to every --defense
+    given without @; NAME@plain is the undefended model. The default grid is the plain model,
+    the base channel alone, and gmm-cem and slot-cem on the base channel.
+    Finished cells (a run folder per training config, an attack folder per attack) are reused:
+    rerunning computes only what is missing. The last line printed is the output folder.
+    """
+    import time
+
+    from privbench import tables
+    from privbench.sweep import grid_from_options, run_grid
+
+    t0 = time.perf_counter()
+    load_plugins(plugins)
+    grid = grid_from_options(
+        config_file, preset=preset, dataset=dataset, data_dir=data_dir, defense=defenses, attack=attacks,
+        seeds=seeds, cut=cut, bottleneck=bottlenecks, noise=noises, device=device, results_dir=results_dir,
+        out=out, progress=False if quiet else None,
+    )  # fmt: skip
+    result = run_grid(grid, log=click.echo)
+    click.echo("")
+    click.echo(tables.render(result.table, "md"), nl=False)
+    for line in tables.chance_warnings(result.table):
+        click.echo(line, err=True)
+    click.echo(f"cells: {result.computed} computed, {result.reused} reused; {time.perf_counter() - t0:.0f} s")
+    click.echo("files: " + ", ".join(p.name for p in result.files) + " in")
+    click.echo(str(result.out_dir))
+
+
+@cli.command("table")
+@click.argument("run_dirs", nargs=-1)
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex"]), default="md", show_default=True)
+@click.option("--out", default=None, help="Write the table to this file instead of printing it.")
+def table_cmd(run_dirs, fmt, out) -> None:
+    """Privacy-utility table of RUN_DIRS (run folders, or folders of runs; default: results).
+
+    One row per defense configuration (defense + channel + options) over seeds: accuracy and,
+    per attack, SSIM / PSNR / LPIPS / MSE as mean ± 95% CI (over seeds, or over test images
+    with one seed), the worst-case attack (highest SSIM) and the mean-image baseline.
+    The csv format holds raw numbers (mean and ci95 in separate columns).
+    """
+    from privbench import tables
+    from privbench.storage import atomic_write_text
+
+    table = tables.results_table(run_dirs or ("results",))
+    text = tables.render(table, fmt)
+    for line in tables.chance_warnings(table):
+        click.echo(line, err=True)
+    if out:
+        atomic_write_text(out, text)
+        click.echo(out)
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.command("plot")
+@click.argument("run_dirs", nargs=-1)
+@click.option("--out", default="privacy_utility.png", show_default=True, help="PNG file of the plot.")
+@click.option("--grid", "grid_out", default=None, help="Also write the cross-defense reconstruction grid here.")
+def plot_cmd(run_dirs, out, grid_out) -> None:
+    """Accuracy against worst-case attack SSIM, one point per configuration, 95% CI bars."""
+    from privbench import plots, tables
+
+    run_paths = tables.expand_run_dirs(run_dirs or ("results",))
+    long = tables.collect(run_paths)
+    table = tables.aggregate(long, run_paths)
+    for line in tables.chance_warnings(table):
+        click.echo(line, err=True)
+    if grid_out and plots.reconstruction_grid(table, long, grid_out) is None:
+        click.echo("no stored reconstructions in these runs: no grid written", err=True)
+    elif grid_out:
+        click.echo(grid_out)
+    click.echo(str(plots.privacy_utility_plot(table, out)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 for bad input."""
     try:

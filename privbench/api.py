@@ -1,0 +1,117 @@
+"""The Python API: what the command line does, from a script or a notebook.
+
+    import privbench.api as pb
+    run = pb.train(defense="gmm-cem", bottleneck=8, noise=0.025, epochs=10)
+    pb.attack(run, ["decoder"])
+    df = pb.results([run])
+    print(df[["defense", "channel", "accuracy_mean", "decoder_ssim_mean", "decoder_ssim_ci95"]])
+
+Every function returns plain objects: a `Run` (its folder is `run.path`), lists of dicts (the
+attacks' metrics.json contents) and pandas DataFrames of raw numbers. Work is cached exactly as
+on the command line: the same configuration maps to the same run folder and is reused.
+`run(...)` is `privbench run`: the whole grid, returning a `GridResult` (its `.table`, `.out_dir`,
+`.computed`, `.reused`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from privbench.runs import DEFAULT_RESULTS, Run
+from privbench.sweep import Grid, GridResult, run_grid
+
+
+def train(
+    defense: str = "none",
+    *,
+    bottleneck: int | str | None = None,
+    noise: float = 0.0,
+    epochs: int | None = None,
+    seed: int = 0,
+    dataset: str = "embedded",
+    preset: str = "quick",
+    options: dict[str, Any] | None = None,
+    results_dir: str | Path = DEFAULT_RESULTS,
+    force: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = print,
+    **settings: Any,
+) -> Run:
+    """Train a split model under `defense` (options in `options`) on the channel given by
+    `bottleneck` (C<c> channels, e.g. 8) and `noise` (std); reuses a finished identical run.
+    Other TrainConfig fields (width, cut, lr, n_train, model, device, ...) go in `settings`."""
+    from privbench import registry
+    from privbench.config import TrainConfig
+    from privbench.models import parse_bottleneck
+    from privbench.runs import train_run
+
+    registry.get("defense", defense)
+    cfg = TrainConfig.from_preset(
+        preset, defense=defense, defense_options=dict(options or {}), bottleneck=parse_bottleneck(bottleneck),
+        noise=noise, epochs=epochs, seed=seed, dataset=dataset, progress=progress, **settings,
+    )  # fmt: skip
+    run, _ = train_run(cfg, results_dir, force=force, log=log or (lambda _msg: None))
+    return run
+
+
+def attack(
+    run: Run | str | Path,
+    attacks: Iterable[str] = ("decoder", "optimization"),
+    *,
+    attacker_data: str = "train",
+    epochs: int | None = None,
+    steps: int | None = None,
+    eval_images: int | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> list[dict[str, Any]]:
+    """Attack a trained run with each named attack; returns each attack's metrics.json content
+    plus "path" (its folder) and "reused". `options` maps attack name -> {option: value}."""
+    from privbench.attack import attack_run
+
+    return attack_run(
+        _path(run), list(attacks), attacker_data=attacker_data, epochs=epochs, steps=steps,
+        eval_images=eval_images, options=options, device=device, seed=seed, progress=progress,
+        log=log or (lambda _msg: None),
+    )  # fmt: skip
+
+
+RunLike = Run | str | Path
+
+
+def results(runs: Iterable[RunLike] | RunLike = DEFAULT_RESULTS, *, long: bool = False) -> pd.DataFrame:
+    """The privacy-utility table of `runs` (run folders, or results folders holding runs): one
+    row per defense configuration, raw numbers (`<attack>_<metric>_mean` / `_ci95`,
+    `accuracy_mean`, `worst_attack`, ...). With long=True, the long-form rows it is pivoted from
+    (run, defense, channel, seed, attack, metric, value, ...)."""
+    from privbench import tables
+
+    if isinstance(runs, RunLike):
+        runs = [runs]
+    paths = tables.expand_run_dirs([_path(r) for r in runs])
+    frame = tables.collect(paths)
+    return frame if long else tables.aggregate(frame, paths)
+
+
+def table(df: pd.DataFrame, fmt: str = "md") -> str:
+    """Render a `results()` table as Markdown, CSV (raw numbers) or LaTeX."""
+    from privbench import tables
+
+    return tables.render(df, fmt)
+
+
+def run(*, log: Callable[[str], None] | None = print, **grid: Any) -> GridResult:
+    """`privbench run` as a function: keyword arguments are the Grid fields (defense=[...],
+    attack=[...], seeds, bottleneck=[...], noise=[...], train={...}, attacks={...}, ...)."""
+    return run_grid(Grid(**grid), log=log or (lambda _msg: None))
+
+
+def _path(run: Run | str | Path) -> Path:
+    return run.path if isinstance(run, Run) else Path(run)

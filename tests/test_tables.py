@@ -1,0 +1,190 @@
+"""Tables from hand-written run folders: numbers against hand computation, formats read back."""
+
+import io
+import json
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from privbench import tables
+from privbench.config import TrainConfig
+from privbench.errors import UserError
+from tests.test_cli import run_cli
+
+T975_2 = 4.302652729749464  # Student t quantile 0.975 with 2 degrees of freedom
+
+
+def write_run(
+    root, *, defense="none", bottleneck=8, noise=0.025, seed=0, acc=0.8, num_classes=10, attacks=None, epochs=1
+):
+    """A fake run folder; `attacks` maps attack name -> {metric: mean} (or a full metrics dict)."""
+    cfg = TrainConfig(defense=defense, bottleneck=bottleneck, noise=noise, seed=seed, epochs=epochs, progress=False)
+    run = root / f"{defense}-{cfg.hash()}"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "defense_options": {}}))
+    (run / "metrics.json").write_text(
+        json.dumps({"test_accuracy": acc, "num_classes": num_classes, "history": [], "train_seconds": 1.0})
+    )
+    for name, values in (attacks or {}).items():
+        folder = run / "attacks" / f"{name}-abcdef{seed:06d}"
+        folder.mkdir(parents=True)
+        metrics = {
+            m: (v if isinstance(v, dict) else {"mean": v, "ci95": 0.01, "std": 0.05, "n": 64})
+            for m, v in values.items()
+        }
+        baseline = {m: {"mean": 0.1, "ci95": 0.02, "std": 0.1, "n": 64} for m in ("ssim", "psnr", "mse")}
+        baseline["lpips"] = {"missing": "AlexNet weights not in the torch hub cache (offline)"}
+        (folder / "metrics.json").write_text(
+            json.dumps({"attack": name, "options": {}, "attacker_data": "train", "eval_images": 64,
+                        "metrics": metrics, "baseline": baseline, "threat_model": "white-box"})
+        )  # fmt: skip
+    return run
+
+
+def attack_values(ssim, psnr=20.0, mse=0.01, lpips=0.3):
+    return {"ssim": ssim, "psnr": psnr, "mse": mse, "lpips": lpips}
+
+
+@pytest.fixture
+def three_seeds(tmp_path):
+    ssims = [0.50, 0.60, 0.70]
+    accs = [0.80, 0.82, 0.87]
+    for seed, (s, a) in enumerate(zip(ssims, accs)):
+        write_run(
+            tmp_path, defense="gmm-cem", seed=seed, acc=a,
+            attacks={"decoder": attack_values(s, psnr=18 + seed), "optimization": attack_values(s - 0.2)},
+        )  # fmt: skip
+    write_run(tmp_path, defense="none", bottleneck=None, noise=0.0, acc=0.9, attacks={"decoder": attack_values(0.9)})
+    return tmp_path, ssims, accs
+
+
+def test_mean_and_t_ci_over_seeds(three_seeds):
+    root, ssims, accs = three_seeds
+    table = tables.results_table([root])
+    assert len(table) == 2
+    row = table[table.defense == "gmm-cem"].iloc[0]
+    mean = sum(ssims) / 3
+    sd = math.sqrt(sum((s - mean) ** 2 for s in ssims) / 2)
+    assert row.decoder_ssim_mean == pytest.approx(mean)
+    assert row.decoder_ssim_ci95 == pytest.approx(T975_2 * sd / math.sqrt(3))
+    assert row.decoder_ssim_ci95 == pytest.approx(stats.sem(ssims) * stats.t.ppf(0.975, 2))
+    assert row.accuracy_mean == pytest.approx(sum(accs) / 3)
+    assert row.decoder_psnr_mean == pytest.approx(19.0)
+    assert row.n_seeds == 3 and row.channel == "C8 + noise 0.025"
+    assert row.baseline_ssim_mean == pytest.approx(0.1)
+    assert math.isnan(row.decoder_lpips_ci95) is False and row.decoder_lpips_mean == pytest.approx(0.3)
+    assert math.isnan(row.baseline_lpips_mean)  # missing, never made up
+
+
+def test_single_seed_uses_image_ci_and_worst_case(tmp_path):
+    optimization = attack_values(0.55) | {"ssim": {"mean": 0.55, "ci95": 0.03, "n": 64}}
+    write_run(tmp_path, attacks={"decoder": attack_values(0.40), "optimization": optimization})
+    table = tables.results_table([tmp_path])
+    row = table.iloc[0]
+    assert row.worst_attack == "optimization"
+    assert row.worst_ssim_mean == pytest.approx(0.55) and row.worst_ssim_ci95 == pytest.approx(0.03)
+    assert row.decoder_ssim_ci95 == pytest.approx(0.01)  # over images, from metrics.json
+    assert math.isnan(row.accuracy_ci95)  # one seed: no interval for accuracy
+
+
+def test_worst_case_picks_highest_ssim_per_configuration(three_seeds):
+    root, _, _ = three_seeds
+    write_run(
+        root, defense="slot-cem", seed=0, attacks={"decoder": attack_values(0.3), "optimization": attack_values(0.4)}
+    )
+    table = tables.results_table([root]).set_index("defense")
+    assert table.at["gmm-cem", "worst_attack"] == "decoder"
+    assert table.at["slot-cem", "worst_attack"] == "optimization"
+    assert table.at["slot-cem", "worst_ssim_mean"] == pytest.approx(0.4)
+
+
+def test_long_form_rows(three_seeds):
+    root, _, _ = three_seeds
+    long = tables.collect([root])
+    assert {"run", "defense", "bottleneck", "noise", "options", "seed", "attack", "metric", "value"} <= set(long)
+    acc = long[(long.metric == "accuracy")]
+    assert len(acc) == 4 and set(acc.attack) == {""}
+    dec = long[(long.defense == "gmm-cem") & (long.attack == "decoder") & (long.metric == "ssim")]
+    assert sorted(dec.value) == pytest.approx([0.5, 0.6, 0.7])
+    missing = long[(long.attack == "baseline") & (long.metric == "lpips")]
+    assert missing.value.isna().all() and missing.note.str.contains("lpips missing").all()
+
+
+def test_chance_flag_and_warning(tmp_path):
+    write_run(tmp_path, defense="gmm-cem", acc=0.14, attacks={"decoder": attack_values(0.2)})  # < 1.5 / 10
+    write_run(tmp_path, defense="none", acc=0.16, attacks={"decoder": attack_values(0.2)})  # >= 0.15
+    table = tables.results_table([tmp_path])
+    flags = dict(zip(table.defense, table.near_chance))
+    assert flags == {"gmm-cem": True, "none": False}
+    md = tables.render(table, "md")
+    gmm_line = next(line for line in md.splitlines() if line.startswith("| gmm-cem"))
+    assert tables.CHANCE_MARK in gmm_line
+    none_line = next(line for line in md.splitlines() if line.startswith("| none"))
+    assert tables.CHANCE_MARK not in none_line
+    warnings = tables.chance_warnings(table)
+    assert len(warnings) == 1 and "gmm-cem" in warnings[0]
+
+
+def test_markdown_csv_latex_read_back(three_seeds):
+    root, ssims, _ = three_seeds
+    table = tables.results_table([root])
+    md = tables.render(table, "md")
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert len(lines) == 2 + len(table) and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert {"defense", "accuracy (%)", "decoder SSIM", "optimization LPIPS", "worst case (SSIM)"} <= set(header)
+    gmm = dict(zip(header, (c.strip() for c in lines[2 + list(table.defense).index("gmm-cem")].strip("|").split("|"))))
+    sd = stats.tstd(ssims)
+    assert gmm["decoder SSIM"] == f"{0.6:.3f} ± {stats.t.ppf(0.975, 2) * sd / math.sqrt(3):.3f}"
+    assert "lpips missing" in md.lower() or "LPIPS missing" in md  # baseline footnote
+    back = pd.read_csv(io.StringIO(tables.render(table, "csv")))
+    assert len(back) == 2
+    gb = back[back.defense == "gmm-cem"].iloc[0]
+    assert gb.decoder_ssim_mean == pytest.approx(0.6) and gb.accuracy_mean == pytest.approx((0.80 + 0.82 + 0.87) / 3)
+    assert back.decoder_ssim_mean.dtype.kind == "f"  # raw numbers, not formatted strings
+    latex = tables.render(table, "latex")
+    assert latex.startswith(r"\begin{tabular}") and r"\end{tabular}" in latex
+    body = [line for line in latex.splitlines() if line.endswith(r"\\")]
+    assert len(body) == 1 + len(table) and all(line.count(" & ") == len(header) - 1 for line in body)
+    assert r"$\pm$" in latex and "±" not in latex.split(r"\end{tabular}")[0]
+
+
+def test_lpips_missing_says_missing(tmp_path):
+    write_run(tmp_path, attacks={"decoder": {**attack_values(0.5), "lpips": {"missing": "no AlexNet weights offline"}}})
+    table = tables.results_table([tmp_path])
+    md = tables.render(table, "md")
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    cells = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    assert dict(zip(header, cells))["decoder LPIPS"] == "missing"
+    assert "LPIPS missing: no AlexNet weights offline" in md
+
+
+def test_settings_that_differ_get_a_column(tmp_path):
+    write_run(tmp_path, epochs=1, acc=0.5, attacks={"decoder": attack_values(0.5)})
+    write_run(tmp_path, epochs=3, acc=0.7, attacks={"decoder": attack_values(0.6)})
+    table = tables.results_table([tmp_path])
+    assert len(table) == 2 and sorted(table.epochs) == [1, 3]  # not averaged together as seeds
+    header = [c.strip() for c in tables.render(table, "md").splitlines()[0].strip("|").split("|")]
+    assert "epochs" in header and "width" not in header
+
+
+def test_not_a_run_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a privbench run folder"):
+        tables.results_table([tmp_path / "empty"])
+    with pytest.raises(UserError, match="no such run folder"):
+        tables.results_table([tmp_path / "nowhere"])
+
+
+def test_cli_table(three_seeds, capsys, tmp_path_factory):
+    root, _, _ = three_seeds
+    code, out, _ = run_cli(["table", str(root)], capsys)
+    assert code == 0 and "| gmm-cem" in out
+    out_file = tmp_path_factory.mktemp("out") / "t.csv"
+    code, out, _ = run_cli(["table", str(root), "--format", "csv", "--out", str(out_file)], capsys)
+    assert code == 0 and len(pd.read_csv(out_file)) == 2
+    empty = tmp_path_factory.mktemp("empty")
+    code, out, err = run_cli(["table", str(empty)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not a privbench run folder" in err
