@@ -332,7 +332,9 @@ class SlotEstimator(nn.Module):
         """z [n, D], y [n] -> responsibilities r [n, K] over the slots of each sample's class."""
         u = self.embed(z)
         member = F.one_hot(y, num_classes).T.to(u.dtype)  # [C, n]
-        slots = self.slot_attention(u, member)[y]  # [n, K, H]
+        # Each sample's class slots [n, K, H]; a product with the one-hot matrix rather than an
+        # index, whose backward accumulates in a thread-dependent order (runs must repeat).
+        slots = torch.einsum("cn,ckh->nkh", member, self.slot_attention(u, member))
         h = self.norm_h(self.cross(u, slots))
         cos = torch.einsum("nh,nkh->nk", F.normalize(h, dim=-1), F.normalize(slots, dim=-1))
         return torch.softmax(self.log_beta.exp() * cos, dim=-1)
@@ -408,7 +410,7 @@ def _loo_parts(z: torch.Tensor, y: torch.Tensor, r: torch.Tensor, num_classes: i
     mean = (onehot.T @ z) / counts.clamp(min=1)[:, None]
     # Residuals do not change when a class is shifted; centring keeps the expansion accurate.
     zc = z - mean.detach()[y]
-    zl = ((onehot.T @ zc)[y] - zc) / (counts[y] - 1).clamp(min=1)[:, None]
+    zl = (onehot @ (onehot.T @ zc) - zc) / (counts[y] - 1).clamp(min=1)[:, None]  # products, not indexing
     W = (onehot[:, :, None] * r[:, None, :]).reshape(n, num_classes * K)  # [n, C*K]
     S = W.T @ zc  # [C*K, D]
     V1 = W.sum(0)  # [C*K]
@@ -447,12 +449,17 @@ def loo_sample_residuals(z: torch.Tensor, y: torch.Tensor, r: torch.Tensor, num_
     zc, zl, S, V1 = p["zc"], p["zl"], p["S"], p["V1"]
     n, D = z.shape
     K = r.shape[1]
-    own = (y[:, None] * K + torch.arange(K, device=z.device)[None, :]).reshape(-1)  # flat slot ids
-    a = V1[own].view(n, K) + KAPPA
+    onehot = p["onehot"]  # selections by one-hot products: deterministic backward on CPU
+
+    def own(t: torch.Tensor) -> torch.Tensor:  # [n, C*K] or [C*K] -> the sample's own class [n, K]
+        t = t.view(-1, num_classes, K)
+        return (t * onehot[:, :, None]).sum(1) if t.shape[0] == n else onehot @ t[0]
+
+    a = own(V1) + KAPPA
     B = a - r
-    zS = (zc @ S.T).gather(1, own.view(n, K))  # z_m . S_ck for the own class's slots
-    lS = (zl @ S.T).gather(1, own.view(n, K))
-    S2 = S.pow(2).sum(1)[own].view(n, K)
+    zS = own(zc @ S.T)  # z_m . S_ck for the own class's slots
+    lS = own(zl @ S.T)
+    S2 = own(S.pow(2).sum(1))
     num = (
         a.pow(2) * zc.pow(2).sum(1, keepdim=True) + S2 + KAPPA**2 * zl.pow(2).sum(1, keepdim=True)
         - 2 * a * zS - 2 * KAPPA * a * (zc * zl).sum(1, keepdim=True) + 2 * KAPPA * lS
