@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from privbench.data import to_float
 from privbench.errors import UserError
+from privbench.features import encoder_features
 from privbench.plugins import Defense, TrainContext
 
 LR_PIVOT = 4.1e-4  # below this learning rate the reference stops rescaling the CEM gradient
@@ -162,7 +162,7 @@ class GmmCem(Defense):
         if self.lam == 0:
             return {}  # CEM off: no extra pass
         t0 = time.perf_counter()
-        feats = encoder_features(ctx)
+        feats = encoder_features(ctx.model.encoder, ctx.train_images, FEATURE_BATCH)
         gen = torch.Generator(device=feats.device).manual_seed(ctx.seed + epoch)
         if self.centroids is not None and self.centroids.shape[-1] != feats.shape[1]:
             raise UserError(
@@ -254,22 +254,6 @@ class GmmCem(Defense):
 
 
 # -- the epoch-end refit ----------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encoder_features(ctx: TrainContext, batch_size: int = FEATURE_BATCH) -> torch.Tensor:
-    """Clean features of the un-augmented training set: eval mode, no noise, flattened [N, D]."""
-    encoder = ctx.model.encoder
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        images = ctx.train_images
-        out = [
-            encoder(to_float(images[i : i + batch_size])).float().flatten(1) for i in range(0, len(images), batch_size)
-        ]
-    finally:
-        encoder.train(was_training)
-    return torch.cat(out)
 
 
 @dataclass

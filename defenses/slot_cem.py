@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privbench.errors import UserError
+from privbench.features import intra_class_mse
 from privbench.plugins import Defense, TrainContext
 
 LR_PIVOT = 4.1e-4  # as gmm-cem: the CEM gradient is scaled by 0.001 / lr above this learning rate
@@ -465,14 +466,3 @@ def loo_sample_residuals(z: torch.Tensor, y: torch.Tensor, r: torch.Tensor, num_
         - 2 * a * zS - 2 * KAPPA * a * (zc * zl).sum(1, keepdim=True) + 2 * KAPPA * lS
     )  # fmt: skip
     return num.clamp(min=0) / (B.pow(2) * D)
-
-
-def intra_class_mse(z: torch.Tensor, y: torch.Tensor, num_classes: int, *, per_class: bool = False) -> torch.Tensor:
-    """Mean over samples and dimensions of (z - class mean)^2 (z: [n, D]); per class: [C]."""
-    onehot = F.one_hot(y, num_classes).to(z.dtype)
-    counts = onehot.sum(0)
-    mean = (onehot.T @ z) / counts.clamp(min=1)[:, None]
-    sq = (z - mean[y]).pow(2).mean(1)  # [n]
-    if per_class:
-        return (onehot.T @ sq) / counts.clamp(min=1)
-    return sq.mean()

@@ -146,6 +146,7 @@ def train_run(
         write_json(tmp / "metrics.json", {
             "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
             "history": result.history, "num_classes": result.model.server[-1].out_features,
+            **result.z_stats,
         })  # fmt: skip
         write_json(tmp / "provenance.json", prov | {"end_time": now()})
 

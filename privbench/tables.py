@@ -23,6 +23,7 @@ import pandas as pd
 
 from privbench.config import TrainConfig, config_hash
 from privbench.errors import UserError
+from privbench.metrics import mean_ci
 from privbench.storage import read_json
 
 METRICS = ("ssim", "psnr", "lpips", "mse")  # table order; higher ssim/psnr = better reconstruction
@@ -161,14 +162,8 @@ def _label_duplicate_attacks(df: pd.DataFrame) -> pd.DataFrame:
 
 def t_ci95(values: list[float]) -> float:
     """Half width of the Student-t 95% interval of the mean; NaN with fewer than two values."""
-    from scipy import stats
-
-    n = len(values)
-    if n < 2:
-        return math.nan
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+    half = mean_ci(list(values))["ci95"]
+    return math.nan if half is None else half
 
 
 def _settings_that_vary(long: pd.DataFrame, run_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from privbench import registry
 from privbench.config import TrainConfig
 from privbench.data import Dataset, Split, augment, load_dataset, to_float
+from privbench.features import z_spread
 from privbench.models import SplitModel, build_model
 from privbench.plugins import Defense, TrainContext
 
@@ -54,6 +55,7 @@ class TrainResult:
     test_accuracy: float
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    z_stats: dict[str, float] = field(default_factory=dict)  # clean z on the training split
 
 
 def make_model(cfg: TrainConfig, data: Dataset) -> SplitModel:
@@ -167,8 +169,9 @@ def train(
     seconds = time.perf_counter() - t0
     acc = evaluate(model, data.test, amp=use_amp)
     model = model.to(memory_format=torch.contiguous_format)
-    log(f"test_accuracy={acc:.4f} train_seconds={seconds:.1f}")
-    return TrainResult(model, defense, acc, history, seconds)
+    spread = z_spread(model.encoder, data.train.images, data.train.labels, data.num_classes)
+    log(f"test_accuracy={acc:.4f} train_seconds={seconds:.1f} " + " ".join(f"{k}={v:.4g}" for k, v in spread.items()))
+    return TrainResult(model, defense, acc, history, seconds, spread)
 
 
 def _fmt(v: Any) -> str:
