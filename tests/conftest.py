@@ -5,6 +5,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threa
 import pytest
 import torch
 
+from privbench.cli import main
 from privbench.config import TrainConfig
 
 torch.set_num_threads(2)
@@ -29,3 +30,14 @@ def tiny_config(**kw) -> TrainConfig:
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def run_cli(args, capsys):
+    """Run the command line in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from privbench import registry
 from privbench.attack import attack_run, check_disjoint, make_target, pick_eval, split_attacker_eval, split_options
-from privbench.cli import main
 from privbench.data import Dataset, Split, load_dataset, to_float
 from privbench.errors import UserError
 from privbench.metrics import ssim
@@ -21,16 +21,6 @@ from privbench.runs import train_run
 InverseNet = importlib.import_module("privbench.attacks.decoder").InverseNet
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DECODER = {"channels": 8, "blocks": 1, "batch_size": 64}
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

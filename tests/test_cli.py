@@ -3,19 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from privbench.cli import main
-
-
-def run_cli(args, capsys):
-    """Run the command line in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli
 
 
 def test_list(capsys):
