@@ -122,9 +122,12 @@ def _run_rows(run_dir: Path, keep: set[Path] | None) -> list[dict[str, Any]]:
             continue
         m = read_json(folder / "metrics.json")
         name = m.get("attack", folder.name.rsplit("-", 1)[0])
+        if m.get("attacker_data", "train") != "train":  # another threat model: its own columns
+            name = f"{name}[{m['attacker_data']}]"
         rows += _metric_rows(base | {"attack": name, "attack_dir": folder.name}, m.get("metrics", {}))
-        baselines.append(m.get("baseline", {}))
-    if baselines:  # every attack on a run scores the same mean image; keep the first
+        # Attacks with the same attacker data score the same mean image; prefer the train split.
+        baselines.insert(0 if m.get("attacker_data", "train") == "train" else len(baselines), m.get("baseline", {}))
+    if baselines:
         rows += _metric_rows(base | {"attack": "baseline", "attack_dir": ""}, baselines[0])
     return rows
 

@@ -6,12 +6,12 @@ import math
 
 import pandas as pd
 import pytest
+from conftest import run_cli
 from scipy import stats
 
 from privbench import tables
 from privbench.config import TrainConfig
 from privbench.errors import UserError
-from tests.test_cli import run_cli
 
 T975_2 = 4.302652729749464  # Student t quantile 0.975 with 2 degrees of freedom
 
@@ -188,3 +188,17 @@ def test_cli_table(three_seeds, capsys, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     code, out, err = run_cli(["table", str(empty)], capsys)
     assert code == 2 and err.count("\n") == 1 and "not a privbench run folder" in err
+
+
+def test_aux_attacker_data_gets_its_own_columns_and_train_baseline(tmp_path):
+    run = write_run(tmp_path, attacks={"decoder": attack_values(0.6)})
+    aux = run / "attacks" / "decoder-aux000000000"
+    aux.mkdir()
+    m = json.loads((run / "attacks" / "decoder-abcdef000000" / "metrics.json").read_text())
+    m["attacker_data"] = "aux"
+    m["metrics"]["ssim"]["mean"] = 0.4
+    m["baseline"]["ssim"]["mean"] = 0.05  # another mean image: not the one the table reports
+    (aux / "metrics.json").write_text(json.dumps(m))
+    row = tables.results_table([run]).iloc[0]
+    assert row["decoder_ssim_mean"] == 0.6 and row["decoder[aux]_ssim_mean"] == 0.4
+    assert row["baseline_ssim_mean"] == 0.1
