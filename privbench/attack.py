@@ -288,11 +288,11 @@ def attack_run(
             tiles = {"original": rows[0], "reconstruction": rows[1], "mean_image": s["mean_image"]}
             atomic_write_bytes(tmp / GRID_TENSORS, _tensor_bytes({k: v.cpu() for k, v in tiles.items()}))
 
-        build_dir_once(folder, build)
+        built = build_dir_once(folder, build)  # False: another process finished it meanwhile
         result = read_json(folder / "metrics.json")
         m = result["metrics"]
         log(f"{name}: SSIM {m['ssim']['mean']:.4f} PSNR {m['psnr']['mean']:.2f} -> {folder}")
-        results.append(result | {"path": str(folder), "reused": False})
+        results.append(result | {"path": str(folder), "reused": not built})
 
     if len(results) > 1:
         write_combined_grid(run.path / "attacks" / "grid.png", [Path(r["path"]) for r in results])
