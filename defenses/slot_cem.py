@@ -75,6 +75,7 @@ class SlotCem(Defense):
         var_threshold: tau, the variance target relative to sigma^2 (default 0.125).
         warmup: epochs trained without CEM (default 3).
         hidden: width of the attention (default 64; z is projected down to it).
+        module_lr_scale: the module's learning rate as a multiple of the schedule's (default 1).
 
     Logged per epoch ("[CEM-GATE]" line and the epoch row): rob_loss, module_loss, intra_mse,
     mean dimension / SNR / class gates, slot power, beta, the two alphas, nan_count.
@@ -96,6 +97,7 @@ class SlotCem(Defense):
         var_threshold: float = 0.125,
         warmup: int = 3,
         hidden: int = 64,
+        module_lr_scale: float = 1.0,
     ):
         for key, value in (("num_slots", num_slots), ("num_iterations", num_iterations), ("hidden", hidden)):
             if int(value) != value or value < 1:
@@ -108,6 +110,9 @@ class SlotCem(Defense):
             raise ValueError(f"invalid attention_loss_scale {attention_loss_scale}: must be >= 0")
         if not var_threshold >= 0:
             raise ValueError(f"invalid var_threshold {var_threshold}: must be >= 0")
+        if not module_lr_scale > 0:
+            raise ValueError(f"invalid module_lr_scale {module_lr_scale}: must be > 0")
+        self.module_lr_scale = float(module_lr_scale)
         self.lam, self.scale, self.var_threshold = float(lam), float(attention_loss_scale), float(var_threshold)
         self.num_slots, self.num_iterations = int(num_slots), int(num_iterations)
         self.hidden, self.warmup = int(hidden), int(warmup)
@@ -132,7 +137,7 @@ class SlotCem(Defense):
                     f"slot-cem state is for {self.module.num_classes} classes; this run has {self.num_classes}"
                 )
             self.module.to(ctx.device)
-            ctx.add_parameters(list(self.module.parameters()))
+            ctx.add_parameters(list(self.module.parameters()), lr_scale=self.module_lr_scale)
 
     def loss(self, z: torch.Tensor, y: torch.Tensor, *, epoch: int, lr: float) -> torch.Tensor | None:
         if self.num_classes is None or self._sums is None:
@@ -244,7 +249,7 @@ class SlotCem(Defense):
             dim, self.num_classes, num_slots=self.num_slots, hidden=self.hidden, num_iterations=self.num_iterations
         ).to(device)
         if self.ctx is not None:
-            self.ctx.add_parameters(list(self.module.parameters()))
+            self.ctx.add_parameters(list(self.module.parameters()), lr_scale=self.module_lr_scale)
 
 
 STAT_KEYS = ("rob_loss", "module_loss", "intra_mse", "dim_gate", "snr_gate", "class_gate", "nan_count")

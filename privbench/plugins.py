@@ -29,8 +29,9 @@ class TrainContext:
     batch_size: int
     steps_per_epoch: int
     seed: int
-    # Call with new parameters (e.g. a lazily built module) to put them in the optimizer.
-    add_parameters: Callable[[list[nn.Parameter]], None] = lambda params: None
+    # Call with new parameters (e.g. a lazily built module) to put them in the optimizer:
+    # add_parameters(params, weight_decay=0.0, lr_scale=1.0); lr_scale multiplies the schedule's lr.
+    add_parameters: Callable[..., None] = lambda params, **kw: None
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -110,8 +110,9 @@ def train(
     )  # fmt: skip
     opt.param_groups[1]["weight_decay"] = cfg.weight_decay  # reference decays every parameter
 
-    def add_parameters(params: list[torch.nn.Parameter], weight_decay: float = 0.0) -> None:
-        opt.add_param_group({"params": list(params), "weight_decay": weight_decay})
+    def add_parameters(params: list[torch.nn.Parameter], weight_decay: float = 0.0, lr_scale: float = 1.0) -> None:
+        # lr_scale: a defense's own module may need a larger step than the schedule's lr.
+        opt.add_param_group({"params": list(params), "weight_decay": weight_decay, "lr_scale": lr_scale})
 
     n = len(data.train)
     steps = math.ceil(n / cfg.batch_size)
@@ -131,7 +132,7 @@ def train(
     for epoch in range(cfg.epochs):
         lr = lr_at(cfg, epoch)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         model.train()
         t_epoch = time.perf_counter()
         perm = torch.randperm(n, device=device, generator=dev_gen)

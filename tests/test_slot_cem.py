@@ -28,7 +28,7 @@ def make_defense(num_classes: int, noise: float = 0.025, params: list | None = N
         device=torch.device("cpu"), epochs=1, batch_size=64, steps_per_epoch=1, seed=0, log=lambda m: None,
     )  # fmt: skip
     if params is not None:
-        ctx.add_parameters = params.extend
+        ctx.add_parameters = lambda new, **group: params.extend(new)
     defense.setup(ctx)
     return defense, ctx
 
