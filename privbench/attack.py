@@ -26,7 +26,7 @@ import torch
 
 from privbench import registry
 from privbench.config import config_hash, preset_value
-from privbench.data import Dataset, image_hashes, to_float
+from privbench.data import Dataset, image_hash_list, image_hashes, to_float
 from privbench.errors import UserError
 from privbench.metrics import load_lpips, score, summarize
 from privbench.plugins import Attack, Target
@@ -82,14 +82,12 @@ def pick_eval(pool: torch.Tensor, attacker: torch.Tensor, n: int, seed: int) -> 
     if n < 1:
         raise UserError(f"invalid number of evaluation images {n}: must be >= 1")
     seen = image_hashes(attacker)
-    import hashlib
-
-    arr = pool.detach().cpu().contiguous().numpy()
-    keep = torch.tensor([hashlib.sha1(a.tobytes()).hexdigest() not in seen for a in arr], dtype=torch.bool)
+    pool_hashes = image_hash_list(pool)
+    keep = torch.tensor([h not in seen for h in pool_hashes], dtype=torch.bool)
     idx = keep.nonzero().flatten()
-    perm = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
-    chosen = pool[perm[:n].to(pool.device)]
-    check_disjoint(attacker, chosen)
+    perm = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][:n]
+    chosen = pool[perm.to(pool.device)]
+    check_disjoint(attacker, chosen)  # the enforced check, independent of the filtering above
     return chosen, int((~keep).sum())
 
 

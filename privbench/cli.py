@@ -99,9 +99,6 @@ def train(
     from privbench.runs import train_run
 
     load_plugins(plugins)
-    registry.get("defense", defense)  # fail fast on an unknown name
-    if noise is not None and noise < 0:
-        raise UserError(f"invalid noise {noise}: the noise std must be >= 0")
     cfg = TrainConfig.from_preset(
         preset, dataset=dataset, data_dir=data_dir, defense=defense, defense_options=parse_options(options),
         model=model, width=width, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
@@ -109,11 +106,11 @@ def train(
         progress=not quiet,
     )  # fmt: skip
     # Validate everything that can be checked cheaply before any training starts.
+    registry.create("defense", cfg.defense, cfg.defense_options)
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=download, seed=cfg.data_seed, n_train=cfg.n_train)
     from privbench.train import make_model
 
     make_model(cfg, data)
-    registry.create("defense", cfg.defense, cfg.defense_options)
     run, trained = train_run(cfg, results_dir, force=force, log=click.echo)
     acc = run.metrics()["test_accuracy"]
     if not trained:

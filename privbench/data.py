@@ -309,7 +309,12 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
-def image_hashes(images: torch.Tensor) -> set[str]:
-    """Content hash per image, to prove two image sets share nothing."""
+def image_hash_list(images: torch.Tensor) -> list[str]:
+    """Content hash of each image, in order."""
     arr = images.detach().cpu().contiguous().numpy()
-    return {hashlib.sha1(a.tobytes()).hexdigest() for a in arr}
+    return [hashlib.sha1(a.tobytes()).hexdigest() for a in arr]
+
+
+def image_hashes(images: torch.Tensor) -> set[str]:
+    """Content hashes of a set of images, to prove two image sets share nothing."""
+    return set(image_hash_list(images))
