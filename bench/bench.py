@@ -2,6 +2,7 @@
 
     python bench/bench.py                      # CPU-sized defaults, prints a table, writes JSON
     python bench/bench.py --n-train 50000 --width 1 --batch-size 512 --compile   # CIFAR scale, GPU
+    python bench/bench.py --n-train 50000 --width 1 --levers   # bf16 / channels-last / compile on and off
 
 Every ratio is measured in this one process on this one machine. Training throughput comes
 from privbench's real training loop (`privbench.train.train`), timed per epoch; defenses run
@@ -19,6 +20,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,13 +47,39 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def bench_training(args, defense: str, data) -> dict:
+@dataclass(frozen=True)
+class Lever:
+    """One setting of the GPU levers; bf16 and channels-last are CUDA-only in the loop."""
+
+    amp: bool
+    channels_last: bool
+    compile: str | None
+
+    @property
+    def label(self) -> str:
+        parts = ["bf16" if self.amp else "fp32"] + ["channels-last"] * self.channels_last
+        return " + ".join(parts + ([f"compile {self.compile}"] if self.compile else []))
+
+
+# --levers: each lever on and off, ending at the fastest expected setting.
+CUDA_LEVERS = [
+    Lever(False, False, None), Lever(True, False, None), Lever(False, True, None), Lever(True, True, None),
+    Lever(True, True, "default"), Lever(True, True, "reduce-overhead"),
+]  # fmt: skip
+CPU_LEVERS = [Lever(False, False, None), Lever(False, False, "default")]
+
+# The paper's protocol: 240 training epochs and a 50-epoch decoder on 50,000 CIFAR-sized images.
+PAPER_EPOCHS, PAPER_DECODER_EPOCHS, PAPER_IMAGES = 240, 50, 50_000
+
+
+def bench_training(args, defense: str, data, lever: Lever) -> dict:
     """Images/s of privbench's loop over the epochs after warm-up."""
     options = {} if defense == "none" else {"warmup": 1}
     cfg = TrainConfig.from_preset(
         "quick", defense=defense, defense_options=options, epochs=args.epochs, width=args.width,
         batch_size=args.batch_size, cut=4, bottleneck=8, noise=0.025, n_train=args.n_train,
-        device=args.device, amp=args.amp, compile=args.compile, progress=False,
+        device=args.device, amp=lever.amp, channels_last=lever.channels_last, compile=lever.compile or False,
+        progress=False,
     )  # fmt: skip
     if args.device != "cpu" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -59,7 +87,7 @@ def bench_training(args, defense: str, data) -> dict:
     timed = [h["epoch_seconds"] for h in result.history[1:]]  # epoch 1: warm-up / compile
     sec = statistics.mean(timed)
     return {
-        "what": f"train {defense}", "epoch_seconds": sec,
+        "what": f"train {defense} [{lever.label}]", "defense": defense, "lever": lever.label, "epoch_seconds": sec,
         "epoch_seconds_all": [h["epoch_seconds"] for h in result.history],
         "images_per_s": len(data.train) / sec, "test_accuracy": result.test_accuracy,
         "peak_memory_mb": peak_memory_mb(pick_device(args.device)), "model": result.model,
@@ -187,6 +215,24 @@ def bench_metrics(args, data) -> list[dict]:
     return rows
 
 
+def project_paper_protocol(args, train_rows: list[dict], rows: list[dict]) -> list[dict]:
+    """Wall time of the paper's protocol from the measured epoch and decoder throughputs.
+
+    Epoch time scales linearly with the number of images (the data set is resident; no
+    per-epoch start-up), so epochs measured on --n-train images project to 50,000.
+    """
+    decoder = next((r for r in rows if r["what"].startswith("decoder training")), None)
+    if decoder is None:
+        return []
+    decoder_minutes = PAPER_DECODER_EPOCHS * PAPER_IMAGES / decoder["images_per_s"] / 60
+    out = []
+    for r in train_rows:
+        train_minutes = PAPER_EPOCHS * PAPER_IMAGES / r["images_per_s"] / 60
+        out.append({"what": r["what"], "train_minutes": train_minutes, "decoder_minutes": decoder_minutes,
+                    "minutes": train_minutes + decoder_minutes})  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
@@ -197,7 +243,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--defense", action="append", help="default: none, gmm-cem, slot-cem")
     p.add_argument("--workers", type=int, default=None, help="reference-style loader workers (default: cores)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model halves")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="contiguous NCHW on CUDA")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="torch.compile the model halves; MODE: default, reduce-overhead (CUDA graphs), ...",
+    )
+    p.add_argument("--levers", action="store_true",
+                   help="train under each lever setting (bf16, channels-last, compile, on and off)")  # fmt: skip
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--attack-images", type=int, default=5000)
     p.add_argument("--metric-images", type=int, default=10000)
@@ -206,28 +262,40 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     data = load_dataset("embedded", n_train=args.n_train).to(device)
     defenses = [d for d in (args.defense or ["none", "gmm-cem", "slot-cem"]) if d in registry.names("defense")]
-    rows, model = [], None
-    for d in defenses:
-        row = bench_training(args, d, data)
-        model = model or row.pop("model")
-        row.pop("model", None)
-        rows.append(row)
-    base = rows[0]["epoch_seconds"] if rows and defenses[0] == "none" else None
-    for row in rows:
-        if base:
-            row["ratio_to_none"] = row["epoch_seconds"] / base
+    if args.levers:
+        levers = CUDA_LEVERS if device.type == "cuda" else CPU_LEVERS
+    else:
+        levers = [Lever(args.amp and device.type == "cuda", args.channels_last and device.type == "cuda", args.compile)]
+    rows, model, train_rows = [], None, []
+    for lever in levers:
+        lever_rows = []
+        for d in defenses:
+            row = bench_training(args, d, data, lever)
+            model = model or row.pop("model")
+            row.pop("model", None)
+            lever_rows.append(row)
+        none = next((r for r in lever_rows if r["defense"] == "none"), None)
+        for row in lever_rows:
+            if none:
+                row["ratio_to_none"] = row["epoch_seconds"] / none["epoch_seconds"]
+        train_rows += lever_rows
+    rows += train_rows
+    nones = [r for r in train_rows if r["defense"] == "none"]
     if not args.skip_reference:
         ref = bench_reference_style(args, data)
-        if base:
-            ref["privbench_speedup"] = ref["epoch_seconds"] / base
+        if nones:
+            fastest = min(nones, key=lambda r: r["epoch_seconds"])
+            ref["privbench_speedup"] = ref["epoch_seconds"] / fastest["epoch_seconds"]
+            ref["privbench_speedup_vs"] = fastest["what"]
         rows.append(ref)
     if model is not None:
         rows += bench_attacks(args, data, model)
     rows += bench_metrics(args, data)
+    projections = project_paper_protocol(args, train_rows, rows)
     report = {
         "date": time.strftime("%Y-%m-%d"), "device": str(device), "device_name": device_name(device),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "args": vars(args), "rows": rows,
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device), "paper_protocol_projection": projections,
     }  # fmt: skip
     for row in rows:
         extra = "".join(
@@ -236,6 +304,12 @@ def main(argv: list[str] | None = None) -> dict:
         ips = row.get("images_per_s")
         print(f"{row['what']:<62} {f'{ips:10.0f} img/s' if ips else '':>16}{extra}")
     print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
+    if projections:
+        print(f"\nprojected paper protocol ({PAPER_EPOCHS} epochs x {PAPER_IMAGES:,} images + "
+              f"{PAPER_DECODER_EPOCHS}-epoch decoder), width {args.width:g}, batch {args.batch_size}:")  # fmt: skip
+        for p in projections:
+            print(f"  {p['what']:<60} {p['minutes']:8.1f} min  (train {p['train_minutes']:.1f} + decoder "
+                  f"{p['decoder_minutes']:.1f})")  # fmt: skip
     out = Path(args.out) if args.out else OUT / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

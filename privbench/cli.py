@@ -24,6 +24,15 @@ def plugin_option(f):
     return click.option("--plugin", "plugins", multiple=True, type=str, help=PLUGIN_HELP)(f)
 
 
+def compile_option(f):
+    # A flag with an optional value: `--compile` alone is mode "default".
+    return click.option(
+        "--compile", "compile_mode", is_flag=False, flag_value="default", default=None, metavar="[MODE]",
+        help="torch.compile the model halves; MODE: default | reduce-overhead (CUDA graphs) | max-autotune | "
+             "max-autotune-no-cudagraphs. Not part of the run's identity.",
+    )(f)  # fmt: skip
+
+
 def parse_options(pairs: tuple[str, ...]) -> dict:
     """`key=value` pairs -> dict, values parsed as JSON when they parse (numbers, booleans)."""
     import json
@@ -84,13 +93,18 @@ def list_cmd(plugins: tuple[str, ...]) -> None:
 @click.option("--noise", type=float, default=None, help="Std of Gaussian noise on the activation.")
 @click.option("--n-train", type=int, default=None, help="embedded: number of training crops.")
 @click.option("--device", default="auto", show_default=True)
+@compile_option
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA (fp32 with --no-amp).")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Channels-last memory format on CUDA.")  # fmt: skip
 @click.option("--results-dir", default="results", show_default=True)
 @click.option("--force", is_flag=True, help="Retrain even if this configuration has a finished run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @plugin_option
 def train(
     dataset, data_dir, download, defense, options, preset, model, width, epochs, batch_size, lr,
-    schedule, seed, cut, bottleneck, noise, n_train, device, results_dir, force, quiet, plugins,
+    schedule, seed, cut, bottleneck, noise, n_train, device, compile_mode, amp, channels_last, results_dir,
+    force, quiet, plugins,
 ) -> None:  # fmt: skip
     """Train a split model under a defense; the last line printed is the run folder."""
     from privbench.config import TrainConfig
@@ -103,7 +117,7 @@ def train(
         preset, dataset=dataset, data_dir=data_dir, defense=defense, defense_options=parse_options(options),
         model=model, width=width, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
         cut=cut, bottleneck=parse_bottleneck(bottleneck), noise=noise, n_train=n_train, device=device,
-        progress=not quiet,
+        compile=compile_mode or False, amp=amp, channels_last=channels_last, progress=not quiet,
     )  # fmt: skip
     # Validate everything that can be checked cheaply before any training starts.
     registry.create("defense", cfg.defense, cfg.defense_options)
@@ -168,6 +182,7 @@ def attack(run_dir, attacks, attacker_data, epochs, steps, eval_images, options,
 @click.option("--noise", "noises", multiple=True, type=float, metavar="SIGMA",
               help="Base channel noise std; repeat to sweep [default: 0.025].")  # fmt: skip
 @click.option("--device", default=None, help="auto | cpu | cuda [default: auto]")
+@compile_option
 @click.option("--results-dir", default=None, help="Where run folders go [default: results].")
 @click.option("--out", default=None, help="Output folder [default: RESULTS_DIR/tables/<grid hash>].")
 @click.option("--config", "config_file", default=None, metavar="FILE.toml",
@@ -176,8 +191,8 @@ def attack(run_dir, attacks, attacker_data, epochs, steps, eval_images, options,
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @plugin_option
 def run(
-    preset, dataset, data_dir, defenses, attacks, seeds, cut, bottlenecks, noises, device, results_dir, out,
-    config_file, quiet, plugins,
+    preset, dataset, data_dir, defenses, attacks, seeds, cut, bottlenecks, noises, device, compile_mode, results_dir,
+    out, config_file, quiet, plugins,
 ) -> None:  # fmt: skip
     """The main job: train every defense configuration, attack each, print the privacy-utility
     table and write table.md, table.csv, results.csv, privacy_utility.png and reconstructions.png.
@@ -202,6 +217,8 @@ def run(
         seeds=seeds, cut=cut, bottleneck=bottlenecks, noise=noises, device=device, results_dir=results_dir,
         out=out, progress=False if quiet else None,
     )  # fmt: skip
+    if compile_mode:
+        grid.train["compile"] = compile_mode
     result = run_grid(grid, log=click.echo)
     click.echo("")
     click.echo(tables.render(result.table, "md"), nl=False)

@@ -33,7 +33,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 # Fields that say where or how a run executes, not what it computes: left out of its identity.
-NON_IDENTITY = ("device", "data_dir", "progress", "compile")
+NON_IDENTITY = ("device", "data_dir", "progress", "compile", "channels_last")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -58,8 +60,10 @@ class TrainConfig:
     seed: int = 0
     data_seed: int = 0  # the embedded crops; fixed so seeds vary the model, not the data
     n_train: int | None = None  # embedded only: number of training crops (default 5,000)
-    amp: bool = True  # bf16 autocast + channels-last on CUDA; ignored on CPU
-    compile: bool = False  # torch.compile the two halves (pays off on GPU for long runs)
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # channels-last memory format on CUDA; ignored on CPU
+    # torch.compile the two halves: False, True (mode "default") or a mode of COMPILE_MODES.
+    compile: bool | str = False
     preset: str = "quick"
     device: str = "auto"
     progress: bool = True
@@ -74,6 +78,14 @@ class TrainConfig:
             raise UserError(f"invalid noise {self.noise}: the noise std must be >= 0")
         if self.batch_size < 1 or self.lr <= 0:
             raise UserError("batch size and learning rate must be positive")
+        if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
+            raise UserError(f"invalid compile mode {self.compile!r} (known: {', '.join(COMPILE_MODES)})")
+
+    @property
+    def compile_mode(self) -> str | None:
+        if self.compile is True:
+            return "default"
+        return self.compile or None
 
     @classmethod
     def from_preset(cls, preset: str = "quick", **overrides: Any) -> TrainConfig:

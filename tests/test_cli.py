@@ -22,6 +22,21 @@ def test_train_prints_accuracy_and_run_folder_last(tmp_path, capsys):
     assert (tmp_path / lines[-1].split("/")[-1] / "checkpoint.pt").is_file()
 
 
+def test_compile_flag_takes_an_optional_mode_and_keeps_the_run_folder(tmp_path, capsys, monkeypatch):
+    import json
+
+    import privbench.train as train_mod
+
+    monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "aot_eager")  # inductor's C++ builds take minutes
+    args = ["train", "--epochs", "1", "--n-train", "300", "--width", "0.125", "--results-dir", str(tmp_path)]
+    code, out, _ = run_cli([*args, "--compile", "--quiet"], capsys)  # a bare --compile before another option
+    assert code == 0, out
+    folder = Path(out.strip().splitlines()[-1])
+    assert json.loads((folder / "config.json").read_text())["train"]["compile"] == "default"
+    code, out, _ = run_cli([*args, "--quiet"], capsys)
+    assert "reused finished run" in out and out.strip().splitlines()[-1] == str(folder)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -34,6 +49,8 @@ def test_train_prints_accuracy_and_run_folder_last(tmp_path, capsys):
         (["train", "--dataset", "mnist"], "unknown dataset"),
         (["train", "--bogus"], "No such option"),
         (["train", "--plugin", "missing.py"], "plugin file not found"),
+        (["train", "--compile", "fast"], "invalid compile mode 'fast'"),
+        (["run", "--compile", "fast"], "invalid compile mode 'fast'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, capsys, tmp_path):

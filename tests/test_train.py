@@ -57,3 +57,87 @@ def test_defense_parameter_group_gets_its_lr_scale():
     # 3 SGD steps (300 images, batch 128) at lr 0.1 with momentum reach w ~ 0.94; at the
     # unscaled lr 0.01 they would reach only ~0.12.
     assert 0.3 < result.defense.w.item() < 1.0
+
+
+class _LayoutProbe:
+    """Records the dtype and memory format of z that the loop hands to the defense."""
+
+    @staticmethod
+    def register():
+        from privbench import registry
+        from privbench.plugins import Defense
+
+        class Probe(Defense):
+            name = "probe-layout"
+            seen: list = []
+
+            def loss(self, z, y, *, epoch, lr):
+                Probe.seen.append((z.dtype, z.is_contiguous(memory_format=torch.channels_last)))
+                return None
+
+        registry.register(Probe)
+        return Probe
+
+
+def test_gpu_fast_path_runs_on_cpu_when_enabled(monkeypatch):
+    # The bf16 + channels-last branches are CUDA-only in use; forcing them on CPU runs that exact code.
+    import privbench.train as train_mod
+
+    probe = _LayoutProbe.register()
+    train(tiny_config(defense="probe-layout"), log=lambda m: None)
+    assert set(probe.seen) == {(torch.float32, False)}  # CPU default: fp32, contiguous
+    probe.seen.clear()
+    monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    result = train(tiny_config(defense="probe-layout"), log=lambda m: None)
+    assert set(probe.seen) == {(torch.bfloat16, True)}
+    # The kept model is back in the default layout, so checkpoints and attacks see plain tensors.
+    assert all(p.is_contiguous() for p in result.model.parameters())
+    probe.seen.clear()
+    train(tiny_config(defense="probe-layout", amp=False, channels_last=False), log=lambda m: None)
+    assert set(probe.seen) == {(torch.float32, False)}
+
+
+@pytest.mark.parametrize("defense", ["gmm-cem", "slot-cem"])
+def test_defenses_train_under_bf16_channels_last(monkeypatch, defense):
+    import math
+
+    import privbench.train as train_mod
+
+    monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    cfg = tiny_config(defense=defense, defense_options={"warmup": 1}, epochs=2, bottleneck=8, noise=0.025)
+    result = train(cfg, log=lambda m: None)
+    last = result.history[-1]
+    assert last["defense_loss"] > 0 and math.isfinite(last["defense_loss"]) and math.isfinite(last["train_loss"])
+
+
+def test_compiled_halves_train_the_same_parameters(monkeypatch):
+    # aot_eager traces through dynamo and AOT autograd like inductor but runs eager kernels, so the
+    # compiled loop must reproduce the eager one; inductor itself needs minutes of C++ builds on CPU.
+    from torch._dynamo.utils import counters
+
+    import privbench.train as train_mod
+
+    monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "aot_eager")
+    eager = train(tiny_config(epochs=2, bottleneck=8, noise=0.025), log=lambda m: None).model.state_dict()
+    torch._dynamo.reset()
+    counters.clear()  # process-wide: other tests compile too
+    compiled = train(tiny_config(epochs=2, bottleneck=8, noise=0.025, compile="reduce-overhead"), log=lambda m: None)
+    # Two halves x two batch shapes (300 images: 2 full batches of 128 and one of 44).
+    assert counters["stats"]["unique_graphs"] == 4
+    state = compiled.model.state_dict()
+    assert list(state) == list(eager)  # no "_orig_mod." prefixes in checkpoints
+    changed = [k for k in eager if eager[k].is_floating_point() and not torch.allclose(state[k], eager[k], atol=1e-5)]
+    assert not changed, changed
+
+
+def test_compile_option_values():
+    from privbench.errors import UserError
+
+    assert TrainConfig(compile=True).compile_mode == "default"
+    assert TrainConfig(compile=False).compile_mode is None
+    assert TrainConfig(compile="reduce-overhead").compile_mode == "reduce-overhead"
+    with pytest.raises(UserError, match="invalid compile mode 'fast'"):
+        TrainConfig(compile="fast")
+    # How a run executes is not what it computes: the same run folder either way.
+    assert TrainConfig(compile="max-autotune", channels_last=False).hash() == TrainConfig().hash()
+    assert TrainConfig(amp=False).hash() != TrainConfig().hash()  # fp32 vs bf16 changes the numbers
