@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="default: 128:0.05 (the paper) and 512:0.2 (linear scaling)")  # fmt: skip
     p.add_argument("--defense", action="append", help="default: none")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--n-train", type=int, default=50000)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for defense in args.defense or ["none"]:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for batch, lr in pairs:
                 cfg = TrainConfig.from_preset(
                     "paper", defense=defense, width=args.width, epochs=args.epochs,

@@ -294,7 +294,10 @@ def main(argv: list[str] | None = None) -> dict:
     projections = project_paper_protocol(args, train_rows, rows)
     report = {
         "date": time.strftime("%Y-%m-%d"), "device": str(device), "device_name": device_name(device),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "args": vars(args), "rows": rows,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        # PASSIVE makes idle OpenMP threads sleep: fairer on a shared box, slower for many small ops.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "torch": torch.__version__,
+        "args": vars(args), "rows": rows,
         "peak_memory_mb": peak_memory_mb(device), "paper_protocol_projection": projections,
     }  # fmt: skip
     for row in rows:
