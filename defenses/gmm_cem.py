@@ -148,6 +148,10 @@ class GmmCem(Defense):
                 )
             self._to(ctx.device)
 
+    def compile_hot_path(self, compile) -> None:
+        # rob_loss is plain tensor code over (z, y) and the fitted mixture: one graph, no syncs.
+        self.rob_loss = compile(self.rob_loss)
+
     def loss(self, z: torch.Tensor, y: torch.Tensor, *, epoch: int, lr: float) -> torch.Tensor | None:
         if self.lam == 0 or epoch < self.warmup or self.centroids is None:
             return None

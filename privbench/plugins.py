@@ -43,7 +43,8 @@ class Defense:
     encoder output in train mode *before* the channel noise, and the returned scalar is added
     to the cross-entropy before the single backward (return None for no term); per epoch:
     `epoch_end(epoch, ctx)` whose dict is logged. Channel options (bottleneck, noise) belong
-    to the model, so every defense composes with them.
+    to the model, so every defense composes with them. When the run compiles the model, the
+    loop also calls `compile_hot_path(compile)` once after `setup`.
     """
 
     name: ClassVar[str] = ""
@@ -57,6 +58,13 @@ class Defense:
 
     def epoch_end(self, epoch: int, ctx: TrainContext) -> dict[str, float]:
         return {}
+
+    def compile_hot_path(self, compile: Callable[[Callable], Callable]) -> None:
+        """Wrap the per-step tensor code with `compile` (torch.compile with the run's mode).
+
+        On a GPU at batch 128 every eager op of the loss is a kernel launch on the critical
+        path; a defense whose loss is plain tensor code can hand it over here. Default: stay eager.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -83,16 +83,17 @@ def autocast(device: torch.device, enabled: bool):
 COMPILE_BACKEND = "inductor"
 
 
-def compile_module(module: torch.nn.Module, mode: str | None) -> torch.nn.Module:
-    """`torch.compile` with one graph per batch shape (a full batch and the epoch's last one).
+def compiled(fn: Callable, mode: str | None) -> Callable:
+    """`torch.compile` of a module or function with one graph per batch shape (a full batch
+    and the epoch's last one); `fn` itself when `mode` is None.
 
-    The compiled wrapper shares the module's parameters, so checkpoints keep the plain names.
+    A compiled module shares the module's parameters, so checkpoints keep the plain names.
     """
     if mode is None:
-        return module
+        return fn
     if COMPILE_BACKEND != "inductor":  # modes are inductor's
-        return torch.compile(module, backend=COMPILE_BACKEND, dynamic=False)
-    return torch.compile(module, mode=mode, dynamic=False)
+        return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False)
+    return torch.compile(fn, mode=mode, dynamic=False)
 
 
 @torch.no_grad()
@@ -147,8 +148,10 @@ def train(
     )  # fmt: skip
     defense.setup(ctx)
     dev_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    encoder = compile_module(model.encoder, cfg.compile_mode)
-    server = compile_module(model.server, cfg.compile_mode)
+    encoder = compiled(model.encoder, cfg.compile_mode)
+    server = compiled(model.server, cfg.compile_mode)
+    if cfg.compile_mode is not None:
+        defense.compile_hot_path(lambda fn: compiled(fn, cfg.compile_mode))
     # CUDA graphs (mode "reduce-overhead") reuse their output buffers: each step must say it is new.
     mark_step = cfg.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
     history: list[dict[str, float]] = []

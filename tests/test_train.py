@@ -110,7 +110,8 @@ def test_defenses_train_under_bf16_channels_last(monkeypatch, defense):
     assert last["defense_loss"] > 0 and math.isfinite(last["defense_loss"]) and math.isfinite(last["train_loss"])
 
 
-def test_compiled_halves_train_the_same_parameters(monkeypatch):
+@pytest.mark.parametrize("defense,graphs", [("none", 4), ("gmm-cem", 6)])
+def test_compiled_loop_trains_the_same_parameters(monkeypatch, defense, graphs):
     # aot_eager traces through dynamo and AOT autograd like inductor but runs eager kernels, so the
     # compiled loop must reproduce the eager one; inductor itself needs minutes of C++ builds on CPU.
     from torch._dynamo.utils import counters
@@ -118,12 +119,15 @@ def test_compiled_halves_train_the_same_parameters(monkeypatch):
     import privbench.train as train_mod
 
     monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "aot_eager")
-    eager = train(tiny_config(epochs=2, bottleneck=8, noise=0.025), log=lambda m: None).model.state_dict()
+    kw = dict(epochs=2, bottleneck=8, noise=0.025, defense=defense)
+    kw["defense_options"] = {"warmup": 1} if defense != "none" else {}
+    eager = train(tiny_config(**kw), log=lambda m: None).model.state_dict()
     torch._dynamo.reset()
     counters.clear()  # process-wide: other tests compile too
-    compiled = train(tiny_config(epochs=2, bottleneck=8, noise=0.025, compile="reduce-overhead"), log=lambda m: None)
-    # Two halves x two batch shapes (300 images: 2 full batches of 128 and one of 44).
-    assert counters["stats"]["unique_graphs"] == 4
+    compiled = train(tiny_config(**kw, compile="reduce-overhead"), log=lambda m: None)
+    # Two halves x two batch shapes (300 images: 2 full batches of 128 and one of 44), plus
+    # gmm-cem's rob_loss at both shapes: all of the step but the loop's glue is compiled.
+    assert counters["stats"]["unique_graphs"] == graphs
     state = compiled.model.state_dict()
     assert list(state) == list(eager)  # no "_orig_mod." prefixes in checkpoints
     changed = [k for k in eager if eager[k].is_floating_point() and not torch.allclose(state[k], eager[k], atol=1e-5)]
