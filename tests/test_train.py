@@ -110,7 +110,7 @@ def test_defenses_train_under_bf16_channels_last(monkeypatch, defense):
     assert last["defense_loss"] > 0 and math.isfinite(last["defense_loss"]) and math.isfinite(last["train_loss"])
 
 
-@pytest.mark.parametrize("defense,graphs", [("none", 4), ("gmm-cem", 6)])
+@pytest.mark.parametrize("defense,graphs", [("none", 4), ("gmm-cem", 6), ("slot-cem", 6)])
 def test_compiled_loop_trains_the_same_parameters(monkeypatch, defense, graphs):
     # aot_eager traces through dynamo and AOT autograd like inductor but runs eager kernels, so the
     # compiled loop must reproduce the eager one; inductor itself needs minutes of C++ builds on CPU.
@@ -126,7 +126,7 @@ def test_compiled_loop_trains_the_same_parameters(monkeypatch, defense, graphs):
     counters.clear()  # process-wide: other tests compile too
     compiled = train(tiny_config(**kw, compile="reduce-overhead"), log=lambda m: None)
     # Two halves x two batch shapes (300 images: 2 full batches of 128 and one of 44), plus
-    # gmm-cem's rob_loss at both shapes: all of the step but the loop's glue is compiled.
+    # the defense's hot path (gmm-cem's rob_loss, slot-cem's forward) at both shapes.
     assert counters["stats"]["unique_graphs"] == graphs
     state = compiled.model.state_dict()
     assert list(state) == list(eager)  # no "_orig_mod." prefixes in checkpoints
