@@ -48,7 +48,7 @@ def test_batch_scaling_milestones_scale_the_papers():
 def test_tiny_bench_run_writes_its_report(tmp_path, capsys):
     bench = load("bench")
     out = tmp_path / "b.json"
-    args = ["--device", "cpu", "--n-train", "300", "--width", "0.125", "--epochs", "2", "--defense", "none",
+    args = ["--device", "cpu", "--n-train", "300", "--width", "0.125", "--epochs", "3", "--defense", "none",
             "--defense", "gmm-cem", "--skip-reference", "--attack-images", "64", "--metric-images", "64",
             "--out", str(out)]  # fmt: skip
     bench.main(args)
