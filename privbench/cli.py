@@ -28,8 +28,8 @@ def compile_option(f):
     # A flag with an optional value: `--compile` alone is mode "default".
     return click.option(
         "--compile", "compile_mode", is_flag=False, flag_value="default", default=None, metavar="[MODE]",
-        help="torch.compile the model halves; MODE: default | reduce-overhead (CUDA graphs) | max-autotune | "
-             "max-autotune-no-cudagraphs. Not part of the run's identity.",
+        help="torch.compile the model halves and the defense's hot path; MODE: default | reduce-overhead "
+             "(CUDA graphs) | max-autotune | max-autotune-no-cudagraphs. Not part of the run's identity.",
     )(f)  # fmt: skip
 
 
