@@ -32,7 +32,7 @@ from privbench.config import TrainConfig
 from privbench.data import load_dataset, to_float
 from privbench.plugins import Target
 from privbench.runs import device_name
-from privbench.train import make_model, pick_device, train
+from privbench.train import FAST_PATH_DEVICES, make_model, pick_device, train
 
 OUT = Path(__file__).parent / "out"
 
@@ -268,10 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     data = load_dataset("embedded", n_train=args.n_train).to(device)
     defenses = [d for d in (args.defense or ["none", "gmm-cem", "slot-cem"]) if d in registry.names("defense")]
+    fast = device.type in FAST_PATH_DEVICES  # the loop's own rule for bf16 and channels-last
     if args.levers:
-        levers = CUDA_LEVERS if device.type == "cuda" else CPU_LEVERS
+        levers = CUDA_LEVERS if fast else CPU_LEVERS
     else:
-        levers = [Lever(args.amp and device.type == "cuda", args.channels_last and device.type == "cuda", args.compile)]
+        levers = [Lever(args.amp and fast, args.channels_last and fast, args.compile)]
     rows, model, train_rows = [], None, []
     for lever in levers:
         lever_rows = []
