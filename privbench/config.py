@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from privbench.data import EMBEDDED_VERSION
 from privbench.errors import UserError
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -57,8 +59,12 @@ class TrainConfig:
     gamma: float = 0.2
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    label_smoothing: float = 0.0  # of the cross-entropy; the defense's loss is untouched
+    warmup_epochs: float = 0.0  # linear lr warm-up from 0, per step
+    ema: float = 0.0  # decay per step of the weight average that becomes the kept model; 0: off
     seed: int = 0
     data_seed: int = 0  # the embedded crops; fixed so seeds vary the model, not the data
+    data_version: int = EMBEDDED_VERSION  # the embedded set's version; run folders before it had 2
     n_train: int | None = None  # embedded only: number of training crops (default 5,000)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # channels-last memory format on CUDA; ignored on CPU
@@ -67,8 +73,12 @@ class TrainConfig:
     preset: str = "quick"
     device: str = "auto"
     progress: bool = True
+    # folder: data sets only: a fingerprint of the folder's content (set by from_preset), so
+    # changed images make a new run instead of reusing a stale one. None: left out of identity.
+    data_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         self.milestones = tuple(self.milestones)
         if self.schedule not in ("cosine", "multistep"):
             raise UserError(f"invalid schedule {self.schedule!r}: cosine or multistep")
@@ -78,6 +88,10 @@ class TrainConfig:
             raise UserError(f"invalid noise {self.noise}: the noise std must be >= 0")
         if self.batch_size < 1 or self.lr <= 0:
             raise UserError("batch size and learning rate must be positive")
+        if self.seed < 0:
+            raise UserError(f"invalid seed {self.seed}: seeds are integers >= 0")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.ema < 1 or self.warmup_epochs < 0:
+            raise UserError("label_smoothing and ema must lie in [0, 1) and warmup_epochs must be >= 0")
         if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
             raise UserError(f"invalid compile mode {self.compile!r} (known: {', '.join(COMPILE_MODES)})")
 
@@ -97,6 +111,16 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise UserError(f"unknown training option {unknown[0]!r}")
+        if values.get("defense_options"):  # canonical values, so equal settings hash equally
+            from privbench.registry import canonical_options
+
+            values["defense_options"] = canonical_options("defense", values.get("defense", "none"),
+                                                          values["defense_options"])  # fmt: skip
+        dataset = values.get("dataset", "embedded")
+        if isinstance(dataset, str) and dataset.startswith("folder:") and not values.get("data_fingerprint"):
+            from privbench.data import folder_fingerprint
+
+            values["data_fingerprint"] = folder_fingerprint(dataset[len("folder:") :])
         return cls(preset=preset, **values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,16 +131,48 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        values = {k: v for k, v in d.items() if k in names}
+        # Run folders written before these fields existed trained without them, on embedded v2.
+        values.setdefault("data_version", 2)
+        for k in ("label_smoothing", "warmup_epochs", "ema"):
+            values.setdefault(k, 0.0)
+        return cls(**values)
 
     def identity(self) -> dict[str, Any]:
         d = self.to_dict()
         for k in NON_IDENTITY:
             d.pop(k, None)
+        if d["data_fingerprint"] is None:  # keeps the hashes of runs made before the field existed
+            del d["data_fingerprint"]
         return d
 
     def hash(self) -> str:
         return config_hash(self.identity())
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Refuse values of the wrong type (a damaged config.json, a TOML typo) with one line.
+    Numbers are cast to the field's type (1 -> 1.0 for a float), so equal values hash equally."""
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), [t.strip() for t in str(f.type).split("|")]
+        if value is None:
+            ok = "None" in allowed
+        elif isinstance(value, bool):
+            ok = "bool" in allowed
+        elif isinstance(value, numbers.Real) and "float" in allowed:
+            value, ok = float(value), True
+        elif isinstance(value, numbers.Real) and "int" in allowed:
+            ok = isinstance(value, numbers.Integral) or float(value).is_integer()
+            value = int(value) if ok else value
+        elif isinstance(value, str):
+            ok = "str" in allowed
+        else:
+            ok = isinstance(value, list | tuple) if f.type.startswith("tuple") else isinstance(value, dict)
+            ok = ok and f.type.startswith(("tuple", "dict"))
+        if not ok:
+            want = " or ".join("none" if t == "None" else t.split("[")[0] for t in allowed)
+            raise UserError(f"invalid {f.name} {value!r}: expected {want}")
+        setattr(cfg, f.name, value)
 
 
 def config_hash(obj: Any) -> str:

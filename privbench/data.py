@@ -28,9 +28,16 @@ EMBEDDED_PHOTOS = (
     "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
     "hubble_deep_field", "retina", "camera", "coins", "clock",
 )  # fmt: skip
-EMBEDDED_SHORT_SIDE = 192  # px: photographs are shrunk so a 32px crop shows structure
-EMBEDDED_TILE = 48  # px: each photograph is cut into tiles; every tile belongs to one split
-EMBEDDED_FRACTIONS = {"train": 0.6, "aux": 0.2, "test": 0.2}  # share of tiles per split
+# Geometry of each version of the embedded set. Photographs are shrunk to `short_side` px and
+# cut into `tile`-px tiles; every tile belongs to one split (`fractions`). Crops of one tile are
+# near-copies, so the number of test *tiles*, not crops, bounds how precisely accuracy is
+# measured: version 3 has 4x the test tiles of version 2 (docs/precision.md). Version 2 stays
+# readable so run folders trained on it are attacked on their own data.
+EMBEDDED_VERSIONS: dict[int, dict] = {
+    2: dict(short_side=192, tile=48, fractions={"train": 0.6, "aux": 0.2, "test": 0.2}, n_aux=1000, n_test=1000),
+    3: dict(short_side=320, tile=40, fractions={"train": 0.6, "aux": 0.15, "test": 0.25}, n_aux=1000, n_test=2000),
+}
+EMBEDDED_VERSION = 3  # the current one
 DATASETS = ("embedded", "cifar10", "cifar100", "folder:PATH")
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 CIFAR_URLS = {
@@ -43,15 +50,24 @@ CIFAR_URLS = {
 class Split:
     images: torch.Tensor  # uint8 [N,C,H,W]
     labels: torch.Tensor  # int64 [N]
+    # int64 [N]: the source unit of each image (embedded: its tile). Images of one group are not
+    # independent samples, so confidence intervals resample groups. None: every image its own.
+    groups: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.images.to(device), self.labels.to(device))
+        groups = self.groups.to(device) if self.groups is not None else None
+        return Split(self.images.to(device), self.labels.to(device), groups)
 
     def subset(self, index: torch.Tensor | slice) -> Split:
-        return Split(self.images[index], self.labels[index])
+        groups = self.groups[index] if self.groups is not None else None
+        return Split(self.images[index], self.labels[index], groups)
+
+    def group_ids(self) -> torch.Tensor:
+        """Group of each image; every image its own group when the data set has none."""
+        return self.groups if self.groups is not None else torch.arange(len(self), device=self.labels.device)
 
 
 @dataclass
@@ -91,10 +107,11 @@ def load_dataset(
     n_train: int | None = None,
     n_test: int | None = None,
     image_size: int = 32,
+    version: int = EMBEDDED_VERSION,
 ) -> Dataset:
     """Load a data set by name. Raises UserError with the expected location when absent."""
     if name == "embedded":
-        return embedded(seed=seed, n_train=n_train or 5000, n_test=n_test or 1000)
+        return embedded(seed=seed, n_train=n_train or 5000, n_test=n_test, version=version)
     if name in CIFAR_FOLDERS:
         return cifar(name, data_dir=data_dir, download=download)
     if name.startswith("folder:"):
@@ -105,7 +122,7 @@ def load_dataset(
 # ---------------------------------------------------------------------------------- embedded
 
 
-def _photo(name: str) -> np.ndarray:
+def _photo(name: str, short_side: int) -> np.ndarray:
     import skimage.data
     from skimage.transform import resize
 
@@ -114,62 +131,86 @@ def _photo(name: str) -> np.ndarray:
         img = np.repeat(img[..., None], 3, axis=2)
     img = img[..., :3]
     h, w = img.shape[:2]
-    scale = EMBEDDED_SHORT_SIDE / min(h, w)
+    scale = short_side / min(h, w)
     out = resize(img, (round(h * scale), round(w * scale)), anti_aliasing=True, preserve_range=True)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def embedded_crops(
-    seed: int, counts: dict[str, int], size: int = 32
-) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Random crops per split: {split: (images uint8 [N,3,s,s], labels, boxes [N,4] x0,y0,x1,y1)}.
+    seed: int, counts: dict[str, int], size: int = 32, version: int = EMBEDDED_VERSION
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Crops per split: {split: (images uint8 [N,3,s,s], labels, boxes [N,4] x0,y0,x1,y1, tiles [N])}.
 
-    Each photograph is cut into EMBEDDED_TILE-pixel tiles and every tile is given to one split
-    (seeded shuffle, EMBEDDED_FRACTIONS). A crop lies wholly inside one tile, so crops of
-    different splits share no pixel. Everything comes from one numpy Generator(seed).
+    Each photograph is cut into tiles and every tile is given to one split (seeded shuffle, the
+    version's fractions). A crop lies wholly inside one tile, so crops of different splits share
+    no pixel. From version 3 crops are dealt to a split's tiles in turn (every tile gets its
+    share, so no tile weighs more than another in a test score); version 2 drew tiles at random.
+    `tiles` numbers the tiles globally. Everything comes from one numpy Generator(seed).
     """
+    geo = EMBEDDED_VERSIONS[version]
     rng = np.random.default_rng(seed)
     splits = list(counts)
-    out: dict[str, list] = {s: ([], [], []) for s in splits}
+    out: dict[str, list] = {s: ([], [], [], []) for s in splits}
+    tile_base = 0
     for label, photo_name in enumerate(EMBEDDED_PHOTOS):
-        img = _photo(photo_name)
+        img = _photo(photo_name, geo["short_side"])
         h, w = img.shape[:2]
-        t = EMBEDDED_TILE
+        t = geo["tile"]
         tiles = np.array([(x, y) for y in range(0, h - t + 1, t) for x in range(0, w - t + 1, t)])
-        tiles = tiles[rng.permutation(len(tiles))]
-        edges = np.cumsum([0] + [EMBEDDED_FRACTIONS[s] for s in splits])
+        order = rng.permutation(len(tiles))
+        edges = np.cumsum([0] + [geo["fractions"][s] for s in splits])
         edges = np.rint(edges / edges[-1] * len(tiles)).astype(int)
         for i, split in enumerate(splits):
-            own = tiles[edges[i] : edges[i + 1]]
+            own = order[edges[i] : edges[i + 1]]
             n = counts[split] // len(EMBEDDED_PHOTOS) + (label < counts[split] % len(EMBEDDED_PHOTOS))
-            pick = own[rng.integers(0, len(own), n)]
-            xs = pick[:, 0] + rng.integers(0, t - size + 1, n)
-            ys = pick[:, 1] + rng.integers(0, t - size + 1, n)
+            if version >= 3:
+                pick = own[(np.arange(n) + rng.integers(0, len(own))) % len(own)]
+            else:
+                pick = own[rng.integers(0, len(own), n)]
+            xs = tiles[pick, 0] + rng.integers(0, t - size + 1, n)
+            ys = tiles[pick, 1] + rng.integers(0, t - size + 1, n)
             crops = np.stack([img[y : y + size, x : x + size] for x, y in zip(xs, ys)])
             out[split][0].append(crops.transpose(0, 3, 1, 2))
             out[split][1].append(np.full(n, label, dtype=np.int64))
             out[split][2].append(np.stack([xs, ys, xs + size, ys + size], axis=1))
+            out[split][3].append(tile_base + pick)
+        tile_base += len(tiles)
     return {s: tuple(np.concatenate(v) for v in vals) for s, vals in out.items()}  # type: ignore
 
 
-def embedded(seed: int = 0, n_train: int = 5000, n_test: int = 1000, n_aux: int | None = None) -> Dataset:
+def embedded(
+    seed: int = 0,
+    n_train: int = 5000,
+    n_test: int | None = None,
+    n_aux: int | None = None,
+    version: int = EMBEDDED_VERSION,
+) -> Dataset:
     """The default data set: 10 classes of 32x32 crops of scikit-image photographs.
 
-    Built once per (seed, sizes) and cached on disk as a uint8 tensor file.
+    Built once per (version, seed, sizes) and cached on disk as a uint8 tensor file.
     """
-    n_aux = n_test if n_aux is None else n_aux
-    key = f"embedded-v2-s{seed}-{n_train}-{n_aux}-{n_test}"
+    if version not in EMBEDDED_VERSIONS:
+        raise UserError(f"unknown embedded data version {version} (known: {', '.join(map(str, EMBEDDED_VERSIONS))})")
+    n_aux = EMBEDDED_VERSIONS[version]["n_aux"] if n_aux is None else n_aux
+    n_test = EMBEDDED_VERSIONS[version]["n_test"] if n_test is None else n_test
+    key = f"embedded-v{version}-s{seed}-{n_train}-{n_aux}-{n_test}"
     path = cache_dir() / f"{key}.pt"
+    parts = ("images", "labels", "groups")
+    blob = None
     if path.exists():
-        blob = torch.load(path, weights_only=True)
-    else:
-        crops = embedded_crops(seed, {"train": n_train, "aux": n_aux, "test": n_test})
+        try:
+            blob = torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache file is rebuilt, never trusted
+            blob = None
+    if not isinstance(blob, dict) or any(f"{s}_{p}" not in blob for s in ("train", "aux", "test") for p in parts):
+        crops = embedded_crops(seed, {"train": n_train, "aux": n_aux, "test": n_test}, version=version)
         blob = {
-            f"{s}_{part}": torch.from_numpy(crops[s][i]) for s in crops for i, part in enumerate(("images", "labels"))
+            f"{s}_{p}": torch.from_numpy(crops[s][i]).to(torch.uint8 if p == "images" else torch.int64)
+            for s in crops
+            for p, i in zip(parts, (0, 1, 3))
         }
-        buf = _tensor_bytes(blob)
-        atomic_write_bytes(path, buf)
-    splits = {s: Split(blob[f"{s}_images"], blob[f"{s}_labels"]) for s in ("train", "aux", "test")}
+        atomic_write_bytes(path, _tensor_bytes(blob))
+    splits = {s: Split(*(blob[f"{s}_{p}"] for p in parts)) for s in ("train", "aux", "test")}
     return Dataset("embedded", list(EMBEDDED_PHOTOS), splits["train"], splits["test"], splits["aux"])
 
 
@@ -238,6 +279,26 @@ def _download_cifar(name: str, root: Path) -> None:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
+def folder_fingerprint(path: str | Path) -> str:
+    """A short hash of an image folder's content: every class folder and image file (relative
+    path, size, modification time). Part of a folder data set's run identity, so adding,
+    removing or editing an image gives a new run instead of reusing a stale one."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {root} (expected class sub-folders of images)")
+    h = hashlib.sha256()
+    try:
+        for p in sorted(root.rglob("*")):
+            if p.is_dir():
+                h.update(f"{p.relative_to(root).as_posix()}/\n".encode())
+            elif p.suffix.lower() in IMAGE_SUFFIXES:
+                st = p.stat()
+                h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError as exc:
+        raise UserError(f"cannot read image folder {root}: {exc}") from None
+    return h.hexdigest()[:16]
+
+
 def image_folder(path: str | Path, *, image_size: int = 32, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """ImageFolder layout (one sub-folder of images per class), resized to image_size.
 
@@ -255,9 +316,12 @@ def image_folder(path: str | Path, *, image_size: int = 32, seed: int = 0, test_
         for label, cls in enumerate(classes):
             for f in sorted((folder / cls).iterdir()) if (folder / cls).is_dir() else []:
                 if f.suffix.lower() in IMAGE_SUFFIXES:
-                    with Image.open(f) as im:
-                        im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-                        xs.append(np.asarray(im).transpose(2, 0, 1))
+                    try:
+                        with Image.open(f) as im:
+                            im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                            xs.append(np.asarray(im).transpose(2, 0, 1))
+                    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                        raise UserError(f"cannot read image {f}: {exc}") from None  # truncated or not an image
                     ys.append(label)
         if not xs:
             raise UserError(f"no images found under {folder}")

@@ -167,13 +167,45 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
     return {"mean": mean, "ci95": half, "std": std, "n": n}
 
 
-def summarize(per_image: dict[str, list[float] | None], lpips_missing: str | None = None) -> dict[str, Any]:
-    """{"ssim": mean_ci, ..., "lpips": mean_ci or {"missing": reason}}."""
+def grouped_mean_ci(values: list[float], groups: list[int] | None, confidence: float = 0.95) -> dict[str, Any]:
+    """`mean_ci` for samples that come in groups (crops of one tile): the cluster-robust interval.
+
+    Var(mean) = G/(G-1) * sum_g (S_g - mean * n_g)^2 / N^2 over the G groups (S_g: a group's sum,
+    n_g: its size), with a Student t on G-1 degrees of freedom. With one image per group this is
+    exactly `mean_ci`. `groups=None` means independent samples. Adds "groups": G.
+    """
+    from scipy.stats import t
+
+    if groups is None:
+        return mean_ci(values, confidence) | {"groups": len(values)}
+    if len(groups) != len(values):
+        raise ValueError(f"{len(values)} values but {len(groups)} group ids")
+    n = len(values)
+    sums: dict[int, list[float]] = {}
+    for v, g in zip(values, groups):
+        sums.setdefault(int(g), []).append(v)
+    out = mean_ci(values, confidence)
+    n_groups = len(sums)
+    out["groups"] = n_groups
+    if n_groups < 2:
+        out["ci95"] = None
+        return out
+    mean = out["mean"]
+    dev = math.fsum((math.fsum(vs) - mean * len(vs)) ** 2 for vs in sums.values())
+    se = math.sqrt(n_groups / (n_groups - 1) * dev) / n
+    out["ci95"] = float(t.ppf(0.5 + confidence / 2, n_groups - 1)) * se
+    return out
+
+
+def summarize(
+    per_image: dict[str, list[float] | None], lpips_missing: str | None = None, groups: list[int] | None = None
+) -> dict[str, Any]:
+    """{"ssim": grouped_mean_ci, ..., "lpips": ... or {"missing": reason}}; CIs resample `groups`."""
     out: dict[str, Any] = {}
     for name in METRICS:
         values = per_image.get(name)
         if values is None:
             out[name] = {"missing": lpips_missing or f"{name} not computed"}
         else:
-            out[name] = mean_ci(values)
+            out[name] = grouped_mean_ci(values, groups)
     return out

@@ -1,103 +1,246 @@
 """Figures built from run folders: the accuracy-privacy plot and a cross-defense image grid.
 
-Both read only what the tables module collected (numbers from metrics.json files) and the
-image tensors that each attack folder stores (`grid_images.pt`), so they can be redrawn at
-any time without touching a model.
+Both read only what the tables module collected (numbers from metrics.json files) and what
+each attack folder stores (`grid_images.pt`, `per_image.csv`), so they can be redrawn at any
+time without touching a model. The `*_figure` functions return the matplotlib Figure (tests
+read its artists); the others write the PNG.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from privbench.errors import UserError
 from privbench.storage import atomic_write_bytes
+from privbench.table_rows import config_label, natural_key
 
 GRID_COLUMNS = 8  # test images per row of the reconstruction grid
+PANELS_PER_ROW = 3
+SSIM_RANGE = (0.0, 1.0)
+ACCURACY_RANGE = (0.0, 100.0)
 
 
-def short_label(defense: str, channel: str) -> str:
-    """'gmm-cem', 'C8 + noise 0.025' -> 'gmm-cem C8+0.025'."""
-    return f"{defense} {channel.replace(' + noise ', '+').replace('noise ', 'n')}"
+def clipped_err(mean: float, ci: float, lo: float, hi: float) -> list[list[float]] | None:
+    """Asymmetric error bar [[below], [above]] for mean ± ci, cut at the metric's range [lo, hi]."""
+    if pd.isna(mean) or pd.isna(ci):
+        return None
+    return [[max(0.0, min(ci, mean - lo))], [max(0.0, min(ci, hi - mean))]]
 
 
-def privacy_utility_plot(table: pd.DataFrame, path: str | Path) -> Path:
-    """Accuracy (y) against the worst-case attack's SSIM (x), one point per configuration,
-    95% CI bars on both axes; the mean-image SSIM and chance accuracy as reference lines."""
+def _distinct(values: Any) -> list[str]:
+    out = {v for s in values for v in str(s).split() if v and v != "nan"}
+    return sorted(out, key=natural_key)
+
+
+def _span(values: list[str], unit: str) -> str:
+    """'64 images', '1–3 seeds', '1 seed'."""
+    if not values:
+        return f"? {unit}s"
+    if len(values) == 1:
+        return f"{values[0]} {unit}" + ("" if values[0] == "1" else "s")
+    return f"{values[0]}–{values[-1]} {unit}s"
+
+
+def _panel_title(rows: pd.DataFrame, dataset: str, preset: str) -> str:
+    noises = sorted({float(n) for n in rows.noise}, key=float)
+    noise = "noise std " + ", ".join(f"{n:g}" for n in noises)
+    images = _span(_distinct(rows.get("eval_images", [])), "image")
+    seeds = _span([str(n) for n in sorted(set(rows.n_seeds))], "seed")
+    return f"{dataset}, {preset} preset\n{noise}; {images}; {seeds}"
+
+
+def privacy_utility_figure(table: pd.DataFrame) -> Any:
+    """Accuracy (y) against the worst-case attack's SSIM (x): one panel per data set and preset,
+    one colour and legend entry per defense, 95% CI bars cut at each axis' range; the
+    mean-image SSIM and chance accuracy as labelled reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if table.empty or "worst_ssim_mean" not in table:
+    if table.empty or "worst_ssim_mean" not in table or table.worst_ssim_mean.isna().all():
         raise UserError("nothing to plot: no attack results in these runs")
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=150)
-    for i, r in table.reset_index(drop=True).iterrows():
-        if pd.isna(r.worst_ssim_mean):
-            continue
-        xerr = None if pd.isna(r.worst_ssim_ci95) else r.worst_ssim_ci95
-        yerr = None if pd.isna(r.accuracy_ci95) else 100 * r.accuracy_ci95
-        label = f"{short_label(r.defense, r.channel)} ({r.worst_attack})"
-        if r.options:
-            label += f" [{r.options}]"
-        ax.errorbar(
-            r.worst_ssim_mean, 100 * r.accuracy_mean, xerr=xerr, yerr=yerr, fmt="o", capsize=3,
-            color=f"C{i % 10}", label=label + (" ⚠ chance" if r.near_chance else ""),
-        )  # fmt: skip
-    if "baseline_ssim_mean" in table and table.baseline_ssim_mean.notna().any():
-        ax.axvline(table.baseline_ssim_mean.mean(), color="0.5", ls="--", lw=1, label="mean-image SSIM")
-    classes = table.num_classes.dropna()
-    if len(classes) and classes.nunique() == 1:
-        ax.axhline(100 / classes.iloc[0], color="0.5", ls=":", lw=1, label="chance accuracy")
-    ax.set_xlabel("worst-case attack SSIM (higher = better reconstruction = less privacy)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("privacy vs utility (95% CI)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    table = table[table.worst_ssim_mean.notna()].reset_index(drop=True)
+    panels = list(dict.fromkeys(zip(table.dataset, table.preset)))
+    colours = {d: f"C{i % 10}" for i, d in enumerate(dict.fromkeys(table.defense))}
+    ncols = min(len(panels), PANELS_PER_ROW)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.8 * nrows), dpi=150, squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    over = "seeds" if (table.n_seeds > 1).all() else "test images" if (table.n_seeds == 1).all() else "seeds or images"
+    for ax, (dataset, preset) in zip(axes.flat, panels):
+        rows = table[(table.dataset == dataset) & (table.preset == preset)]
+        _draw_panel(ax, rows, colours)
+        ax.set_title(_panel_title(rows, dataset, preset), fontsize=9)
+    fig.suptitle(f"privacy vs utility (bars: 95% CI over {over})", fontsize=10)
     fig.tight_layout()
-    import io
+    return fig
+
+
+def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str]) -> None:
+    several_options = rows.groupby("defense").options.nunique()
+    for defense, group in rows.groupby("defense", sort=False):
+        for i, r in enumerate(group.itertuples()):
+            acc = 100 * r.accuracy_mean
+            ax.errorbar(
+                r.worst_ssim_mean, acc, fmt="o", capsize=3, color=colours[defense],
+                xerr=clipped_err(r.worst_ssim_mean, r.worst_ssim_ci95, *SSIM_RANGE),
+                yerr=clipped_err(acc, 100 * r.accuracy_ci95, *ACCURACY_RANGE),
+                label=defense if i == 0 else None,
+            )  # fmt: skip
+            text = r.channel.replace(" + noise ", "+").replace("noise ", "n")
+            if several_options.get(defense, 0) > 1 and r.options:
+                text += f" ({r.options})"
+            ax.annotate(
+                text + (" ⚠ chance" if r.near_chance else ""), (r.worst_ssim_mean, acc),
+                xytext=(4, 4), textcoords="offset points", fontsize=6, color=colours[defense],
+            )  # fmt: skip
+    if "baseline_ssim_mean" in rows and rows.baseline_ssim_mean.notna().any():
+        x = rows.baseline_ssim_mean.mean()
+        ax.axvline(x, color="0.5", ls="--", lw=1)
+        ax.annotate("mean image", (x, 0.98), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
+                    color="0.4", xytext=(2, 0), textcoords="offset points", va="top")  # fmt: skip
+    classes = rows.num_classes.dropna()
+    if len(classes) and classes.nunique() == 1:
+        y = 100 / classes.iloc[0]
+        ax.axhline(y, color="0.5", ls=":", lw=1)
+        ax.annotate("chance", (0.01, y), xycoords=("axes fraction", "data"), fontsize=6, color="0.4",
+                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("worst-case attack SSIM [0,1] (higher = better reconstruction = less privacy)", fontsize=8)
+    ax.set_ylabel("test accuracy (%)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best", title="defense", title_fontsize=7)
+
+
+def _save(fig: Any, path: str | Path, **kw: Any) -> Path:
+    import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", **kw)
     plt.close(fig)
+    path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
-def reconstruction_grid(
-    table: pd.DataFrame, long: pd.DataFrame, path: str | Path, *, images: int = GRID_COLUMNS
-) -> Path | None:
-    """One PNG: the same test images on top, then one row per configuration and attack (first
-    seed of each configuration), the mean-image baseline last. Returns None when no attack
-    folder holds stored images."""
+def privacy_utility_plot(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write `privacy_utility_figure` as a PNG."""
+    return _save(privacy_utility_figure(table), path)
+
+
+# ------------------------------------------------------------------ reconstruction grid
+
+
+def _per_image_ssim(folder: Path, recon: Any, originals: Any) -> list[float | None]:
+    """The SSIM the attack recorded for its first images (per_image.csv), else computed here."""
+    file = folder / "per_image.csv"
+    n = len(originals)
+    if file.is_file():
+        with open(file, newline="") as f:
+            values = [float(r["ssim"]) for r, _ in zip(csv.DictReader(f), range(n))]
+        if len(values) == n:
+            return values
+    return _ssim(recon, originals)
+
+
+def _ssim(recon: Any, originals: Any) -> list[float | None]:
+    from privbench.metrics import ssim
+
+    try:
+        return ssim(recon.float(), originals.float()).tolist()
+    except ValueError:  # images smaller than the SSIM window
+        return [None] * len(originals)
+
+
+def grid_rows(table: pd.DataFrame, long: pd.DataFrame, images: int = GRID_COLUMNS) -> list[dict[str, Any]]:
+    """[{label, images [n,C,H,W], ssim [n] or None}]: the originals, one row per configuration and
+    attack (first seed of each configuration, same test images only), the mean image last."""
     import torch
 
-    from privbench.attack import GRID_TENSORS, image_grid
+    from privbench.attack import GRID_TENSORS
 
-    rows, labels, originals, mean_image = [], [], None, None
-    attack_rows = long[(long.attack_dir != "") & (long.metric == "ssim")]
+    rows: list[dict[str, Any]] = []
+    originals = mean_image = None
+    attack_rows = long[(long.attack_dir != "") & long.attack_dir.notna() & (long.metric == "ssim")]
+    several_settings = len(set(zip(table.dataset, table.preset))) > 1
     for _, r in table.iterrows():
         sub = attack_rows[attack_rows.config == r.config]
         if sub.empty:
             continue
         first_seed = sub[sub.seed == sub.seed.min()]
         for _, a in first_seed.drop_duplicates("attack_dir").iterrows():
-            file = Path(a.path) / "attacks" / a.attack_dir / GRID_TENSORS
-            if not file.is_file():
+            folder = Path(a.path) / "attacks" / a.attack_dir
+            if not (folder / GRID_TENSORS).is_file():
                 continue
-            tiles = torch.load(file, weights_only=True)
+            tiles = torch.load(folder / GRID_TENSORS, weights_only=True)
             if originals is None:
                 originals, mean_image = tiles["original"][:images], tiles["mean_image"]
             elif not torch.equal(tiles["original"][:images], originals):
                 continue  # other test images (another data set or evaluation seed): not comparable
-            rows.append(tiles["reconstruction"][:images])
-            labels.append(f"{short_label(r.defense, r.channel)} {a.attack}")
+            recon = tiles["reconstruction"][:images]
+            label = f"{config_label(r.defense, r.channel, r.options)}\n{a.attack}"
+            if several_settings:
+                label = f"{r.dataset}, {r.preset}: {label}"
+            rows.append({"label": label, "images": recon, "ssim": _per_image_ssim(folder, recon, originals)})
     if originals is None:
+        return []
+    mean_row = mean_image.expand_as(originals)
+    return [
+        {"label": "original", "images": originals, "ssim": None},
+        *rows,
+        {"label": "mean image", "images": mean_row, "ssim": _ssim(mean_row, originals)},
+    ]
+
+
+def reconstruction_figure(table: pd.DataFrame, long: pd.DataFrame, *, images: int = GRID_COLUMNS) -> Any:
+    """The same test images reconstructed under every configuration: a row label per defense and
+    attack, a header per column, the per-image SSIM under each tile. None without stored images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = grid_rows(table, long, images)
+    if not rows:
         return None
-    rows = [originals, *rows, mean_image.expand_as(originals)]
-    labels = ["original", *labels, "mean image"]
-    path = Path(path)
-    atomic_write_bytes(path, image_grid(rows, labels=labels))
-    return path
+    n = len(rows[0]["images"])
+    _, h, w = rows[0]["images"].shape[1:]
+    gap, band = max(1, w // 16), max(6, h // 3)  # px between tiles; px under a tile for its SSIM
+    pitch_x, pitch_y = w + gap, h + band
+    canvas = np.ones((len(rows) * pitch_y, n * pitch_x, 3))
+    for i, row in enumerate(rows):
+        imgs = row["images"].detach().float().cpu().clamp(0, 1)
+        imgs = imgs.repeat(1, 3, 1, 1) if imgs.shape[1] == 1 else imgs[:, :3]
+        for j, img in enumerate(imgs):
+            canvas[i * pitch_y : i * pitch_y + h, j * pitch_x : j * pitch_x + w] = img.permute(1, 2, 0).numpy()
+    fig, ax = plt.subplots(figsize=(2.0 + 0.75 * n, 0.4 + 0.9 * len(rows)), dpi=150)
+    ax.imshow(canvas, interpolation="nearest")
+    ax.axis("off")
+    for j in range(n):
+        ax.text(j * pitch_x + w / 2, -1, f"image {j + 1}", ha="center", va="bottom", fontsize=6)
+    for i, row in enumerate(rows):
+        y = i * pitch_y
+        ax.text(-gap, y + h / 2, row["label"], ha="right", va="center", fontsize=6)
+        for j, value in enumerate(row["ssim"] or []):
+            if value is not None:
+                ax.text(j * pitch_x + w / 2, y + h + band / 2, f"SSIM {value:.2f}", ha="center", va="center",
+                        fontsize=5)  # fmt: skip
+    ax.set_title("the same test images under each defense (first seed); SSIM [0,1] under each tile", fontsize=7,
+                 pad=10)  # fmt: skip
+    return fig
+
+
+def reconstruction_grid(
+    table: pd.DataFrame, long: pd.DataFrame, path: str | Path, *, images: int = GRID_COLUMNS
+) -> Path | None:
+    """Write `reconstruction_figure` as a PNG; None when no attack folder holds stored images."""
+    fig = reconstruction_figure(table, long, images=images)
+    return None if fig is None else _save(fig, path, bbox_inches="tight")

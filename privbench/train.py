@@ -25,6 +25,7 @@ from privbench import registry
 from privbench.config import CUDA_GRAPH_MODES, TrainConfig
 from privbench.data import Dataset, Split, augment, load_dataset, to_float
 from privbench.features import z_spread
+from privbench.metrics import grouped_mean_ci
 from privbench.models import SplitModel, build_model
 from privbench.plugins import Defense, TrainContext
 
@@ -42,11 +43,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Learning rate of 0-based `epoch`. Cosine is sampled at epoch starts, so it never reaches 0."""
+def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps: int = 1) -> float:
+    """Learning rate of step `step` of `steps` in 0-based `epoch` (the loop sets it per step).
+
+    Cosine is sampled at step starts, so it never reaches 0; multistep changes at epoch starts.
+    A linear warm-up over the first `warmup_epochs` scales either; its first step is above 0.
+    """
+    t = epoch + step / steps
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * t / cfg.epochs))
+    else:
+        lr = cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return lr * min(1.0, (t + 1 / steps) / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else lr
 
 
 @dataclass
@@ -57,6 +65,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     z_stats: dict[str, float] = field(default_factory=dict)  # clean z on the training split
+    accuracy: dict[str, Any] = field(default_factory=dict)  # accuracy_stats: CI, groups, draws
 
 
 def make_model(cfg: TrainConfig, data: Dataset) -> SplitModel:
@@ -67,7 +76,10 @@ def make_model(cfg: TrainConfig, data: Dataset) -> SplitModel:
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> Dataset:
-    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.data_seed, n_train=cfg.n_train).to(device)
+    data = load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, seed=cfg.data_seed, n_train=cfg.n_train, version=cfg.data_version
+    )
+    return data.to(device)
 
 
 # Device types that get bf16 autocast and channels-last. On CPU both usually cost more than they
@@ -96,17 +108,79 @@ def compiled(fn: Callable, mode: str | None) -> Callable:
     return torch.compile(fn, mode=mode, dynamic=False)
 
 
+# Channel-noise draws per test image: accuracy under a noisy channel is a random variable, and
+# its expectation is what a deployment sees. Without noise one pass is exact.
+NOISE_DRAWS = 8
+
+
 @torch.no_grad()
-def evaluate(model: SplitModel, split: Split, *, batch_size: int = 1000, amp: bool = True) -> float:
-    """Top-1 accuracy in eval mode with the channel noise on (as the defense is deployed)."""
+def correct_rate(
+    model: SplitModel, split: Split, *, batch_size: int = 1000, amp: bool = True, draws: int = NOISE_DRAWS
+) -> torch.Tensor:
+    """Per image, the fraction of `draws` channel-noise draws classified correctly (eval mode).
+
+    The encoder runs once per image; only the channel and the server are repeated per draw.
+    """
     model.eval()
     device = split.images.device
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    draws = draws if model.noise_std > 0 else 1
+    out = []
     for i in range(0, len(split), batch_size):
+        labels = split.labels[i : i + batch_size]
+        hits = torch.zeros(len(labels), device=device)
         with autocast(device, amp):
-            logits = model(to_float(split.images[i : i + batch_size]))
-        correct += (logits.argmax(1) == split.labels[i : i + batch_size]).sum()
-    return correct.item() / max(1, len(split))
+            z = model.encoder(to_float(split.images[i : i + batch_size]))
+            for _ in range(draws):
+                hits += (model.server(model.channel(z)).argmax(1) == labels).float()
+        out.append(hits / draws)
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def evaluate(model: SplitModel, split: Split, *, batch_size: int = 1000, amp: bool = True) -> float:
+    """Top-1 accuracy in eval mode with the channel noise on (as the defense is deployed),
+    averaged over NOISE_DRAWS draws of the noise."""
+    return correct_rate(model, split, batch_size=batch_size, amp=amp).mean().item() if len(split) else 0.0
+
+
+def accuracy_stats(model: SplitModel, split: Split, *, amp: bool = True) -> dict[str, Any]:
+    """Expected accuracy with its 95% CI over test images, resampling the split's groups (tiles)."""
+    rate = correct_rate(model, split, amp=amp).cpu().tolist()
+    groups = split.groups.cpu().tolist() if split.groups is not None else None
+    stats = grouped_mean_ci(rate, groups)
+    draws = NOISE_DRAWS if model.noise_std > 0 else 1
+    return {"test_accuracy": stats["mean"], "test_accuracy_ci95": stats["ci95"],
+            "test_groups": stats["groups"], "noise_draws": draws}  # fmt: skip
+
+
+class WeightAverage:
+    """Exponential moving average of a model's parameters and float buffers, updated per step.
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) so early steps do not anchor the average
+    to the random initialisation. Integer buffers (BN step counters) are copied.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.steps = decay, 0
+        self.avg = [t.detach().clone() for t in self._tensors(model)]
+
+    @staticmethod
+    def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [*model.parameters(), *model.buffers()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for a, t in zip(self.avg, self._tensors(model)):
+            if a.is_floating_point():
+                a.lerp_(t.detach(), 1 - d)
+            else:
+                a.copy_(t)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for a, t in zip(self.avg, self._tensors(model)):
+            t.copy_(a)
 
 
 def train(
@@ -155,11 +229,10 @@ def train(
     # CUDA graphs (mode "reduce-overhead") reuse their output buffers: each step must say it is new.
     mark_step = cfg.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
     history: list[dict[str, float]] = []
+    average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
-        lr = lr_at(cfg, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        lr = lr_at(cfg, epoch, 0, steps)  # the epoch's first step, as logged
         model.train()
         t_epoch = time.perf_counter()
         perm = torch.randperm(n, device=device, generator=dev_gen)
@@ -168,6 +241,9 @@ def train(
         correct = torch.zeros((), device=device, dtype=torch.long)
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
         for step in bar:
+            step_lr = lr_at(cfg, epoch, step, steps)
+            for group in opt.param_groups:
+                group["lr"] = step_lr * group.get("lr_scale", 1.0)
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = to_float(augment(data.train.images[idx], generator=dev_gen))
             y = data.train.labels[idx]
@@ -178,12 +254,14 @@ def train(
             with autocast(device, use_amp):
                 z = encoder(x)
                 logits = server(model.channel(z))
-                loss = F.cross_entropy(logits, y)
-                extra = defense.loss(z, y, epoch=epoch, lr=lr)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                extra = defense.loss(z, y, epoch=epoch, lr=step_lr)
             total = loss if extra is None else loss + extra
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
+            if average is not None:
+                average.update(model)
             loss_sum += loss.detach() * len(y)
             if extra is not None:
                 extra_sum += extra.detach().float() * len(y)
@@ -197,11 +275,16 @@ def train(
         history.append(row)
         log(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
     seconds = time.perf_counter() - t0
-    acc = evaluate(model, data.test, amp=use_amp)
+    if average is not None:
+        average.copy_to(model)  # the averaged weights are the model kept, evaluated and attacked
+    stats = accuracy_stats(model, data.test, amp=use_amp)
+    acc = stats["test_accuracy"]
     model = model.to(memory_format=torch.contiguous_format)
     spread = z_spread(model.encoder, data.train.images, data.train.labels, data.num_classes)
-    log(f"test_accuracy={acc:.4f} train_seconds={seconds:.1f} " + " ".join(f"{k}={v:.4g}" for k, v in spread.items()))
-    return TrainResult(model, defense, acc, history, seconds, spread)
+    ci = stats["test_accuracy_ci95"]
+    log(f"test_accuracy={acc:.4f}" + (f" ±{ci:.4f} ({stats['test_groups']} groups)" if ci is not None else "")
+        + f" train_seconds={seconds:.1f} " + " ".join(f"{k}={v:.4g}" for k, v in spread.items()))  # fmt: skip
+    return TrainResult(model, defense, acc, history, seconds, spread, stats)
 
 
 def _fmt(v: Any) -> str:

@@ -1,0 +1,155 @@
+"""Precision report: how much do accuracy and attack metrics move between training seeds?
+
+    python bench/precision.py RESULTS_DIR --seeds 5                  # train + attack the default grid
+    python bench/precision.py RESULTS_DIR --seeds 5 --defense none --noise 0.1 --set epochs=20
+    python bench/precision.py RESULTS_DIR --summarize                # only read finished run folders
+
+Trains seeds 0..N-1 of each configuration with `privbench run` (cached: finished cells are
+reused), then prints, per configuration (every training setting but the seed), the mean and
+sample sd over seeds of the test accuracy and of each attack metric, and the minimum
+detectable difference (MDD) between two configurations at 3 and 5 seeds per arm: the smallest
+true difference a two-sided two-sample t test (alpha 0.05) finds with power 0.8, given that
+sd. A difference smaller than the MDD can read "indistinguishable" even when it is real.
+Accuracy is in points (%), SSIM in [0, 1], PSNR in dB. `--json FILE` keeps the raw per-seed
+numbers. Exit 2 with one line on bad input (fewer than 2 seeds, a missing folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from privbench.config import NON_IDENTITY, config_hash
+from privbench.errors import UserError
+from privbench.stats import mean, min_detectable_difference, sd
+from privbench.storage import read_json
+
+METRICS = ("ssim", "psnr")  # attack metrics reported; accuracy always comes first
+TARGETS = {"accuracy": 1.0, "ssim": 0.010}  # issue 18: the sd a stable preset must stay under
+
+
+def _label(train: dict[str, Any]) -> str:
+    channel = "plain" if not train.get("bottleneck") and not train.get("noise") else (
+        f"C{train['bottleneck']}" if train.get("bottleneck") else "") + (
+        f"+{train['noise']:g}" if train.get("noise") else "")  # fmt: skip
+    opts = ",".join(f"{k}={v}" for k, v in sorted((train.get("defense_options") or {}).items()))
+    return f"{train['defense']}@{channel.lstrip('+')}" + (f" ({opts})" if opts else "")
+
+
+def collect(results_dir: Path) -> dict[str, dict[str, Any]]:
+    """{configuration key: {"label", "accuracy": {seed: %}, "<attack> <metric>": {seed: value}}}."""
+    cells: dict[str, dict[str, Any]] = defaultdict(lambda: {"values": defaultdict(dict)})
+    for run in sorted(p for p in results_dir.iterdir() if (p / "metrics.json").is_file() and (p / "config.json").is_file()):
+        train = read_json(run / "config.json")["train"]
+        seed = train["seed"]
+        ident = {k: v for k, v in train.items() if k not in (*NON_IDENTITY, "seed")}
+        cell = cells[config_hash(ident)]
+        cell["label"] = _label(train)
+        cell["values"]["accuracy"][seed] = 100 * read_json(run / "metrics.json")["test_accuracy"]
+        for folder in sorted((run / "attacks").glob("*/metrics.json")):
+            result = read_json(folder)
+            for metric in METRICS:
+                stat = result["metrics"].get(metric) or {}
+                if stat.get("mean") is not None:
+                    cell["values"][f"{result['attack']} {metric}"][seed] = stat["mean"]
+    return dict(cells)
+
+
+def summarize(cells: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (configuration, quantity): n, mean, sd, MDD at 3 and 5 seeds, target met."""
+    rows = []
+    for cell in sorted(cells.values(), key=lambda c: c["label"]):
+        for quantity, by_seed in cell["values"].items():
+            values = [by_seed[s] for s in sorted(by_seed)]
+            spread = sd(values)
+            target = TARGETS.get(quantity.split()[-1])
+            rows.append({
+                "configuration": cell["label"], "quantity": quantity, "n": len(values), "mean": mean(values),
+                "sd": spread, "mdd3": min_detectable_difference(spread, 3), "mdd5": min_detectable_difference(spread, 5),
+                "target_sd": target, "meets": None if target is None or len(values) < 2 else spread <= target,
+                "values": values,
+            })  # fmt: skip
+    return rows
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table; sd and MDD are in the quantity's unit (accuracy in points)."""
+
+    def num(v: float, quantity: str) -> str:
+        digits = 3 if "ssim" in quantity else 2
+        return "n/a" if v != v else f"{v:.{digits}f}"
+
+    lines = [
+        "| configuration | quantity | n | mean | sd | MDD (3 seeds) | MDD (5 seeds) | sd target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        q = r["quantity"]
+        mark = "" if r["meets"] is None else (" met" if r["meets"] else " **missed**")
+        target = f"<= {r['target_sd']:g}{mark}" if r["target_sd"] is not None else ""
+        lines.append(
+            f"| {r['configuration']} | {q} | {r['n']} | {num(r['mean'], q)} | {num(r['sd'], q)} | "
+            f"{num(r['mdd3'], q)} | {num(r['mdd5'], q)} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"invalid --set {pair!r}: expected key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results_dir", type=Path, help="a results folder dedicated to this report")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per configuration (>= 2)")
+    ap.add_argument("--defense", action="append", help="NAME[@CHANNEL], repeatable [default: the run grid]")
+    ap.add_argument("--noise", action="append", type=float, help="channel noise, repeatable [default: 0.025]")
+    ap.add_argument("--attack", action="append", help="repeatable [default: decoder]")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field over the preset")
+    ap.add_argument("--summarize", action="store_true", help="train nothing: report the run folders already there")
+    ap.add_argument("--json", type=Path, help="write the rows (with per-seed values) to this file")
+    args = ap.parse_args(argv)
+    try:
+        if not args.summarize:
+            if args.seeds < 2:
+                raise UserError(f"invalid --seeds {args.seeds}: a spread needs at least 2 seeds")
+            import privbench.api as pb
+
+            grid: dict[str, Any] = {"seeds": args.seeds, "attack": args.attack or ["decoder"],
+                                    "results_dir": str(args.results_dir), "train": _overrides(args.set)}  # fmt: skip
+            if args.defense:
+                grid["defense"] = args.defense
+            if args.noise:
+                grid["noise"] = args.noise
+            pb.run(**grid)
+        if not args.results_dir.is_dir():
+            raise UserError(f"results folder {args.results_dir} does not exist")
+        rows = summarize(collect(args.results_dir))
+        if not rows:
+            raise UserError(f"no finished run folders under {args.results_dir}")
+        if all(r["n"] < 2 for r in rows):
+            raise UserError(f"every configuration under {args.results_dir} has one seed: no spread to report")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(render(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Small statistics over seeds: mean, sample sd, Student-t interval, minimum detectable difference.
+
+Tables and bench scripts summarise a handful of seeds per configuration, where a normal
+interval would be far too narrow, so every interval here is Student-t with n-1 degrees of
+freedom. scipy gives exact t quantiles; without it a Cornish-Fisher expansion of the normal
+quantile stands in (within 1% of the exact quantile from 3 degrees of freedom up).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from statistics import NormalDist
+
+ALPHA = 0.05  # two-sided
+POWER = 0.8
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(float(v))]
+
+
+def mean(values: Iterable[float]) -> float:
+    """Mean of the finite values; NaN when there are none."""
+    vals = _finite(values)
+    return math.fsum(vals) / len(vals) if vals else math.nan
+
+
+def sd(values: Iterable[float]) -> float:
+    """Sample standard deviation (n-1 in the denominator); NaN with fewer than two values."""
+    vals = _finite(values)
+    if len(vals) < 2:
+        return math.nan
+    m = math.fsum(vals) / len(vals)
+    return math.sqrt(math.fsum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def t_quantile(p: float, dof: float) -> float:
+    """The p quantile of Student's t with `dof` degrees of freedom."""
+    if dof <= 0:
+        return math.nan
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(p, dof))
+    except ImportError:
+        return _t_quantile_approx(p, dof)
+
+
+def _t_quantile_approx(p: float, dof: float) -> float:
+    """Cornish-Fisher expansion of t around the normal quantile (Abramowitz & Stegun 26.7.5)."""
+    z = NormalDist().inv_cdf(p)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / dof + g2 / dof**2 + g3 / dof**3 + g4 / dof**4
+
+
+def t_ci95(values: Iterable[float]) -> float:
+    """Half width of the Student-t 95% interval of the mean (n-1 dof); NaN with fewer than two."""
+    vals = _finite(values)
+    if len(vals) < 2:
+        return math.nan
+    return t_quantile(1 - ALPHA / 2, len(vals) - 1) * sd(vals) / math.sqrt(len(vals))
+
+
+def min_detectable_difference(sd_value: float, n: int, *, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest true difference of two means, n seeds per arm and a common sd, that a two-sided
+    two-sample t test at level `alpha` finds with probability `power`:
+    (t_{1-alpha/2, 2n-2} + t_{power, 2n-2}) * sd * sqrt(2/n). NaN for n < 2 or an unknown sd."""
+    if n < 2 or sd_value is None or math.isnan(sd_value):
+        return math.nan
+    dof = 2 * n - 2
+    return (t_quantile(1 - alpha / 2, dof) + t_quantile(power, dof)) * sd_value * math.sqrt(2 / n)

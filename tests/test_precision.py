@@ -1,0 +1,194 @@
+"""Measurement precision: grouped CIs, accuracy as an expectation, the stable quick preset's
+training pieces (warm-up, weight averaging), the embedded set's tiles, and bench/precision.py."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from privbench.config import TrainConfig
+from privbench.data import EMBEDDED_VERSIONS, Split, embedded, embedded_crops
+from privbench.errors import UserError
+from privbench.metrics import grouped_mean_ci, mean_ci
+from privbench.models import build_model
+from privbench.train import NOISE_DRAWS, WeightAverage, accuracy_stats, correct_rate, lr_at
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import precision  # noqa: E402
+
+
+def test_grouped_ci_by_hand():
+    # 3 tiles of 2 crops: mean 0.5, group sums 2, 0, 1 -> sum of squared deviations 2;
+    # Var = 3/2 * 2 / 6^2, t(0.975, 2 dof) = 4.302653.
+    out = grouped_mean_ci([1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 2, 2])
+    assert out["mean"] == 0.5 and out["groups"] == 3
+    assert out["ci95"] == pytest.approx(4.302653 * math.sqrt(3 / 2 * 2) / 6, rel=1e-6)
+
+
+def test_grouped_ci_with_singleton_groups_is_the_plain_ci():
+    values = [0.3, 0.9, 0.5, 0.7, 0.1]
+    assert grouped_mean_ci(values, [4, 3, 2, 1, 0])["ci95"] == pytest.approx(mean_ci(values)["ci95"], rel=1e-12)
+    assert grouped_mean_ci(values, None)["ci95"] == mean_ci(values)["ci95"]
+
+
+def test_grouped_ci_is_wider_when_crops_of_a_tile_agree():
+    # 20 tiles of 10 identical outcomes: really 20 samples, not 200.
+    values = [float(t % 2) for t in range(20) for _ in range(10)]
+    groups = [t for t in range(20) for _ in range(10)]
+    assert grouped_mean_ci(values, groups)["ci95"] > 2.5 * mean_ci(values)["ci95"]
+
+
+def _tiny_model(noise: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("vgg11", num_classes=10, cut=2, bottleneck=4, noise_std=noise, width=0.125)
+
+
+def test_accuracy_expectation_equals_plain_accuracy_without_noise():
+    split = Split(torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (50,)))
+    model = _tiny_model(0.0).eval()
+    with torch.no_grad():
+        plain = (model(split.images.float() / 255).argmax(1) == split.labels).float()
+    rate = correct_rate(model, split)
+    assert torch.equal(rate, plain)
+    stats = accuracy_stats(model, split)
+    assert stats["test_accuracy"] == pytest.approx(plain.mean().item()) and stats["noise_draws"] == 1
+
+
+def test_accuracy_under_noise_averages_draws():
+    split = Split(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,)))
+    model = _tiny_model(2.0)
+    torch.manual_seed(1)
+    rate = correct_rate(model, split)
+    scaled = rate * NOISE_DRAWS
+    assert torch.allclose(scaled, scaled.round())  # each image: hits out of NOISE_DRAWS draws
+    # the same draws by hand: encoder once, channel + server per draw
+    torch.manual_seed(1)
+    with torch.no_grad():
+        z = model.encoder(split.images.float() / 255)
+        hits = sum((model.server(model.channel(z)).argmax(1) == split.labels).float() for _ in range(NOISE_DRAWS))
+    assert torch.allclose(rate, hits / NOISE_DRAWS)
+    split.groups = torch.arange(40) // 4
+    assert accuracy_stats(model, split)["test_groups"] == 10
+
+
+def test_warmup_ramps_linearly_then_follows_the_schedule():
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule="cosine", warmup_epochs=1)
+    steps = 4
+    ramp = [lr_at(cfg, 0, s, steps) for s in range(steps)]
+    cosine = [0.1 * 0.5 * (1 + math.cos(math.pi * (s / steps) / 10)) for s in range(steps)]
+    assert ramp == pytest.approx([c * (s + 1) / steps for s, c in enumerate(cosine)])
+    assert lr_at(cfg, 1, 0, steps) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 10)))
+    assert lr_at(TrainConfig(epochs=10, lr=0.1), 0, 0, steps) == 0.1  # no warm-up: full lr at once
+
+
+def test_weight_average_follows_the_formula():
+    model = torch.nn.BatchNorm1d(2)
+    avg = WeightAverage(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    model.num_batches_tracked.fill_(7)
+    avg.update(model)  # decay ramp: min(0.9, 2/11)
+    d = 2 / 11
+    avg.copy_to(model)
+    assert torch.allclose(model.weight, d * start + (1 - d) * 3.0)
+    assert model.num_batches_tracked.item() == 7
+
+
+def test_training_with_ema_keeps_the_averaged_model():
+    cfg = tiny_config(ema=0.5, warmup_epochs=0.5, label_smoothing=0.1)
+    from privbench.train import train
+
+    result = train(cfg, log=lambda m: None)
+    assert result.accuracy["test_accuracy"] == result.test_accuracy
+    assert result.accuracy["test_groups"] > 10 and result.accuracy["test_accuracy_ci95"] > 0
+
+
+def test_embedded_v3_tiles_are_groups_and_crops_spread_evenly():
+    geo = EMBEDDED_VERSIONS[3]
+    crops = embedded_crops(0, {"train": 300, "aux": 100, "test": 400}, version=3)
+    images, labels, boxes, tiles = crops["test"]
+    t = geo["tile"]
+    for label in range(10):
+        own = tiles[labels == label]
+        counts = np.unique(own, return_counts=True)[1]
+        assert counts.max() - counts.min() <= 1  # crops dealt to the class's test tiles in turn
+    # a crop lies inside its tile: every crop of one tile id shares the tile's corner
+    corners = {}
+    for (x0, y0, _, _), tile in zip(boxes, tiles):
+        corner = (x0 // t, y0 // t)
+        assert corners.setdefault(tile, corner) == corner
+    assert not set(crops["train"][3]) & set(tiles)  # no tile in two splits
+
+
+def test_embedded_default_has_many_test_tiles():
+    d = embedded()
+    assert len(d.test) == 2000 and d.test.groups is not None
+    assert d.test.groups.unique().numel() >= 150  # version 2 had 38
+    assert embedded(version=2).test.groups.unique().numel() < 50
+
+
+def test_config_validation_and_old_run_folders():
+    with pytest.raises(UserError, match="invalid seed -1"):
+        TrainConfig(seed=-1)
+    with pytest.raises(UserError, match="label_smoothing"):
+        TrainConfig(label_smoothing=1.5)
+    old = TrainConfig.from_dict({"defense": "none", "epochs": 10})  # a config.json from before
+    assert old.data_version == 2 and old.ema == 0 and old.warmup_epochs == 0
+
+
+def test_train_cli_rejects_a_negative_seed(capsys):
+    from conftest import run_cli
+
+    code, _, err = run_cli(["train", "--seed", "-3", "--epochs", "1"], capsys)
+    assert code == 2 and "invalid seed -3" in err and "Traceback" not in err
+
+
+def test_run_cli_rejects_zero_seeds(capsys, tmp_path):
+    from conftest import run_cli
+
+    code, _, err = run_cli(["run", "--seeds", "0", "--results-dir", str(tmp_path)], capsys)
+    assert code == 2 and "seeds" in err and "Traceback" not in err
+
+
+def _fake_run(root: Path, name: str, seed: int, acc: float, ssim: float, noise: float = 0.025) -> None:
+    run = root / name
+    (run / "attacks" / "decoder-x").mkdir(parents=True)
+    train = TrainConfig(defense="none", bottleneck=8, noise=noise, seed=seed).to_dict()
+    (run / "config.json").write_text(json.dumps({"train": train}))
+    (run / "metrics.json").write_text(json.dumps({"test_accuracy": acc}))
+    decoder = {"attack": "decoder", "metrics": {"ssim": {"mean": ssim}, "psnr": {"mean": 20.0}}}
+    (run / "attacks" / "decoder-x" / "metrics.json").write_text(json.dumps(decoder))
+
+
+def test_precision_report_sd_and_mdd_by_hand(tmp_path, capsys):
+    accs, ssims = [0.80, 0.82, 0.84], [0.50, 0.51, 0.505]
+    for seed, (a, s) in enumerate(zip(accs, ssims)):
+        _fake_run(tmp_path, f"none-{seed}", seed, a, s)
+    _fake_run(tmp_path, "none-other", 0, 0.5, 0.4, noise=0.1)  # another configuration, one seed
+    rows = precision.summarize(precision.collect(tmp_path))
+    acc = next(r for r in rows if r["quantity"] == "accuracy" and r["n"] == 3)
+    assert acc["configuration"] == "none@C8+0.025"
+    assert acc["mean"] == pytest.approx(82.0) and acc["sd"] == pytest.approx(2.0)
+    # MDD at 5 seeds per arm: (t_.975,8 + t_.8,8) * sd * sqrt(2/5) = (2.306004 + 0.888889) * 2 * 0.632456
+    assert acc["mdd5"] == pytest.approx((2.306004 + 0.888889) * 2.0 * math.sqrt(2 / 5), rel=1e-4)
+    assert acc["meets"] is False  # sd 2.0 > the 1.0 target
+    ssim = next(r for r in rows if r["quantity"] == "decoder ssim" and r["n"] == 3)
+    assert ssim["sd"] == pytest.approx(0.005) and ssim["meets"] is True
+    assert precision.main([str(tmp_path), "--summarize", "--json", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| none@C8+0.025 | accuracy | 3 | 82.00 | 2.00 |" in out and "**missed**" in out
+    assert len(json.loads((tmp_path / "rows.json").read_text())) == len(rows)
+
+
+def test_precision_report_needs_two_seeds(tmp_path, capsys):
+    assert precision.main([str(tmp_path), "--seeds", "1"]) == 2
+    assert "at least 2 seeds" in capsys.readouterr().err
+    _fake_run(tmp_path, "none-0", 0, 0.8, 0.5)
+    assert precision.main([str(tmp_path), "--summarize"]) == 2
+    assert "one seed" in capsys.readouterr().err
