@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from privbench import registry
+from privbench import registry, resume
 from privbench.config import CUDA_GRAPH_MODES, TrainConfig
 from privbench.data import Dataset, Split, augment, load_dataset, to_float
 from privbench.features import z_spread
@@ -188,8 +189,13 @@ def train(
     *,
     data: Dataset | None = None,
     log: Callable[[str], None] = print,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
-    """Train the split model of `cfg` under its defense and report test accuracy."""
+    """Train the split model of `cfg` under its defense and report test accuracy.
+
+    With `checkpoint`, the state after every epoch is written there and a run interrupted
+    before (same configuration) resumes from it (privbench.resume).
+    """
     device = pick_device(cfg.device)
     defense = registry.create("defense", cfg.defense, cfg.defense_options)
     seed_everything(cfg.seed)
@@ -228,10 +234,11 @@ def train(
         defense.compile_hot_path(lambda fn: compiled(fn, cfg.compile_mode))
     # CUDA graphs (mode "reduce-overhead") reuse their output buffers: each step must say it is new.
     mark_step = cfg.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
-    history: list[dict[str, float]] = []
     average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
-    t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    loop = resume.LoopState(model, opt, defense, dev_gen, average)
+    start, history, done_seconds = resume.restore(checkpoint, cfg.hash(), loop, log)
+    t0 = time.perf_counter() - done_seconds
+    for epoch in range(start, cfg.epochs):
         lr = lr_at(cfg, epoch, 0, steps)  # the epoch's first step, as logged
         model.train()
         t_epoch = time.perf_counter()
@@ -273,6 +280,8 @@ def train(
         row.update(defense.epoch_end(epoch, ctx))
         row["epoch_seconds"] = time.perf_counter() - t_epoch
         history.append(row)
+        if checkpoint is not None:
+            resume.save(checkpoint, cfg.hash(), epoch + 1, history, time.perf_counter() - t0, loop)
         log(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
     seconds = time.perf_counter() - t0
     if average is not None:

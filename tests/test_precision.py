@@ -192,3 +192,40 @@ def test_precision_report_needs_two_seeds(tmp_path, capsys):
     _fake_run(tmp_path, "none-0", 0, 0.8, 0.5)
     assert precision.main([str(tmp_path), "--summarize"]) == 2
     assert "one seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("defense", ["none", "gmm-cem", "slot-cem"])
+def test_interrupted_training_resumes_to_the_same_numbers(tmp_path, defense):
+    from privbench.runs import run_name, train_run
+
+    cfg = tiny_config(epochs=3, ema=0.9, warmup_epochs=0.5, defense=defense, bottleneck=4, noise=0.05)
+    whole, _ = train_run(cfg, tmp_path / "a", log=lambda m: None)
+
+    def interrupt_after_epoch_2(msg: str) -> None:
+        if msg.startswith("epoch=2 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "b", log=interrupt_after_epoch_2)
+    checkpoint = tmp_path / "b" / f".{run_name(cfg)}.epoch.pt"
+    assert checkpoint.is_file() and not (tmp_path / "b" / run_name(cfg)).exists()
+    lines: list[str] = []
+    resumed, built = train_run(cfg, tmp_path / "b", log=lines.append)
+    assert built and any("after epoch 2" in line for line in lines)
+    assert sum(line.startswith("epoch=") for line in lines) == 1  # only epoch 3 was trained again
+    assert not checkpoint.exists()
+    a = torch.load(whole.path / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(resumed.path / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.metrics()["test_accuracy"] == resumed.metrics()["test_accuracy"]
+    assert len(resumed.metrics()["history"]) == 3
+
+
+def test_a_damaged_epoch_checkpoint_is_ignored(tmp_path):
+    from privbench.runs import run_name, train_run
+
+    cfg = tiny_config()
+    (tmp_path / f".{run_name(cfg)}.epoch.pt").write_bytes(b"not a checkpoint")
+    lines: list[str] = []
+    run, built = train_run(cfg, tmp_path, log=lines.append)
+    assert built and any("ignoring the epoch checkpoint" in line for line in lines)
