@@ -43,7 +43,8 @@ def _label(train: dict[str, Any]) -> str:
 def collect(results_dir: Path) -> dict[str, dict[str, Any]]:
     """{configuration key: {"label", "accuracy": {seed: %}, "<attack> <metric>": {seed: value}}}."""
     cells: dict[str, dict[str, Any]] = defaultdict(lambda: {"values": defaultdict(dict)})
-    for run in sorted(p for p in results_dir.iterdir() if (p / "metrics.json").is_file() and (p / "config.json").is_file()):
+    finished = (p for p in results_dir.iterdir() if (p / "metrics.json").is_file() and (p / "config.json").is_file())
+    for run in sorted(finished):
         train = read_json(run / "config.json")["train"]
         seed = train["seed"]
         ident = {k: v for k, v in train.items() if k not in (*NON_IDENTITY, "seed")}
@@ -69,7 +70,8 @@ def summarize(cells: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             target = TARGETS.get(quantity.split()[-1])
             rows.append({
                 "configuration": cell["label"], "quantity": quantity, "n": len(values), "mean": mean(values),
-                "sd": spread, "mdd3": min_detectable_difference(spread, 3), "mdd5": min_detectable_difference(spread, 5),
+                "sd": spread, "mdd3": min_detectable_difference(spread, 3),
+                "mdd5": min_detectable_difference(spread, 5),
                 "target_sd": target, "meets": None if target is None or len(values) < 2 else spread <= target,
                 "values": values,
             })  # fmt: skip

@@ -87,16 +87,18 @@ RunLike = Run | str | Path
 
 
 def results(runs: Iterable[RunLike] | RunLike = DEFAULT_RESULTS, *, long: bool = False) -> pd.DataFrame:
-    """The privacy-utility table of `runs` (run folders, or results folders holding runs): one
-    row per defense configuration, raw numbers (`<attack>_<metric>_mean` / `_ci95`,
-    `accuracy_mean`, `worst_attack`, ...). With long=True, the long-form rows it is pivoted from
-    (run, defense, channel, seed, attack, metric, value, ...)."""
+    """The privacy-utility table of `runs` (run folders, results folders holding runs, or a
+    `run()` output folder, which stands for that grid's cells): one row per defense
+    configuration, raw numbers (`<attack>_<metric>_mean` / `_ci95`, `accuracy_mean`,
+    `worst_attack`, ...). With long=True, the long-form rows it is pivoted from (run, defense,
+    channel, seed, attack, metric, value, ...)."""
     from privbench import tables
+    from privbench.outputs import resolve_inputs
 
     if isinstance(runs, RunLike):
         runs = [runs]
-    paths = tables.expand_run_dirs([_path(r) for r in runs])
-    frame = tables.collect(paths)
+    paths, attack_dirs = resolve_inputs([_path(r) for r in runs])
+    frame = tables.collect(paths, attack_dirs=attack_dirs)
     return frame if long else tables.aggregate(frame, paths)
 
 
@@ -109,7 +111,9 @@ def table(df: pd.DataFrame, fmt: str = "md") -> str:
 
 def run(*, log: Callable[[str], None] | None = print, **grid: Any) -> GridResult:
     """`privbench run` as a function: keyword arguments are the Grid fields (defense=[...],
-    attack=[...], seeds, bottleneck=[...], noise=[...], train={...}, attacks={...}, ...)."""
+    attack=[...], seeds, bottleneck=[...], noise=[...], epochs, model, eval_images,
+    attacker_data, option=["gmm-cem.lam=16"], train={...}, attacks={...}, defenses={...}, ...);
+    docs/config.md describes each."""
     return run_grid(Grid(**grid), log=log or (lambda _msg: None))
 
 

@@ -30,8 +30,9 @@ from privbench.data import Dataset, image_hash_list, image_hashes, to_float
 from privbench.errors import UserError
 from privbench.metrics import load_lpips, score, summarize
 from privbench.plugins import Attack, Target
-from privbench.runs import Run, now, provenance
-from privbench.storage import atomic_write_bytes, atomic_write_text, build_dir_once, read_json, write_json
+from privbench.progress import warn_once
+from privbench.runs import Run, now, provenance, read_result
+from privbench.storage import atomic_write_bytes, atomic_write_text, build_dir_once, load_checkpoint, write_json
 
 ATTACKER_DATA = ("train", "aux")
 GRID_IMAGES = 16  # columns in the PNG grids
@@ -75,10 +76,10 @@ def split_attacker_eval(data: Dataset, attacker_data: str) -> tuple[torch.Tensor
     return data.test.images[:half], data.test.images[half:], "test[:half]", "test[half:]"
 
 
-def pick_eval(pool: torch.Tensor, attacker: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, int]:
-    """The first n images of a seeded permutation of the pool, after dropping any image that
-    also occurs in the attacker's data (real data sets hold a few exact duplicates).
-    Returns (images, number of pool images dropped as duplicates)."""
+def eval_indices(pool: torch.Tensor, attacker: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, int]:
+    """Indices into the pool of the first n images of a seeded permutation, after dropping any
+    image that also occurs in the attacker's data (real data sets hold a few exact duplicates).
+    Returns (indices, number of pool images dropped as duplicates)."""
     if n < 1:
         raise UserError(f"invalid number of evaluation images {n}: must be >= 1")
     seen = image_hashes(attacker)
@@ -86,9 +87,24 @@ def pick_eval(pool: torch.Tensor, attacker: torch.Tensor, n: int, seed: int) -> 
     keep = torch.tensor([h not in seen for h in pool_hashes], dtype=torch.bool)
     idx = keep.nonzero().flatten()
     perm = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][:n]
+    return perm, int((~keep).sum())
+
+
+def pick_eval(pool: torch.Tensor, attacker: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, int]:
+    """The evaluation images chosen by `eval_indices`, checked disjoint from the attacker's data.
+    Returns (images, number of pool images dropped as duplicates)."""
+    perm, dropped = eval_indices(pool, attacker, n, seed)
     chosen = pool[perm.to(pool.device)]
     check_disjoint(attacker, chosen)  # the enforced check, independent of the filtering above
-    return chosen, int((~keep).sum())
+    return chosen, dropped
+
+
+def eval_pool_groups(data: Dataset, attacker_data: str) -> torch.Tensor | None:
+    """Group ids (tiles) of the evaluation pool that `split_attacker_eval` returns, or None."""
+    groups = data.test.groups
+    if groups is None or attacker_data == "train" or (data.aux is not None and len(data.aux) > 0):
+        return groups
+    return groups[len(data.test) // 2 :]
 
 
 # ---------------------------------------------------------------------------- options
@@ -205,8 +221,8 @@ def attack_run(
     cfg = run.config()
     dev = pick_device(device)
     n_eval = eval_images if eval_images is not None else preset_value(cfg.preset, "eval_images")
-    if n_eval < 1:
-        raise UserError(f"invalid number of evaluation images {n_eval}: must be >= 1")
+    if isinstance(n_eval, bool) or not isinstance(n_eval, int) or n_eval < 1:
+        raise UserError(f"invalid number of evaluation images {n_eval!r}: must be an integer >= 1")
     budget = {
         "epochs": epochs if epochs is not None else preset_value(cfg.preset, "attack_epochs"),
         "steps": steps if steps is not None else preset_value(cfg.preset, "attack_steps"),
@@ -229,18 +245,23 @@ def attack_run(
         data = load_data(cfg, dev)
         model = run.load_model(data, dev)
         attacker_u8, pool, attacker_split, eval_split = split_attacker_eval(data, attacker_data)
-        eval_u8, dropped = pick_eval(pool, attacker_u8, n_eval, seed)
-        if dropped:
-            log(f"dropped {dropped} evaluation candidates that also occur in the attacker data")
+        perm, dropped = eval_indices(pool, attacker_u8, n_eval, seed)
+        eval_u8 = pool[perm.to(pool.device)]
+        check_disjoint(attacker_u8, eval_u8)
+        # CIs over evaluation images resample their tiles: crops of one tile are not independent.
+        pool_groups = eval_pool_groups(data, attacker_data)
+        groups = pool_groups[perm.to(pool_groups.device)].tolist() if pool_groups is not None else None
+        if dropped:  # the same for every attack on this data: said once per command
+            warn_once(log, f"dropped {dropped} evaluation candidates that also occur in the attacker data")
         lpips_model, lpips_missing = load_lpips(dev)
         if lpips_missing:
-            log(f"lpips: missing ({lpips_missing})")
+            warn_once(log, f"lpips: missing ({lpips_missing})")
         attacker_x = to_float(attacker_u8)
         state.update(
             target=make_target(model, data.image_shape, dev), attacker_x=attacker_x, eval_x=to_float(eval_u8),
             attacker_split=attacker_split, eval_split=eval_split, dropped=dropped,
             lpips_model=lpips_model, lpips_missing=lpips_missing,
-            mean_image=attacker_x.mean(dim=0, keepdim=True),
+            mean_image=attacker_x.mean(dim=0, keepdim=True), groups=groups,
         )  # fmt: skip
         return state
 
@@ -248,7 +269,7 @@ def attack_run(
     for name, attack, resolved, folder in plans:
         if (folder / "metrics.json").is_file():
             log(f"{name}: reusing finished {folder}")
-            results.append(read_json(folder / "metrics.json") | {"path": str(folder), "reused": True})
+            results.append(read_result(folder) | {"path": str(folder), "reused": True})
             continue
 
         def build(tmp: Path, name=name, attack=attack, resolved=resolved) -> None:
@@ -267,7 +288,9 @@ def attack_run(
             recon = _checked(recon, eval_x.shape, name)
             per_image = score(recon, eval_x, lpips_model=s["lpips_model"])
             base_image = s["mean_image"].expand_as(eval_x)
-            baseline = summarize(score(base_image, eval_x, lpips_model=s["lpips_model"]), s["lpips_missing"])
+            baseline = summarize(
+                score(base_image, eval_x, lpips_model=s["lpips_model"]), s["lpips_missing"], s["groups"]
+            )
             t3 = time.perf_counter()
             result = {
                 "attack": name, "options": resolved, "attacker_data": attacker_data,
@@ -275,7 +298,8 @@ def attack_run(
                 "eval_images": len(eval_x), "eval_split": s["eval_split"],
                 "eval_duplicates_dropped": s["dropped"], "seed": seed, "run": run.name,
                 "threat_model": threat_model(attacker_data),
-                "metrics": summarize(per_image, s["lpips_missing"]), "baseline": baseline,
+                "metrics": summarize(per_image, s["lpips_missing"], s["groups"]), "baseline": baseline,
+                "eval_groups": len(set(s["groups"])) if s["groups"] is not None else len(eval_x),
                 "timings": {"fit_seconds": t1 - t0, "reconstruct_seconds": t2 - t1, "metrics_seconds": t3 - t2},
                 "provenance": prov | {"end_time": now()},
             }  # fmt: skip
@@ -286,8 +310,8 @@ def attack_run(
             tiles = {"original": rows[0], "reconstruction": rows[1], "mean_image": s["mean_image"]}
             atomic_write_bytes(tmp / GRID_TENSORS, _tensor_bytes({k: v.cpu() for k, v in tiles.items()}))
 
-        built = build_dir_once(folder, build)  # False: another process finished it meanwhile
-        result = read_json(folder / "metrics.json")
+        built = build_dir_once(folder, build, log=log)  # False: another process finished it meanwhile
+        result = read_result(folder)
         m = result["metrics"]
         log(f"{name}: SSIM {m['ssim']['mean']:.4f} PSNR {m['psnr']['mean']:.2f} -> {folder}")
         results.append(result | {"path": str(folder), "reused": not built})
@@ -300,11 +324,8 @@ def attack_run(
 def write_combined_grid(path: Path, folders: list[Path]) -> None:
     """One PNG: originals on top, one row per attack folder, the mean-image baseline last.
     Built from the tensors each attack folder stores, so reused folders take part too."""
-    entries = [
-        (read_json(f / "metrics.json")["attack"], torch.load(f / GRID_TENSORS, weights_only=True))
-        for f in folders
-        if (f / GRID_TENSORS).is_file()
-    ]
+    found = [f for f in folders if (f / GRID_TENSORS).is_file()]
+    entries = [(read_result(f)["attack"], _grid_tensors(f / GRID_TENSORS)) for f in found]
     entries = [(n, t) for n, t in entries if torch.equal(t["original"], entries[0][1]["original"])]
     if len(entries) < 2:
         return
@@ -312,6 +333,13 @@ def write_combined_grid(path: Path, folders: list[Path]) -> None:
     mean_row = first["mean_image"].expand_as(first["original"])
     rows = [first["original"], *(t["reconstruction"] for _, t in entries), mean_row]
     atomic_write_bytes(path, image_grid(rows, labels=["original", *(n for n, _ in entries), "mean image"]))
+
+
+def _grid_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tiles = load_checkpoint(path)
+    if not all(isinstance(tiles.get(k), torch.Tensor) for k in ("original", "reconstruction", "mean_image")):
+        raise UserError(f"{path} is damaged: expected the tensors original, reconstruction and mean_image")
+    return tiles
 
 
 def _tensor_bytes(obj: Any) -> bytes:

@@ -10,6 +10,7 @@ import sys
 import click
 
 from privbench import registry
+from privbench.config import PRESETS
 from privbench.errors import UserError
 
 PLUGIN_HELP = "Python file defining an Attack or Defense class (repeatable)."
@@ -35,17 +36,14 @@ def compile_option(f):
 
 def parse_options(pairs: tuple[str, ...]) -> dict:
     """`key=value` pairs -> dict, values parsed as JSON when they parse (numbers, booleans)."""
-    import json
+    from privbench.grid import parse_value
 
     out = {}
     for pair in pairs:
         if "=" not in pair:
             raise UserError(f"invalid option {pair!r}: expected key=value")
         k, v = pair.split("=", 1)
-        try:
-            out[k.strip().replace("-", "_")] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip().replace("-", "_")] = v
+        out[k.strip().replace("-", "_")] = parse_value(v)
     return out
 
 
@@ -56,9 +54,11 @@ def cli() -> None:
 
 
 @cli.command("list")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="quick", show_default=True,
+              help="Whose defaults to show.")  # fmt: skip
 @plugin_option
-def list_cmd(plugins: tuple[str, ...]) -> None:
-    """Print the installed attacks, defenses and datasets."""
+def list_cmd(preset: str, plugins: tuple[str, ...]) -> None:
+    """Print the installed attacks, defenses and datasets, and the defaults of a preset."""
     from privbench.data import DATASETS
     from privbench.models import MODELS
 
@@ -67,11 +67,45 @@ def list_cmd(plugins: tuple[str, ...]) -> None:
         click.echo(f"{kind}s:")
         for name in registry.names(kind):
             cls = registry.get(kind, name)
-            opts = ", ".join(f"{k}={v}" for k, v in registry.option_defaults(cls).items())
+            opts = ", ".join(f"{k}={v}" for k, v in plugin_defaults(kind, name, preset).items())
             click.echo(f"  {name:<14} {cls.summary}" + (f"  [{opts}]" if opts else ""))
     click.echo("datasets:\n" + "".join(f"  {d}\n" for d in DATASETS), nl=False)
     click.echo("models:\n" + "".join(f"  {m}\n" for m in MODELS), nl=False)
     click.echo("channel options (compose with every defense):\n  --bottleneck C<c>\n  --noise SIGMA")
+    click.echo(preset_defaults(preset))
+
+
+def plugin_defaults(kind: str, name: str, preset: str) -> dict:
+    """A plugin's option defaults as a run under `preset` uses them: an attack gets the preset's
+    budget (epochs / steps, where it takes them) and the preset's options for it."""
+    defaults = registry.option_defaults(registry.get(kind, name))
+    if kind == "attack":
+        p = PRESETS[preset]
+        preset_opts = {"epochs": p["attack_epochs"], "steps": p["attack_steps"], **p["attack_options"].get(name, {})}
+        defaults |= {k: v for k, v in preset_opts.items() if k in defaults}
+    return defaults
+
+
+def preset_defaults(preset: str) -> str:
+    """The budgets `train`, `attack` and `run` use under `preset` when no option overrides them."""
+    from privbench.config import TrainConfig
+    from privbench.grid import Grid
+
+    cfg, p, grid = TrainConfig.from_preset(preset), PRESETS[preset], Grid()
+    schedule = cfg.schedule + (f" (milestones {list(cfg.milestones)}, gamma {cfg.gamma})"
+                               if cfg.schedule == "multistep" else "")  # fmt: skip
+    others = [name for name in PRESETS if name != preset]
+    channel = f"C{grid.bottleneck[0]} + noise {grid.noise[0]}"
+    return "\n".join([
+        f"defaults of preset {preset} (--preset {' | '.join(others)} shows the other{'s' * (len(others) > 1)}):",
+        f"  training: model {cfg.model}, width {cfg.width}, cut {cfg.cut}, epochs {cfg.epochs}, "
+        f"batch size {cfg.batch_size}, lr {cfg.lr}, schedule {schedule}, momentum {cfg.momentum}, "
+        f"weight decay {cfg.weight_decay}",
+        f"  attacks: epochs {p['attack_epochs']} (learned), steps {p['attack_steps']} (optimization), "
+        f"eval images {p['eval_images']}, attacker data train",
+        f"  run grid: defenses {' '.join(grid.defense)}; attacks {' '.join(grid.attack)}; "
+        f"base channel {channel}; seeds {grid.seeds}",
+    ])  # fmt: skip
 
 
 @cli.command()
@@ -110,9 +144,11 @@ def train(
     from privbench.config import TrainConfig
     from privbench.data import load_dataset
     from privbench.models import parse_bottleneck
+    from privbench.outputs import check_output_dir
     from privbench.runs import train_run
 
     load_plugins(plugins)
+    check_output_dir(results_dir, "results folder")
     cfg = TrainConfig.from_preset(
         preset, dataset=dataset, data_dir=data_dir, defense=defense, defense_options=parse_options(options),
         model=model, width=width, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
@@ -167,32 +203,57 @@ def attack(run_dir, attacks, attacker_data, epochs, steps, eval_images, options,
     click.echo(format_table(results))
 
 
-@cli.command("run")
-@click.option("--preset", type=click.Choice(["quick", "paper"]), default=None, help="Budgets [default: quick].")
+RUN_EPILOG = """\b
+TOML file (--config FILE.toml; the full schema with types, defaults and an example is in
+docs/config.md). Top-level keys are the options above, lists for repeatable ones:
+  preset, dataset, data_dir, defense, attack, seeds, cut, bottleneck, noise, device,
+  results_dir, out, epochs, model, eval_images, attacker_data, option (-o pairs)
+Tables:
+  [train]             TrainConfig fields over the preset: epochs, lr, width, n_train,
+                      batch_size, schedule, amp, model, ...
+  [attacks]           epochs, steps, eval_images, attacker_data (train | aux)
+  [attacks.<name>]    one attack's options, e.g. [attacks.decoder] channels = 32
+  [defenses.<name>]   one defense's options, e.g. [defenses.gmm-cem] lam = 16
+Top-level keys win over table entries; options on the command line win over the file.
+"""
+
+
+@cli.command("run", epilog=RUN_EPILOG)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help="Budgets [default: quick].")
 @click.option("--dataset", default=None, help="embedded | cifar10 | cifar100 | folder:PATH [default: embedded]")
 @click.option("--data-dir", default=None, help="Folder holding the CIFAR python-pickle folder.")
 @click.option("--defense", "defenses", multiple=True, metavar="NAME[@CHANNEL]",
               help="Repeatable. NAME runs on every base channel; NAME@CHANNEL pins one: plain, C8, 0.05 or "
                    "C8+0.05. [default: none@plain none gmm-cem slot-cem]")  # fmt: skip
+@click.option("-o", "--option", "options", multiple=True, metavar="[DEFENSE.]KEY=VALUE",
+              help="Defense option, repeatable: gmm-cem.lam=16 sets it for one defense; a bare lam=16 for "
+                   "every defense in the grid that has it. ATTACK.KEY=VALUE sets an attack's option.")  # fmt: skip
 @click.option("--attack", "attacks", multiple=True, help="Repeatable. [default: decoder optimization]")
 @click.option("--seeds", type=int, default=None, help="Train seeds 0..N-1 of every configuration [default: 1].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [default: the preset's].")
+@click.option("--model", default=None, help="vgg11 | resnet20 [default: vgg11]")
 @click.option("--cut", type=int, default=None, help="Cut layer k: the first k VGG entries run on the client.")
 @click.option("--bottleneck", "bottlenecks", multiple=True, metavar="C<c>|none",
               help="Base channel bottleneck; repeat to sweep [default: C8].")  # fmt: skip
 @click.option("--noise", "noises", multiple=True, type=float, metavar="SIGMA",
               help="Base channel noise std; repeat to sweep [default: 0.025].")  # fmt: skip
+@click.option("--attacker-data", type=click.Choice(["train", "aux"]), default=None,
+              help="The attacker's training images: train (the private split, worst case) or aux (disjoint) "
+                   "[default: train].")  # fmt: skip
+@click.option("--eval-images", type=click.IntRange(min=1), default=None,
+              help="Test images each attack reconstructs [default: the preset's].")  # fmt: skip
 @click.option("--device", default=None, help="auto | cpu | cuda [default: auto]")
 @compile_option
 @click.option("--results-dir", default=None, help="Where run folders go [default: results].")
 @click.option("--out", default=None, help="Output folder [default: RESULTS_DIR/tables/<grid hash>].")
 @click.option("--config", "config_file", default=None, metavar="FILE.toml",
-              help="TOML file with the same keys (lists for repeatable ones) plus [train], [attacks], "
-                   "[attacks.<name>] and [defenses.<name>] tables; options given here win.")  # fmt: skip
+              help="TOML file with the same keys plus [train], [attacks] and [defenses.<name>] tables "
+                   "(below).")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @plugin_option
 def run(
-    preset, dataset, data_dir, defenses, attacks, seeds, cut, bottlenecks, noises, device, compile_mode, results_dir,
-    out, config_file, quiet, plugins,
+    preset, dataset, data_dir, defenses, options, attacks, seeds, epochs, model, cut, bottlenecks, noises,
+    attacker_data, eval_images, device, compile_mode, results_dir, out, config_file, quiet, plugins,
 ) -> None:  # fmt: skip
     """The main job: train every defense configuration, attack each, print the privacy-utility
     table and write table.md, table.csv, results.csv, privacy_utility.png and reconstructions.png.
@@ -203,7 +264,8 @@ def run(
     given without @; NAME@plain is the undefended model. The default grid is the plain model,
     the base channel alone, and gmm-cem and slot-cem on the base channel.
     Finished cells (a run folder per training config, an attack folder per attack) are reused:
-    rerunning computes only what is missing. The last line printed is the output folder.
+    rerunning computes only what is missing. The last line printed is the output folder;
+    `privbench table` and `privbench plot` accept it.
     """
     import time
 
@@ -214,8 +276,9 @@ def run(
     load_plugins(plugins)
     grid = grid_from_options(
         config_file, preset=preset, dataset=dataset, data_dir=data_dir, defense=defenses, attack=attacks,
-        seeds=seeds, cut=cut, bottleneck=bottlenecks, noise=noises, device=device, results_dir=results_dir,
-        out=out, progress=False if quiet else None,
+        seeds=seeds, epochs=epochs, model=model, cut=cut, bottleneck=bottlenecks, noise=noises,
+        attacker_data=attacker_data, eval_images=eval_images, option=options, device=device,
+        results_dir=results_dir, out=out, progress=False if quiet else None,
     )  # fmt: skip
     if compile_mode:
         grid.train["compile"] = compile_mode
@@ -234,7 +297,8 @@ def run(
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex"]), default="md", show_default=True)
 @click.option("--out", default=None, help="Write the table to this file instead of printing it.")
 def table_cmd(run_dirs, fmt, out) -> None:
-    """Privacy-utility table of RUN_DIRS (run folders, or folders of runs; default: results).
+    """Privacy-utility table of RUN_DIRS: run folders, results folders, or the output folder
+    that `privbench run` prints (that grid's cells only), in any mix; default: results.
 
     One row per defense configuration (defense + channel + options) over seeds: accuracy and,
     per attack, SSIM / PSNR / LPIPS / MSE as mean ± 95% CI (over seeds, or over test images
@@ -242,9 +306,13 @@ def table_cmd(run_dirs, fmt, out) -> None:
     The csv format holds raw numbers (mean and ci95 in separate columns).
     """
     from privbench import tables
+    from privbench.outputs import check_output_file, resolve_inputs
     from privbench.storage import atomic_write_text
 
-    table = tables.results_table(run_dirs or ("results",))
+    if out:
+        check_output_file(out, "--out")
+    runs, attack_dirs = resolve_inputs(run_dirs or ("results",))
+    table = tables.results_table(runs, attack_dirs=attack_dirs)
     text = tables.render(table, fmt)
     for line in tables.chance_warnings(table):
         click.echo(line, err=True)
@@ -260,11 +328,16 @@ def table_cmd(run_dirs, fmt, out) -> None:
 @click.option("--out", default="privacy_utility.png", show_default=True, help="PNG file of the plot.")
 @click.option("--grid", "grid_out", default=None, help="Also write the cross-defense reconstruction grid here.")
 def plot_cmd(run_dirs, out, grid_out) -> None:
-    """Accuracy against worst-case attack SSIM, one point per configuration, 95% CI bars."""
+    """Accuracy against worst-case attack SSIM, one point per configuration, 95% CI bars.
+    RUN_DIRS are read as by `privbench table` (default: results)."""
     from privbench import plots, tables
+    from privbench.outputs import check_output_file, resolve_inputs
 
-    run_paths = tables.expand_run_dirs(run_dirs or ("results",))
-    long = tables.collect(run_paths)
+    check_output_file(out, "--out")
+    if grid_out:
+        check_output_file(grid_out, "--grid")
+    run_paths, attack_dirs = resolve_inputs(run_dirs or ("results",))
+    long = tables.collect(run_paths, attack_dirs=attack_dirs)
     table = tables.aggregate(long, run_paths)
     for line in tables.chance_warnings(table):
         click.echo(line, err=True)
@@ -277,6 +350,9 @@ def plot_cmd(run_dirs, out, grid_out) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 for bad input."""
+    from privbench.progress import reset_warnings
+
+    reset_warnings()  # "once per command", also when main() runs several times in one process
     try:
         cli.main(args=argv, prog_name="privbench", standalone_mode=False)
     except UserError as exc:

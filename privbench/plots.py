@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from privbench.errors import UserError
-from privbench.storage import atomic_write_bytes
+from privbench.storage import atomic_write_bytes, load_checkpoint
 from privbench.table_rows import config_label, natural_key
 
 GRID_COLUMNS = 8  # test images per row of the reconstruction grid
@@ -179,7 +179,7 @@ def grid_rows(table: pd.DataFrame, long: pd.DataFrame, images: int = GRID_COLUMN
             folder = Path(a.path) / "attacks" / a.attack_dir
             if not (folder / GRID_TENSORS).is_file():
                 continue
-            tiles = torch.load(folder / GRID_TENSORS, weights_only=True)
+            tiles = load_checkpoint(folder / GRID_TENSORS)  # damaged or hostile: one-line error
             if originals is None:
                 originals, mean_image = tiles["original"][:images], tiles["mean_image"]
             elif not torch.equal(tiles["original"][:images], originals):

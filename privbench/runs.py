@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -23,7 +24,14 @@ from privbench.config import TrainConfig
 from privbench.data import Dataset
 from privbench.errors import UserError
 from privbench.models import SplitModel
-from privbench.storage import atomic_write_bytes, atomic_write_text, build_dir_once, read_json, write_json
+from privbench.storage import (
+    atomic_write_bytes,
+    atomic_write_text,
+    build_dir_once,
+    load_checkpoint,
+    read_json,
+    write_json,
+)
 
 RUN_FILES = ("config.json", "provenance.json", "checkpoint.pt", "metrics.json")
 DEFAULT_RESULTS = "results"
@@ -59,6 +67,11 @@ def provenance(device: torch.device | str, seed: int) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "seed": seed,
+        # What else moves float results between two machines running the same code:
+        "num_threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
     }
 
 
@@ -80,10 +93,22 @@ class Run:
         return self.path.name
 
     def config(self) -> TrainConfig:
-        return TrainConfig.from_dict(read_json(self.path / "config.json")["train"])
+        path = self.path / "config.json"
+        train = read_json(path).get("train")
+        if not isinstance(train, dict):
+            raise UserError(f"{path} is damaged: no 'train' object")
+        try:
+            return TrainConfig.from_dict(train)
+        except (UserError, TypeError, ValueError) as exc:  # wrong types or values in the file
+            raise UserError(f"{path} is damaged: {exc}") from None
 
     def metrics(self) -> dict[str, Any]:
-        return read_json(self.path / "metrics.json")
+        path = self.path / "metrics.json"
+        metrics = read_json(path)
+        acc = metrics.get("test_accuracy")
+        if isinstance(acc, bool) or not isinstance(acc, int | float):
+            raise UserError(f"{path} is damaged: test_accuracy is {acc!r}, expected a number")
+        return metrics
 
     def provenance(self) -> dict[str, Any]:
         return read_json(self.path / "provenance.json")
@@ -93,18 +118,50 @@ class Run:
         from privbench.train import make_model
 
         cfg = self.config()
+        self.check_data(cfg)
         model = make_model(cfg, data)
-        state = torch.load(self.path / "checkpoint.pt", map_location="cpu", weights_only=True)
+        path = self.path / "checkpoint.pt"
+        state = load_checkpoint(path).get("model")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"{path} is damaged: no 'model' state dict of tensors")
         try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError) as exc:
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"checkpoint of {self.path} does not match its config.json: {first}") from None
         return model.to(device).eval()
 
+    def check_data(self, cfg: TrainConfig | None = None) -> None:
+        """Refuse a folder: data set whose images changed since this run was trained: its test
+        split (and the attacker's data) would no longer be the data the model saw."""
+        cfg = cfg or self.config()
+        if cfg.data_fingerprint and cfg.dataset.startswith("folder:"):
+            from privbench.data import folder_fingerprint
+
+            now_print = folder_fingerprint(cfg.dataset[len("folder:") :])
+            if now_print != cfg.data_fingerprint:
+                raise UserError(
+                    f"the images of {cfg.dataset} changed since run {self.name} was trained "
+                    f"(fingerprint {cfg.data_fingerprint}, now {now_print}): train it again"
+                )
+
     def attack_dirs(self) -> list[Path]:
         root = self.path / "attacks"
         return sorted(p for p in root.iterdir() if (p / "metrics.json").is_file()) if root.is_dir() else []
+
+
+def read_result(folder: Path) -> dict[str, Any]:
+    """An attack folder's metrics.json, checked for what the harness reads from it."""
+    path = Path(folder) / "metrics.json"
+    result = read_json(path)
+    metrics = result.get("metrics")
+    if not isinstance(result.get("attack"), str) or not isinstance(metrics, dict):
+        raise UserError(f"{path} is damaged: no 'attack' name or 'metrics' object")
+    for m in ("ssim", "psnr"):
+        mean = metrics[m].get("mean") if isinstance(metrics.get(m), dict) else None
+        if isinstance(mean, bool) or not isinstance(mean, int | float):
+            raise UserError(f"{path} is damaged: metrics.{m}.mean is {mean!r}, expected a number")
+    return result
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -123,10 +180,13 @@ def train_run(
     from privbench.train import pick_device, train
 
     final = Path(results_dir) / run_name(cfg)
+    # Epoch checkpoint of an interrupted build of this folder: the rerun resumes from it.
+    epoch_checkpoint = final.parent / f".{final.name}.epoch.pt"
     if force and final.exists():
         import shutil
 
         shutil.rmtree(final)
+        epoch_checkpoint.unlink(missing_ok=True)
 
     def build(tmp: Path) -> None:
         lines: list[str] = []
@@ -138,17 +198,18 @@ def train_run(
 
         device = pick_device(cfg.device)
         prov = provenance(device, cfg.seed) | {"start_time": now()}
-        result = train(cfg, log=tee)
+        result = train(cfg, log=tee, checkpoint=epoch_checkpoint)
         write_json(tmp / "config.json", {"train": cfg.to_dict(), "defense_options": result.defense.options()})
         buf = io.BytesIO()
         torch.save({"model": result.model.state_dict(), "defense": result.defense.state_dict()}, buf)
         atomic_write_bytes(tmp / "checkpoint.pt", buf.getvalue())
         write_json(tmp / "metrics.json", {
-            "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
+            **result.accuracy, "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
             "history": result.history, "num_classes": result.model.server[-1].out_features,
             **result.z_stats,
         })  # fmt: skip
         write_json(tmp / "provenance.json", prov | {"end_time": now()})
 
-    built = build_dir_once(final, build)
+    built = build_dir_once(final, build, log=log)
+    epoch_checkpoint.unlink(missing_ok=True)  # the finished folder supersedes it
     return Run.open(final), built

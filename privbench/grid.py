@@ -1,0 +1,321 @@
+"""What `privbench run` computes: a grid of defenses x channels x seeds, each attacked by every attack.
+
+A grid expands into cells. A training cell is one `TrainConfig` (its run folder is named by the
+config's hash); an attack cell is one attack on one run (its folder under the run is named by
+the attack's hash). `privbench.sweep.run_grid` computes the cells.
+
+How defenses and channels combine. The *channel* is what the client sends: an optional
+bottleneck `C<c>` and Gaussian noise of std sigma. A defense spec is `NAME` or `NAME@CHANNEL`:
+  - `NAME` runs on every base channel: each `--bottleneck` x each `--noise` (default C8 and
+    0.025, the paper's base defense);
+  - `NAME@CHANNEL` pins the channel: `plain` (no bottleneck, no noise), `C8`, `0.05` (noise
+    only) or `C8+0.05`.
+The default grid `none@plain none gmm-cem slot-cem` is the undefended model, the base channel
+alone, and the two CEM regularizers on the base channel.
+
+A `--config` TOML file holds the same keys as the options plus [train], [attacks],
+[attacks.<name>] and [defenses.<name>] tables; docs/config.md is the schema. Precedence:
+preset < TOML tables < top-level keys (TOML, then the command line, which wins).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from privbench.config import PRESETS, TrainConfig, config_hash
+from privbench.errors import UserError
+
+DEFAULT_DEFENSES = ("none@plain", "none", "gmm-cem", "slot-cem")
+DEFAULT_ATTACKS = ("decoder", "optimization")
+BASE_BOTTLENECK = 8  # C8, the reference
+BASE_NOISE = 0.025
+ATTACK_SETTINGS = ("epochs", "steps", "eval_images", "attacker_data")
+# TrainConfig fields the grid itself sets; a [train] table may not override them.
+GRID_FIELDS = ("dataset", "data_dir", "cut", "bottleneck", "noise", "defense", "defense_options", "seed", "preset",
+               "device", "progress")  # fmt: skip
+# Top-level shortcuts for one table entry each: (table, key in that table).
+SHORTCUTS = {"epochs": ("train", "epochs"), "model": ("train", "model"),
+             "eval_images": ("attacks", "eval_images"), "attacker_data": ("attacks", "attacker_data")}  # fmt: skip
+TOP_KEYS = ("preset", "dataset", "data_dir", "defense", "attack", "seeds", "cut", "bottleneck", "noise", "device",
+            "results_dir", "out", *SHORTCUTS, "option", "train", "attacks", "defenses")  # fmt: skip
+
+
+def parse_value(text: str) -> Any:
+    """An option value: JSON when it parses (numbers, booleans, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+@dataclass(frozen=True)
+class Channel:
+    """What the client sends: an optional C<c> bottleneck and the std of Gaussian noise."""
+
+    bottleneck: int | None = None
+    noise: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str) -> Channel:
+        """'plain' | 'C8' | '0.05' | 'C8+0.05' (bottleneck and/or noise std, joined by '+')."""
+        from privbench.models import parse_bottleneck
+
+        spec = spec.strip()
+        if spec in ("plain", ""):
+            return cls()
+        bottleneck, noise = None, 0.0
+        for token in spec.split("+"):
+            token = token.strip()
+            if token[:1] in ("C", "c"):
+                bottleneck = parse_bottleneck(token)
+                continue
+            try:
+                noise = float(token.removeprefix("noise"))
+            except ValueError:
+                raise UserError(
+                    f"invalid channel {spec!r}: expected plain, C<c>, <noise std> or C<c>+<noise std>"
+                ) from None
+            if noise < 0:
+                raise UserError(f"invalid noise {noise}: the noise std must be >= 0")
+        return cls(bottleneck, noise)
+
+    def label(self) -> str:
+        from privbench.tables import channel_label
+
+        return channel_label(self.bottleneck, self.noise)
+
+
+@dataclass
+class Grid:
+    """Everything `privbench run` computes. Field names match the command's options."""
+
+    preset: str = "quick"
+    dataset: str = "embedded"
+    data_dir: str | None = None
+    defense: list[str] = field(default_factory=lambda: list(DEFAULT_DEFENSES))
+    attack: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
+    seeds: int = 1
+    cut: int | None = None
+    bottleneck: list[int | None] = field(default_factory=lambda: [BASE_BOTTLENECK])
+    noise: list[float] = field(default_factory=lambda: [BASE_NOISE])
+    device: str = "auto"
+    results_dir: str = "results"
+    out: str | None = None
+    # Shortcuts (see SHORTCUTS): folded into train / attacks, where they win over the table's entry.
+    epochs: int | None = None
+    model: str | None = None
+    eval_images: int | None = None
+    attacker_data: str | None = None
+    option: list[str] = field(default_factory=list)  # "[NAME.]key=value", as `-o`
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields over the preset
+    attacks: dict[str, Any] = field(default_factory=dict)  # epochs/steps/eval_images/attacker_data + per-attack options
+    defenses: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-defense options
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from privbench.models import parse_bottleneck
+
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise UserError(f"invalid seeds {self.seeds!r}: the number of seeds must be >= 1")
+        self.defense, self.attack = _names(self.defense, "defense"), _names(self.attack, "attack")
+        self.bottleneck = list(dict.fromkeys(parse_bottleneck(b) for b in _as_list(self.bottleneck)))
+        self.noise = list(dict.fromkeys(_noise(n) for n in _as_list(self.noise)))
+        if not self.bottleneck or not self.noise:
+            raise UserError("the grid needs at least one bottleneck (or none) and one noise value")
+        for key, table in (("train", self.train), ("attacks", self.attacks), ("defenses", self.defenses)):
+            if not isinstance(table, dict):
+                raise UserError(f"{key!r} must be a table ([{key}])")
+        names = {f.name for f in fields(TrainConfig)}
+        for key in self.train:
+            if key in GRID_FIELDS:
+                raise UserError(f"[train] key {key!r} is set by the grid: give it at the top level or as an option")
+            if key not in names:
+                raise UserError(f"unknown [train] key {key!r} (TrainConfig fields: {', '.join(sorted(names))})")
+        for key, value in self.attacks.items():
+            if key not in ATTACK_SETTINGS and not isinstance(value, dict):
+                raise UserError(f"unknown [attacks] key {key!r} (settings: {', '.join(ATTACK_SETTINGS)}, "
+                                "or a [attacks.<name>] table of one attack's options)")  # fmt: skip
+        for key, value in self.defenses.items():
+            if not isinstance(value, dict):
+                raise UserError(f"[defenses] entry {key!r} must be a table of that defense's options")
+        self._fold_shortcuts()
+
+    def _fold_shortcuts(self) -> None:
+        """Top-level shortcuts and `-o` pairs into the tables they stand for (copies, never the caller's dicts)."""
+        self.train = dict(self.train)
+        self.attacks = {k: dict(v) if isinstance(v, dict) else v for k, v in self.attacks.items()}
+        self.defenses = {k: dict(v) for k, v in self.defenses.items()}
+        for key in ("epochs", "eval_images"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UserError(f"invalid {key} {value!r}: expected an integer >= 1")
+        if self.model is not None and not isinstance(self.model, str):
+            raise UserError(f"invalid model {self.model!r}: expected a name such as vgg11")
+        for key, (table, entry) in SHORTCUTS.items():
+            if getattr(self, key) is not None:
+                getattr(self, table)[entry] = getattr(self, key)
+        self.option = [str(o) for o in _as_list(self.option)] if self.option else []
+        for pair in self.option:
+            self._apply_option(pair)
+
+    def _apply_option(self, pair: str) -> None:
+        """`NAME.key=value` sets one defense's (or attack's) option; a bare `key=value` sets it
+        on every defense of the grid that takes `key`, and is an error if none does."""
+        from privbench import registry
+
+        key, eq, raw = pair.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UserError(f"invalid option {pair!r}: expected [DEFENSE.]key=value")
+        name, dot, opt = key.rpartition(".")
+        opt, value = opt.strip().replace("-", "_"), parse_value(raw)
+        defenses = list(dict.fromkeys(d.partition("@")[0] for d in self.defense))
+        if dot:
+            if name in defenses:
+                self.defenses.setdefault(name, {})[opt] = value
+            elif name in self.attack:
+                self.attacks.setdefault(name, {})[opt] = value
+            else:
+                raise UserError(f"option {key!r} names {name!r}, which this grid does not run "
+                                f"(defenses: {', '.join(defenses)}; attacks: {', '.join(self.attack)})")  # fmt: skip
+            return
+        takers = [d for d in defenses if opt in registry.option_defaults(registry.get("defense", d))]
+        if not takers:
+            raise UserError(f"option {opt!r}: no defense in the grid ({', '.join(defenses)}) has it")
+        for name in takers:
+            self.defenses.setdefault(name, {})[opt] = value
+
+    # ------------------------------------------------------------------ expansion
+
+    def channels(self) -> list[Channel]:
+        return [Channel(b, n) for b in self.bottleneck for n in self.noise]
+
+    def train_configs(self) -> list[TrainConfig]:
+        """One TrainConfig per training cell, deduplicated by hash, in grid order."""
+        out: dict[str, TrainConfig] = {}
+        for spec in self.defense:
+            name, _, pinned = spec.partition("@")
+            channels = [Channel.parse(pinned)] if pinned else self.channels()
+            for ch in channels:
+                for seed in range(self.seeds):
+                    cfg = TrainConfig.from_preset(
+                        self.preset, **self.train, dataset=self.dataset, data_dir=self.data_dir, cut=self.cut,
+                        defense=name, defense_options=dict(self.defenses.get(name, {})), bottleneck=ch.bottleneck,
+                        noise=ch.noise, seed=seed, device=self.device, progress=self.progress,
+                    )  # fmt: skip
+                    out.setdefault(cfg.hash(), cfg)
+        return list(out.values())
+
+    def attack_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.attacks.items() if k in ATTACK_SETTINGS}
+
+    def attack_options(self) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self.attacks.items() if isinstance(v, dict) and k in self.attack}
+
+    def hash(self) -> str:
+        """Identity of the grid's cells: names its output folder."""
+        return config_hash({
+            "runs": [c.hash() for c in self.train_configs()], "attacks": self.attack,
+            "settings": self.attack_settings(), "options": self.attack_options(),
+        })  # fmt: skip
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.results_dir) / "tables" / self.hash()
+
+    def validate(self) -> None:
+        """Check every name and option before any work starts (bad input must not cost minutes)."""
+        from privbench import registry
+        from privbench.attack import ATTACKER_DATA, resolve_attack
+        from privbench.data import load_dataset
+        from privbench.train import make_model
+
+        for name in self.defense:
+            registry.get("defense", name.partition("@")[0])
+        for name in self.attacks:
+            if isinstance(self.attacks[name], dict) and name not in self.attack:
+                raise UserError(f"[attacks.{name}] options given for an attack that is not run")
+        for name in self.defenses:
+            if name not in {d.partition("@")[0] for d in self.defense}:
+                raise UserError(f"[defenses.{name}] options given for a defense that is not run")
+        if self.attacks.get("attacker_data", "train") not in ATTACKER_DATA:
+            raise UserError(f"invalid attacker_data {self.attacks['attacker_data']!r}: choose train or aux")
+        budget = {"epochs": self.attacks.get("epochs", 1), "steps": self.attacks.get("steps", 1)}
+        for name in self.attack:
+            resolve_attack(name, self.attack_options().get(name, {}), budget, progress=False)
+        configs = self.train_configs()
+        first = configs[0]
+        data = load_dataset(first.dataset, data_dir=first.data_dir, seed=first.data_seed, n_train=first.n_train)
+        for cfg in configs:
+            registry.create("defense", cfg.defense, cfg.defense_options)
+            make_model(cfg, data)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _names(value: Any, kind: str) -> list[str]:
+    names = list(dict.fromkeys(str(v).strip() for v in _as_list(value)))
+    if not names or any(not n for n in names):
+        raise UserError(f"the grid needs at least one {kind} name")
+    return names
+
+
+def _noise(value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"invalid noise {value!r}: expected a number") from None
+    if v < 0:
+        raise UserError(f"invalid noise {v}: the noise std must be >= 0")
+    return v
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML grid file (schema: docs/config.md). Top-level keys mirror the command's
+    options, lists for repeatable ones; [train], [attacks], [attacks.<name>], [defenses.<name>]."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path}: invalid TOML ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    for key in data:
+        if key not in TOP_KEYS:
+            raise UserError(f"config file {path}: unknown key {key!r} (known: {', '.join(TOP_KEYS)})")
+    for key in ("train", "attacks", "defenses"):
+        if key in data and not isinstance(data[key], dict):
+            raise UserError(f"config file {path}: {key!r} must be a table ([{key}])")
+    for key, (table, entry) in SHORTCUTS.items():
+        if key in data and entry in data.get(table, {}):
+            raise UserError(f"config file {path}: {key!r} is given both at the top level and in [{table}]")
+    return data
+
+
+def grid_from_options(config_file: str | None = None, **cli: Any) -> Grid:
+    """Preset < TOML file < command-line options (None / empty tuple = not given). `-o` pairs
+    add to the file's `option` list (later pairs win)."""
+    values: dict[str, Any] = load_config(config_file) if config_file else {}
+    for key, value in cli.items():
+        if value is None or (isinstance(value, tuple | list) and not value):
+            continue
+        if key == "option":
+            value = _as_list(values.get("option", [])) + list(value)
+        values[key] = list(value) if isinstance(value, tuple) else value
+    try:
+        return Grid(**values)
+    except TypeError as exc:
+        raise UserError(f"invalid grid option: {exc}") from None
