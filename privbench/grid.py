@@ -35,7 +35,7 @@ BASE_NOISE = 0.025
 ATTACK_SETTINGS = ("epochs", "steps", "eval_images", "attacker_data")
 # TrainConfig fields the grid itself sets; a [train] table may not override them.
 GRID_FIELDS = ("dataset", "data_dir", "cut", "bottleneck", "noise", "defense", "defense_options", "seed", "preset",
-               "device", "progress")  # fmt: skip
+               "device", "progress", "data_fingerprint")  # fmt: skip
 # Top-level shortcuts for one table entry each: (table, key in that table).
 SHORTCUTS = {"epochs": ("train", "epochs"), "model": ("train", "model"),
              "eval_images": ("attacks", "eval_images"), "attacker_data": ("attacks", "attacker_data")}  # fmt: skip

@@ -83,7 +83,7 @@ def test_warmup_ramps_linearly_then_follows_the_schedule():
     cosine = [0.1 * 0.5 * (1 + math.cos(math.pi * (s / steps) / 10)) for s in range(steps)]
     assert ramp == pytest.approx([c * (s + 1) / steps for s, c in enumerate(cosine)])
     assert lr_at(cfg, 1, 0, steps) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 10)))
-    assert lr_at(TrainConfig(epochs=10, lr=0.1), 0, 0, steps) == 0.1  # no warm-up: full lr at once
+    assert lr_at(TrainConfig(epochs=10, lr=0.1, warmup_epochs=0), 0, 0, steps) == 0.1  # no warm-up: full lr at once
 
 
 def test_weight_average_follows_the_formula():
