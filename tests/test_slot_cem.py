@@ -3,18 +3,14 @@ import math
 import pytest
 import torch
 from conftest import tiny_config
-from privbench.defenses.slot_cem import (
-    GATE_FLOOR,
-    KAPPA,
-    SlotEstimator,
-    intra_class_mse,
-    loo_sample_residuals,
-    loo_slot_variance,
-)
+from privbench.defenses._slot_estimator import KAPPA, SlotEstimator, loo_statistics
+from privbench.defenses.slot_cem import GATE_FLOOR
+from slot_cem_reference import ReferenceEstimator, reference_forward
 
 from privbench import registry
 from privbench.data import to_float
 from privbench.errors import UserError
+from privbench.features import intra_class_mse
 from privbench.models import vgg11
 from privbench.plugins import TrainContext
 from privbench.train import load_data, pick_device, train
@@ -40,6 +36,10 @@ def clustered_features(num_classes: int, n: int, dim: int = 512, seed: int = 0):
     sub = torch.randint(0, 3, (n,), generator=g)
     centres = torch.randn(num_classes, 3, dim, generator=g) * 0.8
     return torch.sigmoid(centres[y, sub] + 0.5 * torch.randn(n, dim, generator=g)), y
+
+
+def one_hot(y, num_classes, like):
+    return torch.nn.functional.one_hot(y, num_classes).to(like.dtype)
 
 
 def direct_loo(z, y, r, num_classes):
@@ -70,9 +70,9 @@ def test_leave_one_out_statistics_match_the_direct_loop():
     y = torch.tensor([0, 0, 1, 2, 0, 1, 1, 0, 2, 2, 0])  # class 3 absent
     r = torch.softmax(torch.randn(11, 4, generator=g, dtype=torch.float64) * 2, 1)
     e2, v_ref = direct_loo(z, y, r, 4)
-    v, mu, mass, counts = loo_slot_variance(z, y, r, 4)
+    v, mu, mass, counts, e2_mean, *_ = loo_statistics(z, y, one_hot(y, 4, z), r)
     assert torch.allclose(v, v_ref, atol=1e-10)
-    assert torch.allclose(loo_sample_residuals(z, y, r, 4), e2.mean(-1), atol=1e-10)
+    assert torch.allclose(e2_mean, e2.mean(-1), atol=1e-10)
     assert counts.tolist() == [5, 3, 3, 0]
     assert torch.allclose(mass[:3].sum(1), torch.ones(3, dtype=torch.float64))
     w = r[y == 1]
@@ -85,7 +85,7 @@ def test_a_slot_owning_one_sample_does_not_read_as_tight():
     z = torch.tensor([[1.0], [0.0], [0.2], [0.4]])
     y = torch.zeros(4, dtype=torch.long)
     r = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
-    v, *_ = loo_slot_variance(z, y, r, 1)
+    v, *_ = loo_statistics(z, y, one_hot(y, 1, z), r)
     assert v[0, 0, 0].item() == pytest.approx((1.0 - 0.2) ** 2)  # centre = mean of the classmates
     # Slot 1, sample 1: centre (0.2 + 0.4 + KAPPA * 0.533..) / (2 + KAPPA) with KAPPA = 1.
     c1 = (0.6 + KAPPA * (1.6 / 3)) / (2 + KAPPA)
@@ -104,13 +104,13 @@ def test_shapes_through_each_stage(num_classes, n):
     y[-1] = num_classes - 1  # the last class has a single sample
     module = SlotEstimator(D, num_classes, num_slots=K, hidden=H, num_iterations=2)
     u = module.embed(z)
-    member = torch.nn.functional.one_hot(y, num_classes).T.float()
-    slots = module.slot_attention(u, member)
+    onehot = one_hot(y, num_classes, z)
+    slots = module.slot_attention(u, onehot.T)
     assert u.shape == (n, H) and slots.shape == (num_classes, K, H)
-    assert module.cross(u, slots[y]).shape == (n, H)
-    r = module(z, y, num_classes)
+    assert module.cross(u, slots, onehot).shape == (n, H)
+    r = module(z, onehot)
     assert r.shape == (n, K) and torch.allclose(r.sum(1), torch.ones(n))
-    v, mu, mass, counts = loo_slot_variance(z, y, r, num_classes)
+    v, mu, mass, counts, *_ = loo_statistics(z, y, onehot, r)
     assert v.shape == mu.shape == (num_classes, K, D) and mass.shape == (num_classes, K)
     assert bool(torch.isfinite(v).all()) and counts[-1] == 1
 
@@ -126,6 +126,55 @@ def test_shapes_through_each_stage(num_classes, n):
     torch.manual_seed(0)
     part = defense.forward(z[keep], y[keep])["rob_loss"]
     assert full.item() == pytest.approx(part.item() * (n - 1) / n, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "dtype,C,n,D,K,H",
+    [(torch.float64, 10, 128, 512, 8, 64), (torch.float64, 4, 11, 6, 3, 8), (torch.float32, 10, 128, 512, 8, 64)],
+)
+def test_losses_and_gradients_match_the_reference_formulas(dtype, C, n, D, K, H):
+    # slot_cem_reference.py is the code before the speed-up (per-sample copies of the slots, two
+    # leave-one-out passes, five-moment expansion): same values and the same gradient of each
+    # loss to z and to every module parameter, within 1e-5 (relative; absolute for gradients,
+    # relative to the largest component of the loss's gradient).
+    tol = 1e-5
+    torch.manual_seed(0)
+    defense, _ = make_defense(C, num_slots=K, hidden=H)
+    defense._build(D, torch.device("cpu"))
+    module = defense.module.to(dtype)
+    with torch.no_grad():  # away from the initial values (slot power 1, gates at their init)
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    reference = ReferenceEstimator(D, C, num_slots=K, hidden=H).to(dtype)
+    reference.load_state_dict(module.state_dict())
+    z0, y = clustered_features(C - 1, n, dim=D)
+    y[-1] = C - 1  # a class with a single sample
+    results = []
+    for mod, forward in (
+        (module, defense.forward),
+        (reference, lambda z, y: reference_forward(defense, reference, z, y)),
+    ):
+        z = z0.to(dtype).requires_grad_()
+        torch.manual_seed(1)  # the slots' initial draw
+        out = forward(z, y)
+        inputs = [z, *mod.parameters()]
+        grads = [
+            torch.autograd.grad(out[k], inputs, retain_graph=True, allow_unused=True)
+            for k in ("rob_loss", "module_loss")
+        ]
+        results.append((out, grads))
+    (out, grads), (ref_out, ref_grads) = results
+    for k in ("rob_loss", "module_loss", "intra_mse", "dim_gate", "snr_gate", "class_gate"):
+        assert out[k].item() == pytest.approx(ref_out[k].item(), rel=tol), k
+    names = ["z"] + [name for name, _ in module.named_parameters()]
+    for loss, got, want in zip(("rob_loss", "module_loss"), grads, ref_grads):
+        want = [torch.zeros_like(t) if g is None else g for t, g in zip([z0, *module.parameters()], want)]
+        got = [torch.zeros_like(w) if g is None else g for w, g in zip(want, got)]
+        scale = max(w.abs().max().item() for w in want)
+        bad = [nm for nm, a, b in zip(names, got, want) if not torch.allclose(a, b, rtol=tol, atol=tol * scale)]
+        assert not bad, (loss, bad)
+    assert ref_grads[0][0].abs().sum() > 0 and all(g is None for g in grads[0][1:])  # rob_loss: z only
+    assert grads[1][0] is None  # module_loss: the module only
 
 
 def test_gradient_reaches_the_encoder_not_the_server_and_rob_loss_not_the_module():
@@ -148,6 +197,48 @@ def test_gradient_reaches_the_encoder_not_the_server_and_rob_loss_not_the_module
     grads = torch.autograd.grad(rob, params, allow_unused=True)
     assert all(g is None or g.abs().sum() == 0 for g in grads)
     assert torch.autograd.grad(rob, z)[0].abs().sum() > 0
+
+
+def test_same_seed_builds_the_same_module_as_the_reference():
+    # Same parameters, names and random draws at construction: a seed trains the same module.
+    torch.manual_seed(3)
+    new = SlotEstimator(40, 5).state_dict()
+    torch.manual_seed(3)
+    old = ReferenceEstimator(40, 5).state_dict()
+    assert list(new) == list(old) and all(torch.equal(new[k], old[k]) for k in new)
+
+
+def test_cpu_step_runs_on_one_thread_and_gives_the_threads_back():
+    # The defense's forward and backward run on one thread; the server's and encoder's backward,
+    # which follow it, run on all of them again.
+    torch.set_num_threads(2)  # conftest's setting, restated: the test needs more than one
+    torch.manual_seed(0)
+    model = vgg11(num_classes=4, bottleneck=8, noise_std=0.025, width=0.125)
+    defense, _ = make_defense(4)
+    x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 4
+    seen: dict[str, list[int]] = {"module": [], "server": [], "encoder": []}
+
+    def record(key):
+        return lambda g: seen[key].append(torch.get_num_threads())
+
+    z = model.encoder(x)
+    logits = model.server(model.channel(z))
+    loss = torch.nn.functional.cross_entropy(logits, y) + defense.loss(z, y, epoch=0, lr=0.02)
+    assert torch.get_num_threads() == 2  # forward done: back to two
+    for p in defense.module.parameters():
+        p.register_hook(record("module"))
+    logits.register_hook(record("server"))
+    z.register_hook(record("encoder"))
+    loss.backward()
+    assert set(seen["module"]) == {1} and seen["server"] == [2] and seen["encoder"] == [2]
+    assert torch.get_num_threads() == 2
+    # A backward that stops short of z (the module's gradient only) leaves one thread; the next
+    # step or epoch end gives the threads back.
+    term = defense.loss(model.encoder(x), y, epoch=0, lr=0.02)
+    torch.autograd.grad(term, list(defense.module.parameters()))
+    assert torch.get_num_threads() == 1
+    defense.epoch_end(0, defense.ctx)
+    assert torch.get_num_threads() == 2
 
 
 def test_encoder_gradient_is_lam_times_lr_scale_times_rob_loss():
