@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from privbench import stats
+
 SSIM_WINDOW = 11  # px, as the reference (Wang et al. 2004)
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -154,16 +156,14 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
 
     With fewer than two values the interval is undefined and reported as None.
     """
-    from scipy.stats import t
-
     n = len(values)
     if n == 0:
         return {"mean": None, "ci95": None, "std": None, "n": 0}
     mean = math.fsum(values) / n
     if n < 2:
         return {"mean": mean, "ci95": None, "std": None, "n": n}
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    std = stats.sd(values)
+    half = stats.t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
     return {"mean": mean, "ci95": half, "std": std, "n": n}
 
 
@@ -174,8 +174,6 @@ def grouped_mean_ci(values: list[float], groups: list[int] | None, confidence: f
     n_g: its size), with a Student t on G-1 degrees of freedom. With one image per group this is
     exactly `mean_ci`. `groups=None` means independent samples. Adds "groups": G.
     """
-    from scipy.stats import t
-
     if groups is None:
         return mean_ci(values, confidence) | {"groups": len(values)}
     if len(groups) != len(values):
@@ -193,7 +191,7 @@ def grouped_mean_ci(values: list[float], groups: list[int] | None, confidence: f
     mean = out["mean"]
     dev = math.fsum((math.fsum(vs) - mean * len(vs)) ** 2 for vs in sums.values())
     se = math.sqrt(n_groups / (n_groups - 1) * dev) / n
-    out["ci95"] = float(t.ppf(0.5 + confidence / 2, n_groups - 1)) * se
+    out["ci95"] = stats.t_quantile(0.5 + confidence / 2, n_groups - 1) * se
     return out
 
 
