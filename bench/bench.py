@@ -75,7 +75,8 @@ PAPER_EPOCHS, PAPER_DECODER_EPOCHS, PAPER_IMAGES = 240, 50, 50_000
 
 def bench_training(args, defense: str, data, lever: Lever) -> dict:
     """Images/s of privbench's loop over the epochs after warm-up."""
-    options = {} if defense == "none" else {"warmup": 1}
+    takes_warmup = "+" not in defense and "warmup" in registry.option_defaults(registry.get("defense", defense))
+    options = {"warmup": 1} if takes_warmup else {}
     cfg = TrainConfig.from_preset(
         "quick", defense=defense, defense_options=options, epochs=args.epochs, width=args.width,
         batch_size=args.batch_size, cut=4, bottleneck=8, noise=0.025, n_train=args.n_train,
@@ -151,7 +152,8 @@ def bench_reference_style(args, data) -> dict:
 def bench_attacks(args, data, model) -> list[dict]:
     device = pick_device(args.device)
     shape = data.image_shape
-    target = Target(model.encoder.eval().requires_grad_(False), 0.025, shape, device)
+    target = Target(model.encoder.eval().requires_grad_(False), 0.025, shape, device,
+                    server=model.server.eval().requires_grad_(False))  # fmt: skip
     images = to_float(data.train.images[: args.attack_images])
     rows = []
     if "decoder" in registry.names("attack"):
@@ -178,6 +180,46 @@ def bench_attacks(args, data, model) -> list[dict]:
         sec = time.perf_counter() - t
         rows.append({"what": f"optimization attack ({steps} steps, 256 images)", "seconds": sec,
                      "images_per_s": 256 / sec})  # fmt: skip
+    rows += bench_attack_pack(args, data, target, images)
+    return rows
+
+
+# The attack pack at the quick preset's options, at a budget cut to keep the benchmark short:
+# fit images/s is per epoch (learned) and reconstruction images/s at the given steps.
+PACK = {"likelihood": {"steps": 50}, "gan-prior": {"epochs": 1, "steps": 50}, "shadow": {"epochs": 1}}
+
+
+def bench_attack_pack(args, data, target: Target, images: torch.Tensor) -> list[dict]:
+    import tempfile
+
+    from privbench.config import PRESETS
+    from privbench.plugins import takes_keyword
+
+    rows, labels = [], data.train.labels[: len(images)]
+    eval_x = to_float(data.test.images[:64])
+    # An empty cache folder: gan-prior must train its generator here, not load one.
+    os.environ["PRIVBENCH_CACHE"] = tempfile.mkdtemp(prefix="privbench-bench-")
+    for name, budget in PACK.items():
+        if name not in registry.names("attack"):
+            continue
+        options = {**PRESETS["quick"]["attack_options"].get(name, {}), **budget}
+        attack = registry.create("attack", name, options, strict=False)
+        attack.progress = False
+        kw = {"labels": labels} if takes_keyword(attack.fit, "labels") else {}
+        sync(target.device)
+        t = time.perf_counter()
+        attack.fit(target, images, **kw)
+        sync(target.device)
+        fit = time.perf_counter() - t
+        z = target.query(eval_x)
+        t = time.perf_counter()
+        attack.reconstruct(z)
+        sync(target.device)
+        rec = time.perf_counter() - t
+        epochs = budget.get("epochs")
+        rows.append({"what": f"{name} fit ({', '.join(f'{k} {v}' for k, v in budget.items())})", "seconds": fit,
+                     "images_per_s": (epochs or 1) * len(images) / fit})  # fmt: skip
+        rows.append({"what": f"{name} reconstruction (64 images)", "seconds": rec, "images_per_s": 64 / rec})
     return rows
 
 
@@ -247,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=4, help="per measurement; the first (two for a defense) untimed")
     p.add_argument("--defense", action="append", help="default: none, gmm-cem, slot-cem")
+    p.add_argument("--all-defenses", action="store_true", help="every installed defense (base defense ratios)")
     p.add_argument("--workers", type=int, default=None, help="reference-style loader workers (default: cores)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="contiguous NCHW on CUDA")
@@ -267,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = pick_device(args.device)
     data = load_dataset("embedded", n_train=args.n_train).to(device)
-    defenses = [d for d in (args.defense or ["none", "gmm-cem", "slot-cem"]) if d in registry.names("defense")]
+    chosen = registry.names("defense") if args.all_defenses else args.defense or ["none", "gmm-cem", "slot-cem"]
+    defenses = sorted(chosen, key=lambda d: d != "none")  # none first: every ratio is to it
     fast = device.type in FAST_PATH_DEVICES  # the loop's own rule for bf16 and channels-last
     if args.levers:
         levers = CUDA_LEVERS if fast else CPU_LEVERS

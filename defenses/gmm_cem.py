@@ -152,6 +152,9 @@ class GmmCem(Defense):
         # rob_loss is plain tensor code over (z, y) and the fitted mixture: one graph, no syncs.
         self.rob_loss = compile(self.rob_loss)
 
+    def strength(self) -> tuple[str, float]:
+        return ("lam", self.lam)
+
     def loss(self, z: torch.Tensor, y: torch.Tensor, *, epoch: int, lr: float) -> torch.Tensor | None:
         if self.lam == 0 or epoch < self.warmup or self.centroids is None:
             return None
@@ -166,7 +169,7 @@ class GmmCem(Defense):
         if self.lam == 0:
             return {}  # CEM off: no extra pass
         t0 = time.perf_counter()
-        feats = encoder_features(ctx.model.encoder, ctx.train_images, FEATURE_BATCH)
+        feats = encoder_features(ctx.client or ctx.model.encoder, ctx.train_images, FEATURE_BATCH)
         gen = torch.Generator(device=feats.device).manual_seed(ctx.seed + epoch)
         if self.centroids is not None and self.centroids.shape[-1] != feats.shape[1]:
             raise UserError(

@@ -143,6 +143,9 @@ class SlotCem(Defense):
         # per step (forward and backward) would otherwise each be a kernel launch.
         self.forward = compile(self.forward)
 
+    def strength(self) -> tuple[str, float]:
+        return ("lam", self.lam)
+
     def loss(self, z: torch.Tensor, y: torch.Tensor, *, epoch: int, lr: float) -> torch.Tensor | None:
         if self.num_classes is None or self._sums is None:
             raise RuntimeError("slot-cem: setup(ctx) must run before loss()")

@@ -44,12 +44,12 @@ def train(
     """Train a split model under `defense` (options in `options`) on the channel given by
     `bottleneck` (C<c> channels, e.g. 8) and `noise` (std); reuses a finished identical run.
     Other TrainConfig fields (width, cut, lr, n_train, model, device, ...) go in `settings`."""
-    from privbench import registry
+    from privbench import stack
     from privbench.config import TrainConfig
     from privbench.models import parse_bottleneck
     from privbench.runs import train_run
 
-    registry.get("defense", defense)
+    stack.parts(defense)
     cfg = TrainConfig.from_preset(
         preset, defense=defense, defense_options=dict(options or {}), bottleneck=parse_bottleneck(bottleneck),
         noise=noise, epochs=epochs, seed=seed, dataset=dataset, progress=progress, **settings,
@@ -109,12 +109,16 @@ def table(df: pd.DataFrame, fmt: str = "md") -> str:
     return tables.render(df, fmt)
 
 
-def run(*, log: Callable[[str], None] | None = print, **grid: Any) -> GridResult:
+def run(
+    *, executor: str | dict[str, Any] | None = None, log: Callable[[str], None] | None = print, **grid: Any
+) -> GridResult:
     """`privbench run` as a function: keyword arguments are the Grid fields (defense=[...],
     attack=[...], seeds, bottleneck=[...], noise=[...], epochs, model, eval_images,
     attacker_data, option=["gmm-cem.lam=16"], train={...}, attacks={...}, defenses={...}, ...);
-    docs/config.md describes each."""
-    return run_grid(Grid(**grid), log=log or (lambda _msg: None))
+    docs/config.md describes each. `executor` is "local" (default), "ray", "slurm" or the
+    [executor] table as a dict (docs/executors.md); if cells fail, the others are still computed
+    and privbench.executors.CellsFailed names the failed ones."""
+    return run_grid(Grid(executor=executor, **grid), log=log or (lambda _msg: None))
 
 
 def _path(run: Run | str | Path) -> Path:

@@ -29,16 +29,20 @@ from privbench.config import config_hash, preset_value
 from privbench.data import Dataset, image_hash_list, image_hashes, to_float
 from privbench.errors import UserError
 from privbench.metrics import load_lpips, score, summarize
-from privbench.plugins import Attack, Target
+from privbench.plugins import Attack, Target, takes_keyword
 from privbench.progress import warn_once
+from privbench.recon_images import (  # noqa: F401 (GRID_TENSORS, write_combined_grid: imported from here)
+    GRID_IMAGES,
+    GRID_TENSORS,
+    image_grid,
+    tensor_bytes,
+    write_combined_grid,
+)
 from privbench.runs import Run, now, provenance, read_result
-from privbench.storage import atomic_write_bytes, atomic_write_text, build_dir_once, load_checkpoint, write_json
+from privbench.storage import atomic_write_bytes, atomic_write_text, build_dir_once, write_json
 
 ATTACKER_DATA = ("train", "aux")
-GRID_IMAGES = 16  # columns in the PNG grids
-GRID_SCALE = 2  # nearest-neighbour upscaling so 32px images are visible
 RECONSTRUCT_BATCH = 1024  # z rows handed to attack.reconstruct at once
-GRID_TENSORS = "grid_images.pt"  # the grid's images as float tensors, for the combined grid
 
 
 def threat_model(attacker_data: str) -> str:
@@ -74,6 +78,15 @@ def split_attacker_eval(data: Dataset, attacker_data: str) -> tuple[torch.Tensor
     if half < 1:
         raise UserError("the test split is too small to split into attacker and evaluation halves")
     return data.test.images[:half], data.test.images[half:], "test[:half]", "test[half:]"
+
+
+def attacker_labels(data: Dataset, attacker_data: str) -> torch.Tensor:
+    """Class labels of the images `split_attacker_eval` gives the attacker, in the same order."""
+    if attacker_data == "train":
+        return data.train.labels
+    if data.aux is not None and len(data.aux) > 0:
+        return data.aux.labels
+    return data.test.labels[: len(data.test) // 2]
 
 
 def eval_indices(pool: torch.Tensor, attacker: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, int]:
@@ -133,43 +146,15 @@ def resolve_attack(
 
 
 def make_target(model: torch.nn.Module, image_shape: tuple[int, int, int], device: torch.device) -> Target:
-    """The attacker's view of a SplitModel: frozen encoder in eval mode plus its channel noise."""
-    encoder = model.encoder.eval()
-    for p in encoder.parameters():
+    """The attacker's view of a SplitModel: frozen encoder in eval mode, the defense's transform
+    (eval mode), the channel noise, and the frozen server half for threat models that grant it."""
+    model.eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    return Target(encoder=encoder, noise_std=float(model.noise_std), image_shape=tuple(image_shape), device=device)
-
-
-# ------------------------------------------------------------------------------ images
-
-
-def image_grid(rows: list[torch.Tensor], *, labels: list[str] | None = None, scale: int = GRID_SCALE) -> bytes:
-    """PNG bytes of image rows (each [n,C,H,W] in [0,1]), 2px gaps, optional text label per row."""
-    from PIL import Image, ImageDraw
-
-    n = max(len(r) for r in rows)
-    c, h, w = rows[0].shape[1:]
-    gap, label_w = 2, (8 + 6 * max(len(s) for s in labels)) if labels else 0
-    canvas = torch.ones(3, len(rows) * (h + gap) + gap, n * (w + gap) + gap)
-    for i, row in enumerate(rows):
-        row = row.detach().float().cpu().clamp(0, 1)
-        if row.shape[1] == 1:
-            row = row.repeat(1, 3, 1, 1)
-        for j, img in enumerate(row[:n]):
-            y0, x0 = gap + i * (h + gap), gap + j * (w + gap)
-            canvas[:, y0 : y0 + h, x0 : x0 + w] = img[:3]
-    arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-    if labels:
-        full = Image.new("RGB", (img.width + label_w, img.height), "white")
-        full.paste(img, (label_w, 0))
-        draw = ImageDraw.Draw(full)
-        for i, text in enumerate(labels):
-            draw.text((4, (gap + i * (h + gap) + h // 2) * scale - 5), text, fill="black")
-        img = full
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    f = getattr(model, "defense_transform", None)
+    transform = (lambda z: f(z, training=False)) if f is not None else None
+    return Target(encoder=model.encoder, noise_std=float(model.noise_std), image_shape=tuple(image_shape),
+                  device=device, transform=transform, server=model.server)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- harness
@@ -198,13 +183,19 @@ def attack_run(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    check_saturation: bool | None = None,
+    semantic: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Attack the run in `run_dir` with each named attack; returns each attack's metrics.json
     content plus "path" (its folder) and "reused" (True when a finished folder was found).
+    With `check_saturation` (default: the preset's), every learned attack is repeated at twice
+    its budget and the result records both (privbench.saturation). With `semantic` (default: the
+    preset's, or PRIVBENCH_SEMANTIC) every attack also gets sem_acc (privbench.semantic).
 
     `epochs` / `steps` override the preset's attack budget for attacks that take them;
     `options` maps attack name -> {option: value} and wins over the preset's attack_options.
     """
+    from privbench import semantic as sem_mod
     from privbench.train import load_data, pick_device, seed_everything
 
     if not attacks:
@@ -228,6 +219,7 @@ def attack_run(
         "steps": steps if steps is not None else preset_value(cfg.preset, "attack_steps"),
     }
     preset_options = preset_value(cfg.preset, "attack_options") or {}
+    use_semantic = sem_mod.enabled(cfg.preset, semantic)
     plans = []
     for name in attacks:
         attack, resolved = resolve_attack(name, options.get(name, {}), budget, progress, preset_options.get(name))
@@ -256,9 +248,13 @@ def attack_run(
         lpips_model, lpips_missing = load_lpips(dev)
         if lpips_missing:
             warn_once(log, f"lpips: missing ({lpips_missing})")
-        attacker_x = to_float(attacker_u8)
+        attacker_x, eval_x = to_float(attacker_u8), to_float(eval_u8)
+        state["attacker_y"] = attacker_labels(data, attacker_data)
+        state["semantic"] = (
+            sem_mod.prepare(cfg, data, attacker_data, perm, eval_x, groups, dev, log) if use_semantic else None
+        )
         state.update(
-            target=make_target(model, data.image_shape, dev), attacker_x=attacker_x, eval_x=to_float(eval_u8),
+            target=make_target(model, data.image_shape, dev), attacker_x=attacker_x, eval_x=eval_x,
             attacker_split=attacker_split, eval_split=eval_split, dropped=dropped,
             lpips_model=lpips_model, lpips_missing=lpips_missing,
             mean_image=attacker_x.mean(dim=0, keepdim=True), groups=groups,
@@ -279,7 +275,10 @@ def attack_run(
             target, attacker_x, eval_x = s["target"], s["attacker_x"], s["eval_x"]
             log(f"{name}: fitting on {len(attacker_x)} {s['attacker_split']} images, options {resolved}")
             t0 = time.perf_counter()
-            attack.fit(target, attacker_x)
+            if takes_keyword(attack.fit, "labels"):  # the threat model grants the attacker its labels
+                attack.fit(target, attacker_x, labels=s["attacker_y"])
+            else:
+                attack.fit(target, attacker_x)
             t1 = time.perf_counter()
             z = target.query(eval_x)
             chunks = range(0, len(z), RECONSTRUCT_BATCH)
@@ -288,27 +287,31 @@ def attack_run(
             recon = _checked(recon, eval_x.shape, name)
             per_image = score(recon, eval_x, lpips_model=s["lpips_model"])
             base_image = s["mean_image"].expand_as(eval_x)
-            baseline = summarize(
-                score(base_image, eval_x, lpips_model=s["lpips_model"]), s["lpips_missing"], s["groups"]
-            )
+            base_scores = score(base_image, eval_x, lpips_model=s["lpips_model"])
+            sem = s["semantic"]  # sem_acc: does the reconstruction still show its true class?
+            sem_csv = sem.add_scores(per_image, base_scores, recon, base_image) if sem is not None else None
+            baseline = summarize(base_scores, s["lpips_missing"], s["groups"])
             t3 = time.perf_counter()
             result = {
                 "attack": name, "options": resolved, "attacker_data": attacker_data,
                 "attacker_split": s["attacker_split"], "attacker_images": len(attacker_x),
                 "eval_images": len(eval_x), "eval_split": s["eval_split"],
                 "eval_duplicates_dropped": s["dropped"], "seed": seed, "run": run.name,
-                "threat_model": threat_model(attacker_data),
+                "threat_model": threat_model(attacker_data), "info": dict(getattr(attack, "info", None) or {}),
                 "metrics": summarize(per_image, s["lpips_missing"], s["groups"]), "baseline": baseline,
                 "eval_groups": len(set(s["groups"])) if s["groups"] is not None else len(eval_x),
                 "timings": {"fit_seconds": t1 - t0, "reconstruct_seconds": t2 - t1, "metrics_seconds": t3 - t2},
                 "provenance": prov | {"end_time": now()},
             }  # fmt: skip
+            if sem is not None:
+                result["semantic"] = sem.record()
+                atomic_write_text(tmp / "semantic.csv", sem_csv)
             write_json(tmp / "metrics.json", result)
             atomic_write_text(tmp / "per_image.csv", _per_image_csv(per_image))
             rows = [eval_x[:GRID_IMAGES], recon[:GRID_IMAGES]]
             atomic_write_bytes(tmp / "grid.png", image_grid(rows, labels=["original", name]))
             tiles = {"original": rows[0], "reconstruction": rows[1], "mean_image": s["mean_image"]}
-            atomic_write_bytes(tmp / GRID_TENSORS, _tensor_bytes({k: v.cpu() for k, v in tiles.items()}))
+            atomic_write_bytes(tmp / GRID_TENSORS, tensor_bytes({k: v.cpu() for k, v in tiles.items()}))
 
         built = build_dir_once(folder, build, log=log)  # False: another process finished it meanwhile
         result = read_result(folder)
@@ -318,34 +321,14 @@ def attack_run(
 
     if len(results) > 1:
         write_combined_grid(run.path / "attacks" / "grid.png", [Path(r["path"]) for r in results])
+    if check_saturation if check_saturation is not None else preset_value(cfg.preset, "check_saturation"):
+        from privbench import saturation
+
+        results = saturation.check(
+            run.path, results, attack_run, attacker_data=attacker_data, eval_images=n_eval, device=device,
+            seed=seed, progress=progress, log=log,
+        )  # fmt: skip
     return results
-
-
-def write_combined_grid(path: Path, folders: list[Path]) -> None:
-    """One PNG: originals on top, one row per attack folder, the mean-image baseline last.
-    Built from the tensors each attack folder stores, so reused folders take part too."""
-    found = [f for f in folders if (f / GRID_TENSORS).is_file()]
-    entries = [(read_result(f)["attack"], _grid_tensors(f / GRID_TENSORS)) for f in found]
-    entries = [(n, t) for n, t in entries if torch.equal(t["original"], entries[0][1]["original"])]
-    if len(entries) < 2:
-        return
-    first = entries[0][1]
-    mean_row = first["mean_image"].expand_as(first["original"])
-    rows = [first["original"], *(t["reconstruction"] for _, t in entries), mean_row]
-    atomic_write_bytes(path, image_grid(rows, labels=["original", *(n for n, _ in entries), "mean image"]))
-
-
-def _grid_tensors(path: Path) -> dict[str, torch.Tensor]:
-    tiles = load_checkpoint(path)
-    if not all(isinstance(tiles.get(k), torch.Tensor) for k in ("original", "reconstruction", "mean_image")):
-        raise UserError(f"{path} is damaged: expected the tensors original, reconstruction and mean_image")
-    return tiles
-
-
-def _tensor_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 def _checked(recon: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
@@ -383,10 +366,13 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
     digits = {"ssim": 4, "psnr": 2, "mse": 5, "lpips": 4}
     header = ["attack", "SSIM", "PSNR", "MSE", "LPIPS"]
+    if any("sem_acc" in r["metrics"] for r in results):  # folders built without it show "–"
+        digits["sem_acc"] = 3
+        header.append("sem_acc")
     rows = []
     for r in results:
         for label, key in ((r["attack"], "metrics"), ("  baseline (mean image)", "baseline")):
-            rows.append([label, *(cell(r[key][m], d) for m, d in digits.items())])
+            rows.append([label, *(cell(r[key][m], d) if m in r[key] else "–" for m, d in digits.items())])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]

@@ -9,7 +9,8 @@ import sys
 
 import click
 
-from privbench import registry
+from privbench import registry, stack
+from privbench.cli_outputs import plot_cmd, table_cmd
 from privbench.config import PRESETS
 from privbench.errors import UserError
 
@@ -157,7 +158,7 @@ def train(
         compile=compile_mode or False, amp=amp, channels_last=channels_last, progress=not quiet,
     )  # fmt: skip
     # Validate everything that can be checked cheaply before any training starts.
-    registry.create("defense", cfg.defense, cfg.defense_options)
+    stack.create(cfg.defense, cfg.defense_options)
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=download, seed=cfg.data_seed, n_train=cfg.n_train)
     from privbench.train import make_model
 
@@ -188,7 +189,12 @@ def train(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the evaluation images and the attacks.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @plugin_option
-def attack(run_dir, attacks, attacker_data, epochs, steps, eval_images, options, device, seed, quiet, plugins) -> None:
+@click.option("--check-saturation/--no-check-saturation", default=None,
+              help="Repeat every learned attack at twice its epochs and flag it unsaturated when SSIM rises by "
+                   "more than its 95% CI [default: the preset's: off for quick, on for paper].")  # fmt: skip
+def attack(
+    run_dir, attacks, attacker_data, epochs, steps, eval_images, options, device, seed, quiet, plugins, check_saturation
+) -> None:
     """Attack a trained run; writes RUN_DIR/attacks/<attack>-<hash>/ and prints a table."""
     from privbench.attack import attack_run, format_table, split_options
 
@@ -197,7 +203,7 @@ def attack(run_dir, attacks, attacker_data, epochs, steps, eval_images, options,
     results = attack_run(
         run_dir, names, attacker_data=attacker_data, epochs=epochs, steps=steps, eval_images=eval_images,
         options=split_options(parse_options(options), names), device=device, seed=seed, progress=not quiet,
-        log=click.echo,
+        log=click.echo, check_saturation=check_saturation,
     )  # fmt: skip
     first = results[0]
     click.echo(f"run {first['run']}: {first['eval_images']} {first['eval_split']} images; {first['threat_model']}")
@@ -208,13 +214,16 @@ RUN_EPILOG = """\b
 TOML file (--config FILE.toml; the full schema with types, defaults and an example is in
 docs/config.md). Top-level keys are the options above, lists for repeatable ones:
   preset, dataset, data_dir, defense, attack, seeds, cut, bottleneck, noise, device,
-  results_dir, out, epochs, model, eval_images, attacker_data, option (-o pairs)
+  results_dir, out, epochs, model, eval_images, attacker_data, option (-o pairs),
+  executor (local | ray | slurm)
 Tables:
   [train]             TrainConfig fields over the preset: epochs, lr, width, n_train,
                       batch_size, schedule, amp, model, ...
   [attacks]           epochs, steps, eval_images, attacker_data (train | aux)
   [attacks.<name>]    one attack's options, e.g. [attacks.decoder] channels = 32
   [defenses.<name>]   one defense's options, e.g. [defenses.gmm-cem] lam = 16
+  [executor]          kind, and the Ray or SLURM settings (docs/executors.md), e.g.
+                      kind = "slurm", partition = "gpu", gpus_per_task = 1, time = "12:00:00"
 Top-level keys win over table entries; options on the command line win over the file.
 """
 
@@ -250,11 +259,17 @@ Top-level keys win over table entries; options on the command line win over the 
 @click.option("--config", "config_file", default=None, metavar="FILE.toml",
               help="TOML file with the same keys plus [train], [attacks] and [defenses.<name>] tables "
                    "(below).")  # fmt: skip
+@click.option("--executor", type=click.Choice(["local", "ray", "slurm"]), default=None,
+              help="Who computes the cells: local (this process, one after another), ray or slurm (one task per "
+                   "cell; settings in an [executor] table, docs/executors.md) [default: local].")  # fmt: skip
+@click.option("--ray-address", default=None, metavar="HOST:PORT|auto",
+              help="Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray instance).")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @plugin_option
 def run(
     preset, dataset, data_dir, defenses, options, attacks, seeds, epochs, model, cut, bottlenecks, noises,
-    attacker_data, eval_images, device, compile_mode, results_dir, out, config_file, quiet, plugins,
+    attacker_data, eval_images, device, compile_mode, results_dir, out, config_file, executor, ray_address, quiet,
+    plugins,
 ) -> None:  # fmt: skip
     """The main job: train every defense configuration, attack each, print the privacy-utility
     table and write table.md, table.csv, results.csv, privacy_utility.png and reconstructions.png.
@@ -266,11 +281,14 @@ def run(
     the base channel alone, and gmm-cem and slot-cem on the base channel.
     Finished cells (a run folder per training config, an attack folder per attack) are reused:
     rerunning computes only what is missing. The last line printed is the output folder;
-    `privbench table` and `privbench plot` accept it.
+    `privbench table` and `privbench plot` accept it. --executor ray / slurm computes the cells
+    in parallel on a Ray or SLURM cluster; a failed cell does not stop the others, and the
+    command then exits 1 naming the failed cells (docs/executors.md).
     """
     import time
 
     from privbench import tables
+    from privbench.executors import CellsFailed
     from privbench.sweep import grid_from_options, run_grid
 
     t0 = time.perf_counter()
@@ -280,10 +298,15 @@ def run(
         seeds=seeds, epochs=epochs, model=model, cut=cut, bottleneck=bottlenecks, noise=noises,
         attacker_data=attacker_data, eval_images=eval_images, option=options, device=device,
         results_dir=results_dir, out=out, progress=False if quiet else None,
+        executor={k: v for k, v in (("kind", executor), ("address", ray_address)) if v} or None,
     )  # fmt: skip
     if compile_mode:
         grid.train["compile"] = compile_mode
-    result = run_grid(grid, log=click.echo)
+    try:
+        result = run_grid(grid, log=click.echo)
+    except CellsFailed as exc:  # the other cells are done; a rerun retries only these
+        click.echo(str(exc), err=True)
+        sys.exit(1)
     click.echo("")
     click.echo(tables.render(result.table, "md"), nl=False)
     for line in tables.chance_warnings(result.table):
@@ -293,60 +316,8 @@ def run(
     click.echo(str(result.out_dir))
 
 
-@cli.command("table")
-@click.argument("run_dirs", nargs=-1)
-@click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex"]), default="md", show_default=True)
-@click.option("--out", default=None, help="Write the table to this file instead of printing it.")
-def table_cmd(run_dirs, fmt, out) -> None:
-    """Privacy-utility table of RUN_DIRS: run folders, results folders, or the output folder
-    that `privbench run` prints (that grid's cells only), in any mix; default: results.
-
-    One row per defense configuration (defense + channel + options) over seeds: accuracy and,
-    per attack, SSIM / PSNR / LPIPS / MSE as mean ± 95% CI (over seeds, or over test images
-    with one seed), the worst-case attack (highest SSIM) and the mean-image baseline.
-    The csv format holds raw numbers (mean and ci95 in separate columns).
-    """
-    from privbench import tables
-    from privbench.outputs import check_output_file, resolve_inputs
-    from privbench.storage import atomic_write_text
-
-    if out:
-        check_output_file(out, "--out")
-    runs, attack_dirs = resolve_inputs(run_dirs or ("results",))
-    table = tables.results_table(runs, attack_dirs=attack_dirs)
-    text = tables.render(table, fmt)
-    for line in tables.chance_warnings(table):
-        click.echo(line, err=True)
-    if out:
-        atomic_write_text(out, text)
-        click.echo(out)
-    else:
-        click.echo(text, nl=False)
-
-
-@cli.command("plot")
-@click.argument("run_dirs", nargs=-1)
-@click.option("--out", default="privacy_utility.png", show_default=True, help="PNG file of the plot.")
-@click.option("--grid", "grid_out", default=None, help="Also write the cross-defense reconstruction grid here.")
-def plot_cmd(run_dirs, out, grid_out) -> None:
-    """Accuracy against worst-case attack SSIM, one point per configuration, 95% CI bars.
-    RUN_DIRS are read as by `privbench table` (default: results)."""
-    from privbench import plots, tables
-    from privbench.outputs import check_output_file, resolve_inputs
-
-    check_output_file(out, "--out")
-    if grid_out:
-        check_output_file(grid_out, "--grid")
-    run_paths, attack_dirs = resolve_inputs(run_dirs or ("results",))
-    long = tables.collect(run_paths, attack_dirs=attack_dirs)
-    table = tables.aggregate(long, run_paths)
-    for line in tables.chance_warnings(table):
-        click.echo(line, err=True)
-    if grid_out and plots.reconstruction_grid(table, long, grid_out) is None:
-        click.echo("no stored reconstructions in these runs: no grid written", err=True)
-    elif grid_out:
-        click.echo(grid_out)
-    click.echo(str(plots.privacy_utility_plot(table, out)))
+cli.add_command(table_cmd)
+cli.add_command(plot_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

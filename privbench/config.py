@@ -23,17 +23,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         width=0.25, epochs=15, batch_size=64, lr=0.02, schedule="cosine",
         warmup_epochs=1.0, label_smoothing=0.1, ema=0.99,
-        attack_epochs=3, attack_steps=200, eval_images=256,
+        attack_epochs=3, attack_steps=200, eval_images=256, check_saturation=False,
+        # sem_acc (privbench.semantic): its ResNet-20 trains once per data set (~1 CPU minute), then is cached.
+        semantic=True,
         # A narrower, shallower decoder with small batches leaks clearly within ~20 CPU seconds
         # (5,000 images); the reference decoder needs ~20 s per epoch on 2 cores.
-        attack_options={"decoder": {"channels": 32, "blocks": 2, "batch_size": 64, "lr": 3e-3}},
+        # gan-prior: 15 generator epochs (3 leave its VAE below the mean image on C8 + noise);
+        # shadow: the decoder's quick inverse network (the reference size takes ~6 CPU minutes).
+        attack_options={
+            "decoder": {"channels": 32, "blocks": 2, "batch_size": 64, "lr": 3e-3},
+            "gan-prior": {"epochs": 15},
+            "shadow": {"channels": 32, "blocks": 2, "lr": 3e-3, "decoder_batch_size": 64},
+        },
     ),
     # The reference protocol (CEM paper / official code): full width, 240 epochs, MultiStep, and
     # none of the quick preset's stabilisers.
     "paper": dict(
         width=1.0, epochs=240, batch_size=128, lr=0.05, schedule="multistep",
         milestones=(60, 120, 180, 210), gamma=0.2, warmup_epochs=0.0, label_smoothing=0.0, ema=0.0,
-        attack_epochs=50, attack_steps=1000, eval_images=1000,
+        attack_epochs=50, attack_steps=1000, eval_images=1000, check_saturation=True, semantic=True,
         attack_options={},  # every attack at its reference defaults
     ),
 }  # fmt: skip
@@ -115,11 +123,10 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise UserError(f"unknown training option {unknown[0]!r}")
-        if values.get("defense_options"):  # canonical values, so equal settings hash equally
-            from privbench.registry import canonical_options
+        if values.get("defense_options") or "+" in str(values.get("defense", "")):
+            from privbench import stack  # canonical values per part, so equal settings hash equally
 
-            values["defense_options"] = canonical_options("defense", values.get("defense", "none"),
-                                                          values["defense_options"])  # fmt: skip
+            values["defense_options"] = stack.canonical(values.get("defense", "none"), values.get("defense_options"))
         dataset = values.get("dataset", "embedded")
         if isinstance(dataset, str) and dataset.startswith("folder:") and not values.get("data_fingerprint"):
             from privbench.data import folder_fingerprint

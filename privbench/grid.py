@@ -32,7 +32,7 @@ DEFAULT_DEFENSES = ("none@plain", "none", "gmm-cem", "slot-cem")
 DEFAULT_ATTACKS = ("decoder", "optimization")
 BASE_BOTTLENECK = 8  # C8, the reference
 BASE_NOISE = 0.025
-ATTACK_SETTINGS = ("epochs", "steps", "eval_images", "attacker_data")
+ATTACK_SETTINGS = ("epochs", "steps", "eval_images", "attacker_data", "check_saturation")
 # TrainConfig fields the grid itself sets; a [train] table may not override them.
 GRID_FIELDS = ("dataset", "data_dir", "cut", "bottleneck", "noise", "defense", "defense_options", "seed", "preset",
                "device", "progress", "data_fingerprint")  # fmt: skip
@@ -40,7 +40,7 @@ GRID_FIELDS = ("dataset", "data_dir", "cut", "bottleneck", "noise", "defense", "
 SHORTCUTS = {"epochs": ("train", "epochs"), "model": ("train", "model"),
              "eval_images": ("attacks", "eval_images"), "attacker_data": ("attacks", "attacker_data")}  # fmt: skip
 TOP_KEYS = ("preset", "dataset", "data_dir", "defense", "attack", "seeds", "cut", "bottleneck", "noise", "device",
-            "results_dir", "out", *SHORTCUTS, "option", "train", "attacks", "defenses")  # fmt: skip
+            "results_dir", "out", *SHORTCUTS, "option", "train", "attacks", "defenses", "executor")  # fmt: skip
 
 
 def parse_value(text: str) -> Any:
@@ -114,9 +114,14 @@ class Grid:
     attacks: dict[str, Any] = field(default_factory=dict)  # epochs/steps/eval_images/attacker_data + per-attack options
     defenses: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-defense options
     progress: bool = True
+    # Who computes the cells: "local" | "ray" | "slurm", or the [executor] table (privbench.executors).
+    executor: str | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        from privbench.executors import parse_executor
         from privbench.models import parse_bottleneck
+
+        self.executor = parse_executor(self.executor)
 
         if self.preset not in PRESETS:
             raise UserError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
@@ -166,7 +171,7 @@ class Grid:
     def _apply_option(self, pair: str) -> None:
         """`NAME.key=value` sets one defense's (or attack's) option; a bare `key=value` sets it
         on every defense of the grid that takes `key`, and is an error if none does."""
-        from privbench import registry
+        from privbench import registry, stack
 
         key, eq, raw = pair.partition("=")
         key = key.strip()
@@ -174,7 +179,7 @@ class Grid:
             raise UserError(f"invalid option {pair!r}: expected [DEFENSE.]key=value")
         name, dot, opt = key.rpartition(".")
         opt, value = opt.strip().replace("-", "_"), parse_value(raw)
-        defenses = list(dict.fromkeys(d.partition("@")[0] for d in self.defense))
+        defenses = self.defense_parts()
         if dot:
             if name in defenses:
                 self.defenses.setdefault(name, {})[opt] = value
@@ -187,8 +192,19 @@ class Grid:
         takers = [d for d in defenses if opt in registry.option_defaults(registry.get("defense", d))]
         if not takers:
             raise UserError(f"option {opt!r}: no defense in the grid ({', '.join(defenses)}) has it")
+        for spec in self.defense:  # within one stack a bare key must name one part
+            in_stack = [p for p in stack.parts(spec.partition("@")[0]) if p in takers]
+            if len(in_stack) > 1:
+                raise UserError(f"option {opt!r} is ambiguous in {spec.partition('@')[0]!r}: "
+                                f"{' and '.join(in_stack)} both have it; write {in_stack[0]}.{opt}=VALUE")  # fmt: skip
         for name in takers:
             self.defenses.setdefault(name, {})[opt] = value
+
+    def defense_parts(self) -> list[str]:
+        """Every defense named in the grid, stacks split into their parts, in order."""
+        from privbench import stack
+
+        return list(dict.fromkeys(p for spec in self.defense for p in stack.parts(spec.partition("@")[0])))
 
     # ------------------------------------------------------------------ expansion
 
@@ -198,14 +214,21 @@ class Grid:
     def train_configs(self) -> list[TrainConfig]:
         """One TrainConfig per training cell, deduplicated by hash, in grid order."""
         out: dict[str, TrainConfig] = {}
+        from privbench import stack
+
         for spec in self.defense:
             name, _, pinned = spec.partition("@")
+            names = stack.parts(name)
+            if len(names) == 1:
+                options = dict(self.defenses.get(name, {}))
+            else:  # [defenses.<part>] tables apply to that part wherever it is stacked
+                options = {p: dict(self.defenses[p]) for p in names if p in self.defenses}
             channels = [Channel.parse(pinned)] if pinned else self.channels()
             for ch in channels:
                 for seed in range(self.seeds):
                     cfg = TrainConfig.from_preset(
                         self.preset, **self.train, dataset=self.dataset, data_dir=self.data_dir, cut=self.cut,
-                        defense=name, defense_options=dict(self.defenses.get(name, {})), bottleneck=ch.bottleneck,
+                        defense=name, defense_options=options, bottleneck=ch.bottleneck,
                         noise=ch.noise, seed=seed, device=self.device, progress=self.progress,
                     )  # fmt: skip
                     out.setdefault(cfg.hash(), cfg)
@@ -229,19 +252,19 @@ class Grid:
 
     def validate(self) -> None:
         """Check every name and option before any work starts (bad input must not cost minutes)."""
-        from privbench import registry
+        from privbench import stack
         from privbench.attack import ATTACKER_DATA, resolve_attack
         from privbench.data import load_dataset
         from privbench.train import make_model
 
-        for name in self.defense:
-            registry.get("defense", name.partition("@")[0])
+        parts = self.defense_parts()  # unknown or repeated parts fail here
         for name in self.attacks:
             if isinstance(self.attacks[name], dict) and name not in self.attack:
                 raise UserError(f"[attacks.{name}] options given for an attack that is not run")
         for name in self.defenses:
-            if name not in {d.partition("@")[0] for d in self.defense}:
-                raise UserError(f"[defenses.{name}] options given for a defense that is not run")
+            if name not in parts:
+                hint = " (options are per part: one [defenses.<part>] table each)" if "+" in name else ""
+                raise UserError(f"[defenses.{name}] options given for a defense that is not run{hint}")
         if self.attacks.get("attacker_data", "train") not in ATTACKER_DATA:
             raise UserError(f"invalid attacker_data {self.attacks['attacker_data']!r}: choose train or aux")
         budget = {"epochs": self.attacks.get("epochs", 1), "steps": self.attacks.get("steps", 1)}
@@ -251,7 +274,7 @@ class Grid:
         first = configs[0]
         data = load_dataset(first.dataset, data_dir=first.data_dir, seed=first.data_seed, n_train=first.n_train)
         for cfg in configs:
-            registry.create("defense", cfg.defense, cfg.defense_options)
+            stack.create(cfg.defense, cfg.defense_options)
             make_model(cfg, data)
 
 
@@ -314,6 +337,9 @@ def grid_from_options(config_file: str | None = None, **cli: Any) -> Grid:
             continue
         if key == "option":
             value = _as_list(values.get("option", [])) + list(value)
+        if key == "executor" and isinstance(value, dict):  # --executor / --ray-address over the file's table
+            file_table = values.get("executor", {})
+            value = {**({"kind": file_table} if isinstance(file_table, str) else file_table), **value}
         values[key] = list(value) if isinstance(value, tuple) else value
     try:
         return Grid(**values)

@@ -27,7 +27,9 @@ SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 PSNR_MSE_FLOOR = 1e-10  # a perfect reconstruction scores 100 dB instead of inf (JSON has no inf)
 METRICS = ("ssim", "psnr", "mse", "lpips")
-HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "mse": False, "lpips": False}  # for the attacker
+# Summarized only where computed (privbench.semantic): absent, not "missing", when turned off.
+OPTIONAL_METRICS = ("sem_acc",)
+HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "mse": False, "lpips": False, "sem_acc": True}  # for the attacker
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -206,4 +208,7 @@ def summarize(
             out[name] = {"missing": lpips_missing or f"{name} not computed"}
         else:
             out[name] = grouped_mean_ci(values, groups)
+    for name in OPTIONAL_METRICS:
+        if per_image.get(name) is not None:
+            out[name] = grouped_mean_ci(per_image[name], groups)
     return out

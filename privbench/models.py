@@ -8,6 +8,8 @@ server conv back).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -29,18 +31,49 @@ class Normalize(nn.Module):
 
 
 class SplitModel(nn.Module):
-    """encoder -> (noise) -> server. `noise_std` is part of the model: on in train and eval."""
+    """encoder -> (defense transform) -> (noise) -> server. `noise_std` is part of the model: on
+    in train and eval. `defense_transform(z, training=)` is set by the training loop and by
+    Run.load_model from the run's defense (privbench.train.attach_defense); None: identity."""
 
     def __init__(self, encoder: nn.Module, server: nn.Module, noise_std: float = 0.0):
         super().__init__()
         self.encoder, self.server = encoder, server
         self.noise_std = float(noise_std)
+        self.defense_transform: Callable[..., torch.Tensor] | None = None
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        """The defense's transform of z, in the encoder's train/eval mode."""
+        f = self.defense_transform
+        return z if f is None else f(z, training=self.encoder.training)
 
     def channel(self, z: torch.Tensor) -> torch.Tensor:
         return z + self.noise_std * torch.randn_like(z) if self.noise_std > 0 else z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.server(self.channel(self.encoder(x)))
+        return self.server(self.channel(self.transform(self.encoder(x))))
+
+    def client_view(self) -> ClientView:
+        return ClientView(self)
+
+
+class ClientView(nn.Module):
+    """What the client sends before the channel noise: the encoder, then the defense transform.
+
+    Holds the model without registering it, so it adds no parameters or state-dict keys; its
+    train/eval mode is the encoder's.
+    """
+
+    def __init__(self, model: SplitModel):
+        super().__init__()
+        self.__dict__["model"] = model
+
+    def train(self, mode: bool = True) -> ClientView:
+        self.training = mode
+        self.model.encoder.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.transform(self.model.encoder(x))
 
 
 def _width(c: int, width: float) -> int:

@@ -18,7 +18,15 @@ import pandas as pd
 
 from privbench.errors import UserError
 from privbench.storage import atomic_write_bytes, load_checkpoint
-from privbench.table_rows import config_label, natural_key
+from privbench.table_rows import (
+    ATTACKER_HIGHER,
+    CLEAN_SEM_ACC,
+    METRIC_LABEL,
+    METRIC_RANGE,
+    METRIC_UNIT,
+    config_label,
+    natural_key,
+)
 
 GRID_COLUMNS = 8  # test images per row of the reconstruction grid
 PANELS_PER_ROW = 3
@@ -56,17 +64,23 @@ def _panel_title(rows: pd.DataFrame, dataset: str, preset: str) -> str:
 
 
 def privacy_utility_figure(table: pd.DataFrame) -> Any:
-    """Accuracy (y) against the worst-case attack's SSIM (x): one panel per data set and preset,
-    one colour and legend entry per defense, 95% CI bars cut at each axis' range; the
-    mean-image SSIM and chance accuracy as labelled reference lines."""
+    """Accuracy (y) against the worst-case attack's SSIM (x; the table's privacy metric, e.g.
+    sem_acc): one panel per data set and preset, one colour and legend entry per defense, 95% CI
+    bars cut at each axis' range; the mean image, chance accuracy and, for sem_acc, the
+    evaluation classifier's clean accuracy as labelled reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if table.empty or "worst_ssim_mean" not in table or table.worst_ssim_mean.isna().all():
-        raise UserError("nothing to plot: no attack results in these runs")
-    table = table[table.worst_ssim_mean.notna()].reset_index(drop=True)
+    metric = table.attrs.get("privacy_metric", "ssim")
+    col = f"worst_{metric}_mean"
+    if table.empty or col not in table or table[col].isna().all():
+        what = "attack results" if metric == "ssim" else f"{metric} results"
+        raise UserError(f"nothing to plot: no {what} in these runs")
+    attrs = dict(table.attrs)
+    table = table[table[col].notna()].reset_index(drop=True)
+    table.attrs.update(attrs)
     panels = list(dict.fromkeys(zip(table.dataset, table.preset)))
     colours = {d: f"C{i % 10}" for i, d in enumerate(dict.fromkeys(table.defense))}
     ncols = min(len(panels), PANELS_PER_ROW)
@@ -77,21 +91,22 @@ def privacy_utility_figure(table: pd.DataFrame) -> Any:
     over = "seeds" if (table.n_seeds > 1).all() else "test images" if (table.n_seeds == 1).all() else "seeds or images"
     for ax, (dataset, preset) in zip(axes.flat, panels):
         rows = table[(table.dataset == dataset) & (table.preset == preset)]
-        _draw_panel(ax, rows, colours)
+        _draw_panel(ax, rows, colours, metric)
         ax.set_title(_panel_title(rows, dataset, preset), fontsize=9)
     fig.suptitle(f"privacy vs utility (bars: 95% CI over {over})", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str]) -> None:
+def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str], metric: str = "ssim") -> None:
     several_options = rows.groupby("defense").options.nunique()
     for defense, group in rows.groupby("defense", sort=False):
         for i, r in enumerate(group.itertuples()):
             acc = 100 * r.accuracy_mean
+            x, x_ci = getattr(r, f"worst_{metric}_mean"), getattr(r, f"worst_{metric}_ci95")
             ax.errorbar(
-                r.worst_ssim_mean, acc, fmt="o", capsize=3, color=colours[defense],
-                xerr=clipped_err(r.worst_ssim_mean, r.worst_ssim_ci95, *SSIM_RANGE),
+                x, acc, fmt="o", capsize=3, color=colours[defense],
+                xerr=clipped_err(x, x_ci, *METRIC_RANGE.get(metric, SSIM_RANGE)),
                 yerr=clipped_err(acc, 100 * r.accuracy_ci95, *ACCURACY_RANGE),
                 label=defense if i == 0 else None,
             )  # fmt: skip
@@ -99,21 +114,28 @@ def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str]) -> None:
             if several_options.get(defense, 0) > 1 and r.options:
                 text += f" ({r.options})"
             ax.annotate(
-                text + (" ⚠ chance" if r.near_chance else ""), (r.worst_ssim_mean, acc),
+                text + (" ⚠ chance" if r.near_chance else ""), (x, acc),
                 xytext=(4, 4), textcoords="offset points", fontsize=6, color=colours[defense],
             )  # fmt: skip
-    if "baseline_ssim_mean" in rows and rows.baseline_ssim_mean.notna().any():
-        x = rows.baseline_ssim_mean.mean()
-        ax.axvline(x, color="0.5", ls="--", lw=1)
-        ax.annotate("mean image", (x, 0.98), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
-                    color="0.4", xytext=(2, 0), textcoords="offset points", va="top")  # fmt: skip
+    lines = [(f"baseline_{metric}_mean", "mean image", "--")]
+    if metric == "sem_acc":  # the most a reconstruction can reach: the classifier on the clean images
+        lines.append((f"{CLEAN_SEM_ACC}_mean", "clean images", "-."))
+    for col, label, style in lines:
+        if col in rows and rows[col].notna().any():
+            x = rows[col].mean()
+            ax.axvline(x, color="0.5", ls=style, lw=1)
+            ax.annotate(label, (x, 0.98), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
+                        color="0.4", xytext=(2, 0), textcoords="offset points", va="top")  # fmt: skip
     classes = rows.num_classes.dropna()
     if len(classes) and classes.nunique() == 1:
         y = 100 / classes.iloc[0]
         ax.axhline(y, color="0.5", ls=":", lw=1)
         ax.annotate("chance", (0.01, y), xycoords=("axes fraction", "data"), fontsize=6, color="0.4",
                     xytext=(0, 2), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("worst-case attack SSIM [0,1] (higher = better reconstruction = less privacy)", fontsize=8)
+    unit = f" {METRIC_UNIT[metric]}" if METRIC_UNIT.get(metric) else ""
+    better = "higher" if ATTACKER_HIGHER[metric] else "lower"
+    ax.set_xlabel(f"worst-case attack {METRIC_LABEL[metric]}{unit} ({better} = better reconstruction = less privacy)",
+                  fontsize=8)  # fmt: skip
     ax.set_ylabel("test accuracy (%)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", title="defense", title_fontsize=7)

@@ -7,6 +7,7 @@ so a plugin's own defaults stay in force.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,27 +34,49 @@ class TrainContext:
     # add_parameters(params, weight_decay=0.0, lr_scale=1.0); lr_scale multiplies the schedule's lr.
     add_parameters: Callable[..., None] = lambda params, **kw: None
     log: Callable[[str], None] = print
+    # What the client sends before the channel noise (a module: the encoder, then the defense
+    # transforms; model.client_view()). Epoch-end statistics of z should use it, not the encoder.
+    client: nn.Module | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Defense:
     """A training-time defense. Every hook is optional; `none` overrides nothing.
 
-    The loop calls, per run: `setup(ctx)`; per step: `loss(z, y, epoch=, lr=)` where `z` is the
-    encoder output in train mode *before* the channel noise, and the returned scalar is added
-    to the cross-entropy before the single backward (return None for no term); per epoch:
-    `epoch_end(epoch, ctx)` whose dict is logged. Channel options (bottleneck, noise) belong
-    to the model, so every defense composes with them. When the run compiles the model, the
-    loop also calls `compile_hot_path(compile)` once after `setup`.
+    Per run the loop calls `build(z_shape, device)` (create modules whose shape depends on z),
+    then `setup(ctx)` (register their parameters with `ctx.add_parameters`). Per step, with `z`
+    the encoder output in train mode:
+      - `transform(z, training=True)` maps z on its way to the server (a mask, learned noise, a
+        stochastic code). The channel noise is added after it. The same transform, with
+        training=False, runs when accuracy is measured and in the attacker's view
+        (`Target.forward` / `query`), so the attacker sees exactly what the server receives;
+      - `loss(z, y, epoch=, lr=, x=)` sees the transformed z (before the channel noise) and the
+        batch's float images x; the returned scalar is added to the cross-entropy before the
+        single backward (return None for no term). A defense with modules of its own trained in
+        alternation (an adversary) may take its own optimizer steps inside `loss` on a detached z.
+    Per epoch: `epoch_end(epoch, ctx)` whose dict is logged. When the run compiles the model the
+    loop also calls `compile_hot_path(compile)` once after `setup`. A run that is attacked later
+    rebuilds the defense from its options, calls `build` and then `load_state_dict`, so every
+    parameter the transform uses must be in `state_dict`. Channel options (bottleneck, noise)
+    belong to the model, so every defense composes with them; defenses stack with `a+b`
+    (privbench.stack): transforms compose left to right and losses add up.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
+    def build(self, z_shape: tuple[int, ...], device: torch.device) -> None:
+        pass
+
     def setup(self, ctx: TrainContext) -> None:
         pass
 
-    def loss(self, z: torch.Tensor, y: torch.Tensor, *, epoch: int, lr: float) -> torch.Tensor | None:
+    def transform(self, z: torch.Tensor, *, training: bool) -> torch.Tensor:
+        return z
+
+    def loss(
+        self, z: torch.Tensor, y: torch.Tensor, *, epoch: int, lr: float, x: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         return None
 
     def epoch_end(self, epoch: int, ctx: TrainContext) -> dict[str, float]:
@@ -72,9 +95,24 @@ class Defense:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def strength(self) -> tuple[str, float] | None:
+        """(option name, value) of the knob that trades accuracy for privacy, if the defense has one."""
+        return None
+
     def options(self) -> dict[str, Any]:
         """The option values in force (recorded in the run's config)."""
         return dict(getattr(self, "_options", {}))
+
+    @property
+    def transforms(self) -> bool:
+        """Whether this defense overrides `transform` (the loop skips the call otherwise)."""
+        return type(self).transform is not Defense.transform
+
+
+def takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether `fn` accepts keyword `name` (plugins written before a hook grew an argument do not)."""
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 @dataclass
@@ -90,9 +128,16 @@ class Target:
     noise_std: float
     image_shape: tuple[int, int, int]
     device: torch.device
+    # The defense's transform of z (eval mode), applied before the noise; None: identity.
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The frozen server half (input: what the server receives), for attacks whose threat model
+    # grants it (a curious server owns it); None where unknown.
+    server: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.encoder(x)
+        if self.transform is not None:
+            z = self.transform(z)
         if self.noise_std > 0:
             z = z + self.noise_std * torch.randn_like(z)
         return z
@@ -104,15 +149,18 @@ class Target:
     def z_shape(self) -> tuple[int, ...]:
         with torch.no_grad():
             probe = torch.zeros(1, *self.image_shape, device=self.device)
-            return tuple(self.encoder(probe).shape[1:])
+            z = self.encoder(probe)
+            return tuple((self.transform(z) if self.transform is not None else z).shape[1:])
 
 
 class Attack:
     """A model inversion attack.
 
     `fit(target, images)` (optional) trains on the attacker's data: float images in [0,1],
-    [N,C,H,W] on the target's device. `reconstruct(z)` maps observed activations (noise
-    included) to images in [0,1] of shape [N, *target.image_shape]. The harness scores the
+    [N,C,H,W] on the target's device. An attack whose `fit` takes a `labels` keyword also gets
+    the attacker images' class labels (int64 [N]), for threat models that grant them.
+    `reconstruct(z)` maps observed activations (noise included) to images in [0,1] of shape
+    [N, *target.image_shape]. The harness scores the
     output, so every attack is measured the same way. The budget is set through options
     (`epochs` for learned attacks, `steps` for optimization); presets supply values for them.
     """
@@ -120,7 +168,7 @@ class Attack:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
-    def fit(self, target: Target, images: torch.Tensor) -> None:
+    def fit(self, target: Target, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         self.target = target
 
     def reconstruct(self, z: torch.Tensor) -> torch.Tensor:

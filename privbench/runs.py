@@ -129,7 +129,28 @@ class Run:
         except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"checkpoint of {self.path} does not match its config.json: {first}") from None
-        return model.to(device).eval()
+        model = model.to(device).eval()
+        self._attach_defense(model, cfg, data, device)
+        return model
+
+    def _attach_defense(self, model: SplitModel, cfg: TrainConfig, data: Dataset, device: torch.device | str) -> None:
+        """Restore the defense's transform (with its trained parameters), so the attacker sees
+        what the server saw. Defenses without a transform need no state here."""
+        from privbench import stack
+        from privbench.train import attach_defense
+
+        try:
+            defense = stack.create(cfg.defense, cfg.defense_options)
+        except UserError as exc:
+            raise UserError(f"run {self.name} was trained with defense {cfg.defense!r}: {exc}") from None
+        attach_defense(model, defense, data.image_shape, torch.device(device))
+        if defense.transforms:
+            path = self.path / "checkpoint.pt"
+            try:
+                defense.load_state_dict(load_checkpoint(path).get("defense") or {})
+            except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise UserError(f"{path} is damaged: the defense state does not load ({exc})") from None
+        model.eval()
 
     def check_data(self, cfg: TrainConfig | None = None) -> None:
         """Refuse a folder: data set whose images changed since this run was trained: its test

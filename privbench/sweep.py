@@ -29,7 +29,6 @@ from privbench.grid import (  # noqa: F401
     grid_from_options,
     load_config,
 )
-from privbench.progress import Progress, duration
 
 # ---------------------------------------------------------------------------------- running
 
@@ -58,62 +57,32 @@ def run_grid(
     validate: bool = True,
     log: Callable[[str], None] = print,
 ) -> GridResult:
-    """Compute the grid's missing cells, then write table.md, table.csv, results.csv (long
-    form), privacy_utility.png, reconstructions.png and cells.json into the output folder.
+    """Compute the grid's missing cells with the grid's executor (privbench.executors), then write
+    table.md, table.csv, results.csv (long form), privacy_utility.png, reconstructions.png and
+    cells.json into the output folder. If some cells fail, the others are still computed and
+    CellsFailed names the failed ones (no output files: the grid is incomplete).
 
     `train_fn(cfg, results_dir, log=...) -> (Run, trained)` and `attack_fn(run_dir, [attack],
     **settings) -> [result with "path" and "reused"]`, called once per attack cell, default to
-    the real ones (tests inject cheap stand-ins).
+    the real ones (tests inject cheap stand-ins; the local executor only).
     """
     from privbench import plots, tables
-    from privbench.attack import write_combined_grid
+    from privbench.executors import compute_cells, open_executor
     from privbench.outputs import check_output_dir, write_manifest
     from privbench.storage import atomic_write_text
 
-    if train_fn is None:
-        from privbench.runs import train_run as train_fn
-    if attack_fn is None:
-        from privbench.attack import attack_run as attack_fn
     t_start = time.perf_counter()
     check_output_dir(grid.results_dir, "results folder")  # before any work: a typo must not cost the grid
     out_dir = grid.out_dir()
     check_output_dir(out_dir, "output folder")
-    if validate:
-        grid.validate()
-    configs = grid.train_configs()
-    settings = grid.attack_settings()
-    options = grid.attack_options()
-    n_attacks = len(configs) * len(grid.attack)
-    log(f"{len(configs)} training cells, {n_attacks} attack cells -> {out_dir}")
-    progress = Progress({"training": len(configs), "attack": n_attacks})
-    result = GridResult(table=None, long=None, out_dir=out_dir, files=[], runs=[], attack_dirs=[])
-    for cfg in configs:
-        label = f"{cfg.defense} ({Channel(cfg.bottleneck, cfg.noise).label()}) seed {cfg.seed}"
-        log(progress.start("training", f"training {label}"))
-        run, trained = train_fn(cfg, grid.results_dir, log=log)
-        seconds = progress.done("training")
-        result.runs.append(Path(run.path))
-        _count(result, trained)
-        result.timings.append({"cell": f"train {label}", "computed": trained, "seconds": seconds})
-        log(f"  {'trained in ' + duration(seconds) if trained else 'reused'}: {run.path}")
-        folders = []
-        for name in grid.attack:
-            # One call per attack cell, so the count and the ETA move per cell.
-            log(progress.start("attack", f"attack {name} on {label}"))
-            outcomes = attack_fn(
-                run.path, [name], **settings, options={name: options[name]} if name in options else {},
-                device=grid.device, seed=0, progress=grid.progress, log=log,
-            )  # fmt: skip
-            seconds = progress.done("attack")
-            for r in outcomes:
-                folders.append(Path(r["path"]))
-                _count(result, not r.get("reused", False))
-                result.timings.append({"cell": f"attack {r['attack']} on {label}", "computed": not r.get("reused"),
-                                       "seconds": seconds})  # fmt: skip
-                log(f"  {'reused' if r.get('reused') else 'computed in ' + duration(seconds)}: {r['path']}")
-        result.attack_dirs += folders
-        if len(folders) > 1:
-            write_combined_grid(Path(run.path) / "attacks" / "grid.png", folders)
+    # The executor starts (and bad executor settings fail) before any cell; it computes them all.
+    with open_executor(grid, log=log) as executor:
+        if validate:
+            grid.validate()
+        configs = grid.train_configs()
+        log(f"{len(configs)} training cells, {len(configs) * len(grid.attack)} attack cells -> {out_dir}")
+        result = GridResult(table=None, long=None, out_dir=out_dir, files=[], runs=[], attack_dirs=[])
+        compute_cells(executor, grid, configs, result, train_fn=train_fn, attack_fn=attack_fn, log=log)
 
     long = tables.collect(result.runs, attack_dirs=result.attack_dirs)
     table = tables.aggregate(long, result.runs)
@@ -135,10 +104,3 @@ def run_grid(
         result.files.append(grid_path)
     result.seconds = time.perf_counter() - t_start
     return result
-
-
-def _count(result: GridResult, computed: bool) -> None:
-    if computed:
-        result.computed += 1
-    else:
-        result.reused += 1

@@ -19,6 +19,7 @@ from privbench.table_rows import (
     ATTACKER_HIGHER,
     CHANCE_FACTOR,
     CHANCE_MARK,
+    CLEAN_SEM_ACC,
     METRIC_DIGITS,
     METRIC_LABEL,
     METRIC_UNIT,
@@ -38,6 +39,12 @@ UNITS_NOTE = (
 DAGGER_NOTE = (
     f"{DAGGER} no better than the mean training image (SSIM/PSNR at or below it, LPIPS/MSE at or above it): "
     "the attack learned nothing measurable there."
+)
+
+UNSATURATED = "(unsaturated)"
+UNSATURATED_NOTE = (
+    f"{UNSATURATED}: twice the attack's budget raised its SSIM by more than the 95% CI (in at least one seed): "
+    "the attack had not converged, so the cell understates the leakage (--check-saturation)."
 )
 
 
@@ -73,7 +80,21 @@ def _privacy_cell(r: pd.Series, prefix: str, metric: str) -> str:
     mean, ci = r.get(f"{prefix}_{metric}_mean"), r.get(f"{prefix}_{metric}_ci95")
     cell = _pm(mean, ci, METRIC_DIGITS[metric])
     mark = prefix != "baseline" and no_better_than_baseline(mean, r.get(f"baseline_{metric}_mean"), metric)
-    return cell + (f" {DAGGER}" if mark else "")
+    unsaturated = r.get(f"{prefix}_unsaturated_mean")
+    return cell + (f" {DAGGER}" if mark else "") + (f" {UNSATURATED}" if unsaturated and unsaturated > 0 else "")
+
+
+def _worst_cell(r: pd.Series, metric: str, privacy_metric: str) -> str:
+    """'decoder 0.612 ± 0.010': the attack that reached the worst case of `metric`, and its number.
+    The saturation flag travels with worst_attack, the worst case by the privacy metric."""
+    attack = r.get("worst_attack" if metric == privacy_metric else f"worst_{metric}_attack")
+    if not isinstance(attack, str) or not attack:
+        return "–"
+    mean = r.get(f"worst_{metric}_mean")
+    cell = _pm(mean, r.get(f"worst_{metric}_ci95"), METRIC_DIGITS[metric])
+    mark = no_better_than_baseline(mean, r.get(f"baseline_{metric}_mean"), metric)
+    unsaturated = metric == privacy_metric and (r.get("worst_unsaturated_mean") or 0) > 0
+    return f"{attack} {cell}" + (f" {DAGGER}" if mark else "") + (f" {UNSATURATED}" if unsaturated else "")
 
 
 def columns(table: pd.DataFrame) -> list[Column]:
@@ -101,9 +122,11 @@ def columns(table: pd.DataFrame) -> list[Column]:
                 for r in rows
             ]
             cols.append(Column(metric_header(attack, metric), cells, "attack", metric))
-    cols.append(Column(metric_header("worst case", "ssim"), [
-        f"{r.worst_attack} {_privacy_cell(r, 'worst', 'ssim')}" if r.worst_attack else "–" for r in rows
-    ], "worst", "ssim"))  # fmt: skip
+    privacy = table.attrs.get("privacy_metric", "ssim")
+    for metric in (privacy, *(m for m in METRICS if m != privacy)):  # the privacy metric's worst case first
+        cells = [_worst_cell(r, metric, privacy) for r in rows]
+        if metric == privacy or any(c != "–" for c in cells):
+            cols.append(Column(metric_header("worst case", metric), cells, "worst", metric))
     for metric in METRICS:
         if f"baseline_{metric}_mean" in table:
             cells = [_privacy_cell(r, "baseline", metric) for r in rows]
@@ -111,9 +134,9 @@ def columns(table: pd.DataFrame) -> list[Column]:
     return cols
 
 
-def _md_columns(cols: list[Column]) -> list[Column]:
-    """The Markdown table shows the mean image's SSIM only (the other metrics are in the CSV)."""
-    return [c for c in cols if c.kind != "baseline" or c.metric == "ssim"]
+def _md_columns(cols: list[Column], privacy_metric: str = "ssim") -> list[Column]:
+    """The Markdown table shows the mean image's SSIM (and privacy metric) only; the rest is in the CSV."""
+    return [c for c in cols if c.kind != "baseline" or c.metric in ("ssim", privacy_metric)]
 
 
 def caption(table: pd.DataFrame) -> str:
@@ -166,9 +189,14 @@ def footnotes(table: pd.DataFrame, cols: list[Column]) -> list[str]:
     notes = [f"± = 95% CI{over}. {UNITS_NOTE}"]
     if any(DAGGER in cell for c in cols for cell in c.cells):
         notes.append(DAGGER_NOTE)
+    if any(UNSATURATED in cell for c in cols for cell in c.cells):
+        notes.append(UNSATURATED_NOTE)
     for reason in sorted({n for s in table.notes for n in s.split("; ") if n}):
         metric, _, why = reason.partition(" missing: ")
         notes.append(f"{METRIC_LABEL.get(metric, metric)} missing: {why}")
+    sem = semantic_note(table)
+    if sem:
+        notes.append(sem)
     if table.near_chance.any():
         notes.append(f"{CHANCE_MARK}: accuracy below {CHANCE_FACTOR:g} / classes; its privacy numbers say little.")
     env = environment_note(table)
@@ -177,9 +205,31 @@ def footnotes(table: pd.DataFrame, cols: list[Column]) -> list[str]:
     return notes
 
 
+def semantic_note(table: pd.DataFrame) -> str | None:
+    """What sem_acc means, with its reference line: the classifier's accuracy on the clean images."""
+    if not any(c.endswith("_sem_acc_mean") and not c.startswith(("worst_", "baseline_")) for c in table.columns):
+        return None
+    note = (
+        "sem_acc: fraction of reconstructions that an evaluation classifier (ResNet-20, trained on the training "
+        "split, independent of the target) labels with the true class; higher = more leakage"
+    )
+    col = f"{CLEAN_SEM_ACC}_mean"
+    if col in table and table[col].notna().any():
+        values = {
+            config_label(r.defense, r.channel, r.options): _pm(r[col], r.get(f"{CLEAN_SEM_ACC}_ci95"), 3)
+            for _, r in table.iterrows() if not pd.isna(r[col])
+        }  # fmt: skip
+        same = len(set(values.values())) == 1
+        ref = next(iter(values.values())) if same else ", ".join(f"{k} {v}" for k, v in values.items())
+        note += f". Reference line, its accuracy on the clean evaluation images: {ref}"
+    if "baseline_sem_acc_mean" in table and table.baseline_sem_acc_mean.notna().any():
+        note += f"; the mean image scores {table.baseline_sem_acc_mean.mean():.3f} (about chance)"
+    return note + "."
+
+
 def display_frame(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Formatted strings for the human formats, plus footnote lines."""
-    cols = _md_columns(columns(table))
+    cols = _md_columns(columns(table), table.attrs.get("privacy_metric", "ssim"))
     return pd.DataFrame({c.header: c.cells for c in cols}), footnotes(table, cols)
 
 
@@ -232,7 +282,7 @@ def latex_tables(table: pd.DataFrame) -> list[list[Column]]:
     """The column sets of the LaTeX tables: all in one when it fits in MAX_LATEX_COLUMNS, else
     one table per metric (attack columns in chunks if one metric alone is still too wide)."""
     cols = columns(table)
-    shown = _md_columns(cols)
+    shown = _md_columns(cols, table.attrs.get("privacy_metric", "ssim"))
     if len(shown) <= MAX_LATEX_COLUMNS:
         return [shown]
     ids = [c for c in cols if c.kind == "id"]

@@ -18,15 +18,23 @@ import pandas as pd
 
 from privbench.config import TrainConfig, config_hash
 from privbench.errors import UserError
+from privbench.stack import label as stack_label
 from privbench.storage import read_json
 
-METRICS = ("ssim", "psnr", "lpips", "mse")  # table order; higher ssim/psnr = better reconstruction
-METRIC_LABEL = {"ssim": "SSIM", "psnr": "PSNR", "lpips": "LPIPS", "mse": "MSE"}
-METRIC_UNIT = {"ssim": "[0,1]", "psnr": "(dB)", "lpips": "", "mse": ""}
-METRIC_DIGITS = {"ssim": 3, "psnr": 2, "lpips": 3, "mse": 4}
-METRIC_RANGE = {"ssim": (0.0, 1.0), "psnr": (0.0, math.inf), "lpips": (0.0, math.inf), "mse": (0.0, 1.0)}
+# Table order; higher ssim/psnr/sem_acc = better reconstruction. sem_acc: the fraction of
+# reconstructions the evaluation classifier labels with the true class (privbench.semantic).
+METRICS = ("ssim", "psnr", "lpips", "mse", "sem_acc")
+METRIC_LABEL = {"ssim": "SSIM", "psnr": "PSNR", "lpips": "LPIPS", "mse": "MSE", "sem_acc": "sem_acc"}
+METRIC_UNIT = {"ssim": "[0,1]", "psnr": "(dB)", "lpips": "", "mse": "", "sem_acc": "[0,1]"}
+METRIC_DIGITS = {"ssim": 3, "psnr": 2, "lpips": 3, "mse": 4, "sem_acc": 3}
+METRIC_RANGE = {
+    "ssim": (0.0, 1.0), "psnr": (0.0, math.inf), "lpips": (0.0, math.inf), "mse": (0.0, 1.0), "sem_acc": (0.0, 1.0),
+}  # fmt: skip
 # Privacy cells that do no better than the mean image: higher is better for the attacker here.
-ATTACKER_HIGHER = {"ssim": True, "psnr": True, "lpips": False, "mse": False}
+ATTACKER_HIGHER = {"ssim": True, "psnr": True, "lpips": False, "mse": False, "sem_acc": True}
+# Run-level metric: the evaluation classifier's accuracy on the clean evaluation images, sem_acc's reference line.
+CLEAN_SEM_ACC = "clean_sem_acc"
+
 CHANCE_FACTOR = 1.5  # accuracy below 1.5 / num_classes is flagged: the model learned ~nothing
 CHANCE_MARK = "⚠ chance"
 # Columns that describe a row's configuration; they appear in front of the numbers.
@@ -40,6 +48,14 @@ LONG_COLUMNS = [
     "seed", "num_classes", "attack", "attack_dir", "variant", "attacker_data", "eval_images",
     "metric", "value", "ci95", "n", "note", *ENV_FIELDS, "path",
 ]  # fmt: skip
+
+
+def metric_of(key: str) -> str | None:
+    """The metric a column key ends with: 'decoder_sem_acc' -> 'sem_acc' (metric names hold '_')."""
+    for metric in sorted(METRICS, key=len, reverse=True):
+        if key == metric or key.endswith(f"_{metric}"):
+            return metric
+    return None
 
 
 def is_run_dir(path: Path) -> bool:
@@ -77,7 +93,14 @@ def config_label(defense: str, channel: str, options: str = "") -> str:
 
 
 def options_label(options: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(options.items()))
+    """{'lam': 16} -> 'lam=16'; a stack's {'gmm-cem': {'lam': 16}} -> 'gmm-cem.lam=16'."""
+    flat = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(flat.items()))
 
 
 def collect(paths: Iterable[str | Path], *, attack_dirs: Iterable[str | Path] | None = None) -> pd.DataFrame:
@@ -120,7 +143,7 @@ def _run_rows(run_dir: Path, keep: set[Path] | None) -> list[dict[str, Any]]:
     ident = {k: v for k, v in cfg.identity().items() if k != "seed"}
     base = {
         "run": run_dir.name, "config": config_hash(ident), "dataset": cfg.dataset, "model": cfg.model,
-        "preset": cfg.preset, "cut": cfg.cut, "defense": cfg.defense,
+        "preset": cfg.preset, "cut": cfg.cut, "defense": stack_label(cfg.defense),
         "channel": channel_label(cfg.bottleneck, cfg.noise), "bottleneck": cfg.bottleneck, "noise": cfg.noise,
         "options": options_label(cfg.defense_options), "seed": cfg.seed, "num_classes": metrics.get("num_classes"),
         "path": str(run_dir),
@@ -133,24 +156,39 @@ def _run_rows(run_dir: Path, keep: set[Path] | None) -> list[dict[str, Any]]:
     root = run_dir / "attacks"
     folders = sorted(p for p in root.iterdir() if (p / "metrics.json").is_file()) if root.is_dir() else []
     baselines: list[dict[str, Any]] = []
+    cleans: list[dict[str, Any]] = []  # sem_acc reference lines, as baselines: one per run
     for folder in folders:
         if keep is not None and folder.resolve() not in keep:
             continue
         m = read_json(folder / "metrics.json")
+        if m.get("saturation_check_of"):  # a doubled-budget check of another folder, not a cell
+            continue
         name = m.get("attack", folder.name.rsplit("-", 1)[0])
         data = m.get("attacker_data", "train")
         if data != "train":  # another threat model: its own columns
             name = f"{name}[{data}]"
+        info = m.get("info")
+        if isinstance(info, dict) and info.get("query_free"):  # never queried the target: say so in its name
+            name = f"{name} (query-free)"
         variant = {"options": m.get("options", {}), "eval_images": m.get("eval_images"), "seed": m.get("seed")}
         cell = base | _environment(m.get("provenance")) | {
             "attack": name, "attack_dir": folder.name, "variant": json.dumps(variant, sort_keys=True),
             "attacker_data": data, "eval_images": m.get("eval_images"),
         }  # fmt: skip
         rows += _metric_rows(cell, m.get("metrics", {}))
+        saturation = m.get("saturation")
+        if isinstance(saturation, dict) and "unsaturated" in saturation:  # 1: doubling the budget still helped
+            rows.append(cell | {"metric": "unsaturated", "value": float(bool(saturation["unsaturated"]))})
         # Attacks with the same attacker data score the same mean image; prefer the train split.
         baselines.insert(0 if data == "train" else len(baselines), m.get("baseline", {}))
+        sem = m.get("semantic")
+        if isinstance(sem, dict) and sem.get("clean_accuracy") is not None:
+            clean = {"mean": sem["clean_accuracy"], "ci95": sem.get("clean_accuracy_ci95"), "n": m.get("eval_images")}
+            cleans.insert(0 if data == "train" else len(cleans), {CLEAN_SEM_ACC: clean})
     if baselines:
         rows += _metric_rows(base | {"attack": "baseline", "attack_dir": ""}, baselines[0])
+    if cleans:  # a run-level number like accuracy: attack ''
+        rows += _metric_rows(base | {"attack": "", "attack_dir": ""}, cleans[0])
     return rows
 
 

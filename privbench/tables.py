@@ -8,8 +8,10 @@ formats numbers, so the CSV stays raw.
 
 Confidence intervals: with two or more seeds, a Student-t interval (n-1 dof) over the per-seed
 means; with one seed, the interval over test images recorded by the attack (accuracy then has
-one only if the run recorded it). The worst case is the attack whose reconstructions score the
-highest mean SSIM.
+one only if the run recorded it). The worst case is taken per metric: for each metric, the
+attack with the highest mean SSIM / PSNR / sem_acc or the lowest LPIPS / MSE
+(`worst_<metric>_attack`, `worst_<metric>_mean`/`_ci95`); `worst_attack` is the worst case by the
+privacy metric (SSIM unless `privacy_metric` says otherwise).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from privbench import stats
+from privbench.errors import UserError
 from privbench.storage import read_json
 from privbench.table_format import (
     FORMATS,
@@ -35,8 +38,10 @@ from privbench.table_format import (
     to_markdown,
 )
 from privbench.table_rows import (
+    ATTACKER_HIGHER,
     CHANCE_FACTOR,
     CHANCE_MARK,
+    CLEAN_SEM_ACC,
     ID_COLUMNS,
     LONG_COLUMNS,
     METRIC_DIGITS,
@@ -48,6 +53,7 @@ from privbench.table_rows import (
     environment_differences,
     expand_run_dirs,
     is_run_dir,
+    metric_of,
     natural_key,
 )  # fmt: skip
 
@@ -78,13 +84,34 @@ def _joined(values: Iterable[Any]) -> str:
     return " ".join(sorted(seen, key=natural_key))
 
 
-def aggregate(long: pd.DataFrame, run_dirs: Iterable[Path] | None = None) -> pd.DataFrame:
+def check_privacy_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise UserError(f"unknown privacy metric {metric!r} (known: {', '.join(METRICS)})")
+    return metric
+
+
+def _worst(table: pd.DataFrame, attacks: list[str], metric: str) -> list[str]:
+    """Per row, the attack that reached the worst case (for privacy) of `metric`; '' if none has it."""
+    out = []
+    for config in table.index:
+        scores = {a: table.at[config, f"{a}_{metric}_mean"] for a in attacks if f"{a}_{metric}_mean" in table}
+        scores = {a: s for a, s in scores.items() if not pd.isna(s)}
+        pick = max if ATTACKER_HIGHER[metric] else min
+        out.append(pick(scores, key=scores.get) if scores else "")
+    return out
+
+
+def aggregate(
+    long: pd.DataFrame, run_dirs: Iterable[Path] | None = None, *, privacy_metric: str = "ssim"
+) -> pd.DataFrame:
     """One row per defense configuration, raw numbers: `<attack>_<metric>_mean` / `_ci95`.
 
-    Also accuracy_mean/_ci95, baseline_<metric>_*, worst_attack and worst_<metric>_*, n_seeds,
+    Also accuracy_mean/_ci95, clean_sem_acc_* (sem_acc's reference line), baseline_<metric>_*,
+    worst_attack (by `privacy_metric`), per metric worst_<metric>_attack/_mean/_ci95, n_seeds,
     eval_images, attacker_data, near_chance, environments (what differs between the cells'
     environments, '' if nothing), notes (e.g. why LPIPS is missing) and the run folder names.
     """
+    check_privacy_metric(privacy_metric)
     if long.empty:
         return pd.DataFrame()
     # The mean over seeds of each (config, attack, metric); the CI over seeds or over images.
@@ -102,7 +129,7 @@ def aggregate(long: pd.DataFrame, run_dirs: Iterable[Path] | None = None) -> pd.
         cells.append({"config": config, "key": key, "mean": stats.mean(vals), "ci95": ci, "missing": missing})
     cells_df = pd.DataFrame(cells)
     rank = {m: i for i, m in enumerate(METRICS)}
-    keys = sorted(dict.fromkeys(cells_df.key), key=lambda k: rank.get(k.rsplit("_", 1)[-1], -1))
+    keys = sorted(dict.fromkeys(cells_df.key), key=lambda k: rank.get(metric_of(k), -1))
     wide = cells_df.pivot(index="config", columns="key", values=["mean", "ci95"])
     wide.columns = [f"{key}_{stat}" for stat, key in wide.columns]
     wide = wide[[f"{k}_{stat}" for k in keys for stat in ("mean", "ci95")]]
@@ -128,18 +155,21 @@ def aggregate(long: pd.DataFrame, run_dirs: Iterable[Path] | None = None) -> pd.
             info[k] = [json.dumps(v) if isinstance(v, list | dict) else v for v in values]
     table = info.join(wide)
     attacks = [a for a in dict.fromkeys(long.attack) if a not in ("", "baseline")]
-    worst = []
-    for config in table.index:
-        scores = {a: table.at[config, f"{a}_ssim_mean"] for a in attacks if f"{a}_ssim_mean" in table}
-        scores = {a: s for a, s in scores.items() if not pd.isna(s)}
-        worst.append(max(scores, key=scores.get) if scores else "")
+    worst = _worst(table, attacks, privacy_metric)
     table["worst_attack"] = worst
-    for metric in METRICS:
+    for metric in METRICS:  # the worst case of each metric, with the attack that reached it
+        by = _worst(table, attacks, metric)
+        table[f"worst_{metric}_attack"] = by
         for stat in ("mean", "ci95"):
             table[f"worst_{metric}_{stat}"] = [
                 table.at[c, f"{w}_{metric}_{stat}"] if w and f"{w}_{metric}_{stat}" in table else math.nan
-                for c, w in zip(table.index, worst)
+                for c, w in zip(table.index, by)
             ]
+    for stat in ("mean", "ci95"):  # the worst attack's saturation flag travels with its numbers
+        table[f"worst_unsaturated_{stat}"] = [
+            table.at[c, f"{w}_unsaturated_{stat}"] if w and f"{w}_unsaturated_{stat}" in table else math.nan
+            for c, w in zip(table.index, worst)
+        ]
     table["near_chance"] = [
         bool(nc) and not pd.isna(acc) and acc < CHANCE_FACTOR / nc
         for acc, nc in zip(table.accuracy_mean, table.num_classes)
@@ -151,6 +181,7 @@ def aggregate(long: pd.DataFrame, run_dirs: Iterable[Path] | None = None) -> pd.
     front = [
         *ID_COLUMNS, *settings, "num_classes", "n_seeds", "seeds", "eval_images", "attacker_data",
         "accuracy_mean", "accuracy_ci95",
+        *[c for c in (f"{CLEAN_SEM_ACC}_mean", f"{CLEAN_SEM_ACC}_ci95") if c in table],
     ]  # fmt: skip
     groups = [f"{a}_" for a in attacks] + ["baseline_", "worst_"]
     numbers = list(dict.fromkeys(c for p in groups for c in table.columns if c.startswith(p)))
@@ -161,14 +192,18 @@ def aggregate(long: pd.DataFrame, run_dirs: Iterable[Path] | None = None) -> pd.
     table = table.sort_values(order, na_position="first", kind="stable").drop(columns="_rank").reset_index()
     table.attrs["attacks"] = attacks
     table.attrs["settings"] = settings
+    table.attrs["privacy_metric"] = privacy_metric
     return table
 
 
-def results_table(paths: Iterable[str | Path], *, attack_dirs: Iterable[str | Path] | None = None) -> pd.DataFrame:
+def results_table(
+    paths: Iterable[str | Path], *, attack_dirs: Iterable[str | Path] | None = None, privacy_metric: str = "ssim"
+) -> pd.DataFrame:
     """`collect` + `aggregate`: the numeric privacy-utility table of the runs in `paths`."""
+    check_privacy_metric(privacy_metric)
     run_dirs = expand_run_dirs(paths)
     long = collect(run_dirs, attack_dirs=attack_dirs)
-    return aggregate(long, run_dirs)
+    return aggregate(long, run_dirs, privacy_metric=privacy_metric)
 
 
 def chance_warnings(table: pd.DataFrame) -> list[str]:

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from privbench import registry, resume
+from privbench import resume, stack
 from privbench.config import CUDA_GRAPH_MODES, TrainConfig
 from privbench.data import Dataset, Split, augment, load_dataset, to_float
+from privbench.errors import UserError
 from privbench.features import z_spread
 from privbench.metrics import grouped_mean_ci
 from privbench.models import SplitModel, build_model
@@ -74,6 +75,18 @@ def make_model(cfg: TrainConfig, data: Dataset) -> SplitModel:
         cfg.model, num_classes=data.num_classes, cut=cfg.cut, bottleneck=cfg.bottleneck,
         noise_std=cfg.noise, width=cfg.width, image_shape=data.image_shape,
     )  # fmt: skip
+
+
+def attach_defense(model: SplitModel, defense: Defense, image_shape: tuple[int, ...], device: torch.device) -> None:
+    """Build the defense's modules for this model's z and route z through its transform, in
+    training, when accuracy is measured and in the attacker's view (Run.load_model does the same)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        z_shape = tuple(model.encoder(torch.zeros(2, *image_shape, device=device)).shape[1:])
+    model.train(was_training)
+    defense.build(z_shape, device)
+    model.defense_transform = defense.transform if defense.transforms else None
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> Dataset:
@@ -130,7 +143,7 @@ def correct_rate(
         labels = split.labels[i : i + batch_size]
         hits = torch.zeros(len(labels), device=device)
         with autocast(device, amp):
-            z = model.encoder(to_float(split.images[i : i + batch_size]))
+            z = model.transform(model.encoder(to_float(split.images[i : i + batch_size])))
             for _ in range(draws):
                 hits += (model.server(model.channel(z)).argmax(1) == labels).float()
         out.append(hits / draws)
@@ -160,13 +173,14 @@ class WeightAverage:
     to the random initialisation. Integer buffers (BN step counters) are copied.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.steps = decay, 0
+    def __init__(self, model: torch.nn.Module, decay: float, extra: list[torch.Tensor] = ()):
+        # extra: a defense's own trained parameters (a learned transform): averaged with the model,
+        # so the kept encoder and the kept transform come from the same average.
+        self.decay, self.steps, self.extra = decay, 0, list(extra)
         self.avg = [t.detach().clone() for t in self._tensors(model)]
 
-    @staticmethod
-    def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-        return [*model.parameters(), *model.buffers()]
+    def _tensors(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        return [*model.parameters(), *model.buffers(), *self.extra]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -197,10 +211,11 @@ def train(
     before (same configuration) resumes from it (privbench.resume).
     """
     device = pick_device(cfg.device)
-    defense = registry.create("defense", cfg.defense, cfg.defense_options)
+    defense = stack.create(cfg.defense, cfg.defense_options)
     seed_everything(cfg.seed)
     data = data if data is not None else load_data(cfg, device)
     model = make_model(cfg, data).to(device)
+    attach_defense(model, defense, data.image_shape, device)
     use_amp = cfg.amp and device.type in FAST_PATH_DEVICES
     channels_last = cfg.channels_last and device.type in FAST_PATH_DEVICES
     if channels_last:
@@ -224,7 +239,7 @@ def train(
         model=model, train_images=data.train.images, train_labels=data.train.labels,
         num_classes=data.num_classes, noise_std=cfg.noise, device=device, epochs=cfg.epochs,
         batch_size=cfg.batch_size, steps_per_epoch=steps, seed=cfg.seed,
-        add_parameters=add_parameters, log=log,
+        add_parameters=add_parameters, log=log, client=model.client_view(),
     )  # fmt: skip
     defense.setup(ctx)
     dev_gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -234,7 +249,9 @@ def train(
         defense.compile_hot_path(lambda fn: compiled(fn, cfg.compile_mode))
     # CUDA graphs (mode "reduce-overhead") reuse their output buffers: each step must say it is new.
     mark_step = cfg.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
-    average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
+    transforms = defense.transforms
+    defense_params = [p for group in opt.param_groups[2:] for p in group["params"]]  # added by the defense
+    average = WeightAverage(model, cfg.ema, defense_params) if cfg.ema > 0 else None
     loop = resume.LoopState(model, opt, defense, dev_gen, average)
     start, history, done_seconds = resume.restore(checkpoint, cfg.hash(), loop, log)
     t0 = time.perf_counter() - done_seconds
@@ -260,9 +277,11 @@ def train(
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast(device, use_amp):
                 z = encoder(x)
+                if transforms:
+                    z = defense.transform(z, training=True)
                 logits = server(model.channel(z))
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                extra = defense.loss(z, y, epoch=epoch, lr=step_lr)
+                extra = defense.loss(z, y, epoch=epoch, lr=step_lr, x=x)
             total = loss if extra is None else loss + extra
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -277,6 +296,9 @@ def train(
             "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / n,
             "defense_loss": extra_sum.item() / n, "train_acc": correct.item() / n,
         }  # fmt: skip
+        bad = defense.nonfinite_part() if transforms else None
+        if bad is not None:  # raised before anything of this epoch is saved: no half-written run
+            raise UserError(f"defense {bad}: its transform produced NaN or Inf in epoch {epoch + 1}; training stopped")
         row.update(defense.epoch_end(epoch, ctx))
         row["epoch_seconds"] = time.perf_counter() - t_epoch
         history.append(row)
@@ -289,11 +311,12 @@ def train(
     stats = accuracy_stats(model, data.test, amp=use_amp)
     acc = stats["test_accuracy"]
     model = model.to(memory_format=torch.contiguous_format)
-    spread = z_spread(model.encoder, data.train.images, data.train.labels, data.num_classes)
+    spread = z_spread(model.client_view(), data.train.images, data.train.labels, data.num_classes)
     ci = stats["test_accuracy_ci95"]
     log(f"test_accuracy={acc:.4f}" + (f" ±{ci:.4f} ({stats['test_groups']} groups)" if ci is not None else "")
         + f" train_seconds={seconds:.1f} " + " ".join(f"{k}={v:.4g}" for k, v in spread.items()))  # fmt: skip
-    return TrainResult(model, defense, acc, history, seconds, spread, stats)
+    kept = defense.members[0][1] if defense.single else defense  # a lone defense is itself, not a stack of one
+    return TrainResult(model, kept, acc, history, seconds, spread, stats)
 
 
 def _fmt(v: Any) -> str:
