@@ -73,6 +73,7 @@ def list_cmd(preset: str, plugins: tuple[str, ...]) -> None:
     click.echo("datasets:\n" + "".join(f"  {d}\n" for d in DATASETS), nl=False)
     click.echo("models:\n" + "".join(f"  {m}\n" for m in MODELS), nl=False)
     click.echo("channel options (compose with every defense):\n  --bottleneck C<c>\n  --noise SIGMA")
+    click.echo("defense stacks: --defense dropout+gmm-cem (parts left to right; -o PART.key=value)")
     click.echo(preset_defaults(preset))
 
 
@@ -192,9 +193,13 @@ def train(
 @click.option("--check-saturation/--no-check-saturation", default=None,
               help="Repeat every learned attack at twice its epochs and flag it unsaturated when SSIM rises by "
                    "more than its 95% CI [default: the preset's: off for quick, on for paper].")  # fmt: skip
+@click.option("--semantic/--no-semantic", default=None,
+              help="Score sem_acc: does an independent classifier still read each reconstruction's true class? "
+                   "[default: the preset's (on)]")  # fmt: skip
 def attack(
-    run_dir, attacks, attacker_data, epochs, steps, eval_images, options, device, seed, quiet, plugins, check_saturation
-) -> None:
+    run_dir, attacks, attacker_data, epochs, steps, eval_images, options, device, seed, quiet, plugins,
+    check_saturation, semantic,
+) -> None:  # fmt: skip
     """Attack a trained run; writes RUN_DIR/attacks/<attack>-<hash>/ and prints a table."""
     from privbench.attack import attack_run, format_table, split_options
 
@@ -203,7 +208,7 @@ def attack(
     results = attack_run(
         run_dir, names, attacker_data=attacker_data, epochs=epochs, steps=steps, eval_images=eval_images,
         options=split_options(parse_options(options), names), device=device, seed=seed, progress=not quiet,
-        log=click.echo, check_saturation=check_saturation,
+        log=click.echo, check_saturation=check_saturation, semantic=semantic,
     )  # fmt: skip
     first = results[0]
     click.echo(f"run {first['run']}: {first['eval_images']} {first['eval_split']} images; {first['threat_model']}")

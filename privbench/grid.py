@@ -32,7 +32,7 @@ DEFAULT_DEFENSES = ("none@plain", "none", "gmm-cem", "slot-cem")
 DEFAULT_ATTACKS = ("decoder", "optimization")
 BASE_BOTTLENECK = 8  # C8, the reference
 BASE_NOISE = 0.025
-ATTACK_SETTINGS = ("epochs", "steps", "eval_images", "attacker_data", "check_saturation")
+ATTACK_SETTINGS = ("epochs", "steps", "eval_images", "attacker_data", "check_saturation", "semantic")
 # TrainConfig fields the grid itself sets; a [train] table may not override them.
 GRID_FIELDS = ("dataset", "data_dir", "cut", "bottleneck", "noise", "defense", "defense_options", "seed", "preset",
                "device", "progress", "data_fingerprint")  # fmt: skip

@@ -57,7 +57,8 @@ def cem_frame(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> pd.DataFrame
     for (base, channel), cell in cells.items():
         row: dict[str, object] = {"base": base, "channel": channel}
         for g in groups:
-            for key in ("accuracy_mean", "accuracy_ci95", "worst_ssim_mean", "worst_ssim_ci95", "worst_attack"):
+            keys = ("accuracy_mean", "accuracy_ci95", "worst_ssim_mean", "worst_ssim_ci95", "worst_attack", "n_seeds")
+            for key in keys:
                 row[f"{g}|{key}"] = cell.get(f"{g}|{key}", math.nan)
             if g != ALONE:
                 for m in ("accuracy", "worst_ssim"):
@@ -74,16 +75,19 @@ def to_markdown(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> str:
     groups = frame.attrs["groups"]
     header = ["base defense", "channel"]
     for g in groups:
-        header += [f"{g}: accuracy (%)", f"{g}: worst SSIM"] + ([f"{g}: ΔSSIM"] if g != ALONE else [])
+        header += [f"{g}: accuracy (%)", f"{g}: worst SSIM"] + ([f"{g}: Δacc / ΔSSIM"] if g != ALONE else [])
+    mixed = table.n_seeds.nunique() > 1  # then every cell says its number of seeds
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in frame.to_dict("records"):
         cells = [str(r["base"]), str(r["channel"])]
         for g in groups:
-            cells += [_pm(r[f"{g}|accuracy_mean"], r[f"{g}|accuracy_ci95"], 1, 100),
+            n = r[f"{g}|n_seeds"]
+            seeds = f" (n={int(n)})" if mixed and not pd.isna(n) else ""
+            cells += [_pm(r[f"{g}|accuracy_mean"], r[f"{g}|accuracy_ci95"], 1, 100) + seeds,
                       _pm(r[f"{g}|worst_ssim_mean"], r[f"{g}|worst_ssim_ci95"], 3)]  # fmt: skip
             if g != ALONE:
-                d = r[f"{g}|delta_worst_ssim"]
-                cells.append("–" if pd.isna(d) else f"{d:+.3f}")
+                da, ds = r[f"{g}|delta_accuracy"], r[f"{g}|delta_worst_ssim"]
+                cells.append("–" if pd.isna(ds) else f"{100 * da:+.1f} / {ds:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     worst = sorted({str(v) for g in groups for v in frame[f"{g}|worst_attack"] if isinstance(v, str) and v})
     notes = [
@@ -91,7 +95,8 @@ def to_markdown(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> str:
         "Rows: base defenses on their channel; columns: the base alone and with each CEM defense on top "
         "(a CEM defense alone sits on the row `none`, the channel alone). Worst SSIM: the highest mean SSIM "
         f"over the attacks run ({', '.join(worst) or 'none'}); ± is the 95% CI (over seeds with 2 or more, "
-        "else over test images). ΔSSIM: the group's worst SSIM minus the alone cell's (negative = more privacy).",
+        "else over test images). Δacc / ΔSSIM: the group's accuracy (points) and worst SSIM minus the alone "
+        "cell's (a negative ΔSSIM = more privacy).",
     ]  # fmt: skip
     return "\n".join(lines + [""] + notes) + "\n"
 

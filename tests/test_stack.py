@@ -231,10 +231,8 @@ def test_cem_layout_puts_bases_in_rows_and_tops_in_column_groups():
         by_base["none"]["+ slot-cem|worst_ssim_mean"]
     )
     md = table_cem.to_markdown(table)
-    assert (
-        "| dropout (rate=0.3) | C8 + noise 0.025 | 90.0 ± 1.0 | 0.580 ± 0.005 | 89.0 ± 1.0 | 0.500 ± 0.005 | -0.080 |"
-        in md
-    )
+    cells = "90.0 ± 1.0 | 0.580 ± 0.005 | 89.0 ± 1.0 | 0.500 ± 0.005 | -1.0 / -0.080"
+    assert f"| dropout (rate=0.3) | C8 + noise 0.025 | {cells} |" in md
 
 
 def test_the_transform_example_in_the_docs_trains_and_is_attacked(tmp_path):
