@@ -269,12 +269,16 @@ Top-level keys win over table entries; options on the command line win over the 
                    "cell; settings in an [executor] table, docs/executors.md) [default: local].")  # fmt: skip
 @click.option("--ray-address", default=None, metavar="HOST:PORT|auto",
               help="Ray cluster to connect to (default: $RAY_ADDRESS, else a local Ray instance).")  # fmt: skip
+@click.option("--check-saturation/--no-check-saturation", default=None,
+              help="Repeat every learned attack at twice its epochs; mark cells whose SSIM still rises "
+                   "(unsaturated) [default: the preset's: off for quick, on for paper].")  # fmt: skip
+@click.option("--semantic/--no-semantic", default=None, help="Score sem_acc for every attack [default: on].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @plugin_option
 def run(
     preset, dataset, data_dir, defenses, options, attacks, seeds, epochs, model, cut, bottlenecks, noises,
-    attacker_data, eval_images, device, compile_mode, results_dir, out, config_file, executor, ray_address, quiet,
-    plugins,
+    attacker_data, eval_images, device, compile_mode, results_dir, out, config_file, executor, ray_address,
+    check_saturation, semantic, quiet, plugins,
 ) -> None:  # fmt: skip
     """The main job: train every defense configuration, attack each, print the privacy-utility
     table and write table.md, table.csv, results.csv, privacy_utility.png and reconstructions.png.
@@ -307,6 +311,9 @@ def run(
     )  # fmt: skip
     if compile_mode:
         grid.train["compile"] = compile_mode
+    for key, value in (("check_saturation", check_saturation), ("semantic", semantic)):
+        if value is not None:  # the command line wins over the file's [attacks] table
+            grid.attacks[key] = value
     try:
         result = run_grid(grid, log=click.echo)
     except CellsFailed as exc:  # the other cells are done; a rerun retries only these
