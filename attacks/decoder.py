@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,44 @@ class InverseNet(nn.Module):
         return torch.sigmoid(self.head(y))
 
 
+def train_inverse(
+    net: nn.Module,
+    images: torch.Tensor,
+    query: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    min_lr: float,
+    weight_decay: float,
+    desc: str,
+    show: bool = True,
+) -> list[float]:
+    """Train `net` to map query(x) back to x (MSE; Adam, cosine to min_lr per step) and leave it in
+    eval mode. `query` draws fresh channel noise on every call. Returns the mean loss per epoch."""
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(images) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=min_lr)
+    history: list[float] = []
+    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not show)
+    for _ in bar:
+        perm = torch.randperm(len(images), device=images.device)
+        total = torch.zeros((), device=images.device)
+        for i in range(0, len(images), batch_size):
+            x = images[perm[i : i + batch_size]]
+            loss = F.mse_loss(net(query(x)), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach() * len(x)
+        history.append(total.item() / len(images))
+        bar.set_postfix(mse=f"{history[-1]:.4f}")
+    net.eval()
+    return history
+
+
 class DecoderAttack(Attack):
     """Trains an inverse network on (noisy activation, image) pairs queried from the encoder."""
 
@@ -118,26 +157,11 @@ class DecoderAttack(Attack):
     def fit(self, target: Target, images: torch.Tensor) -> None:
         self.target = target
         self.net = InverseNet(target.z_shape(), target.image_shape, channels=self.channels, blocks=self.blocks)
-        net = self.net.to(target.device).train()
-        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        steps_per_epoch = math.ceil(len(images) / self.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.epochs * steps_per_epoch, eta_min=self.min_lr)
-        bar = tqdm(range(self.epochs), desc="decoder", leave=False, disable=not getattr(self, "progress", True))
-        for _ in bar:
-            perm = torch.randperm(len(images), device=images.device)
-            total = torch.zeros((), device=images.device)
-            for i in range(0, len(images), self.batch_size):
-                x = images[perm[i : i + self.batch_size]]
-                z = target.query(x)  # fresh channel noise on every query
-                loss = F.mse_loss(net(z), x)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.detach() * len(x)
-            self.history.append(total.item() / len(images))
-            bar.set_postfix(mse=f"{self.history[-1]:.4f}")
-        net.eval()
+        self.history += train_inverse(
+            self.net.to(target.device), images, target.query, epochs=self.epochs, batch_size=self.batch_size,
+            lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay, desc="decoder",
+            show=getattr(self, "progress", True),
+        )  # fmt: skip
 
     @torch.no_grad()
     def reconstruct(self, z: torch.Tensor) -> torch.Tensor:

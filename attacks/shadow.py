@@ -28,11 +28,10 @@ Shapes: fit(target, images [N,C,H,W], labels [N]); reconstruct(z [N,*z_shape]) -
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
-from privbench.attacks.decoder import InverseNet
+from privbench.attacks.decoder import InverseNet, train_inverse
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -152,27 +151,11 @@ class ShadowAttack(Attack):
             bar.set_postfix(loss=f"{self.history['shadow'][-1]:.3f}")
 
     def _train_inverse(self, images: torch.Tensor, show: bool) -> None:
-        net = self.net.to(images.device).train()
-        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        steps = self.epochs * math.ceil(len(images) / self.decoder_batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=self.min_lr)
-        bar = tqdm(range(self.epochs), desc="shadow inverse", leave=False, disable=not show)
-        for _ in bar:
-            perm = torch.randperm(len(images), device=images.device)
-            total = torch.zeros((), device=images.device)
-            for i in range(0, len(images), self.decoder_batch_size):
-                x = images[perm[i : i + self.decoder_batch_size]]
-                with torch.no_grad():
-                    z = self._sent(x)  # fresh noise every epoch, as the `decoder` attack
-                loss = F.mse_loss(net(z), x)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.detach() * len(x)
-            self.history["inverse"].append(total.item() / len(images))
-            bar.set_postfix(mse=f"{self.history['inverse'][-1]:.4f}")
-        net.eval()
+        self.history["inverse"] += train_inverse(
+            self.net.to(images.device), images, torch.no_grad()(self._sent), epochs=self.epochs,
+            batch_size=self.decoder_batch_size,
+            lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay, desc="shadow inverse", show=show,
+        )  # fmt: skip
 
     @torch.no_grad()
     def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
