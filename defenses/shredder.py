@@ -84,7 +84,9 @@ class Shredder(Defense):
         """The learned noise std per element of z (shape z_shape), detached."""
         return self._log_scale().detach().exp()
 
-    def transform(self, z: torch.Tensor, *, training: bool) -> torch.Tensor:
+    def noise(self, z: torch.Tensor, *, training: bool) -> torch.Tensor:
+        # A noise hook, not a transform: a stacked CEM's loss then sees z without this noise,
+        # and cannot shrink it.
         log_s = self._log_scale() if training else self._log_scale().detach()  # the attacker trains nothing here
         noise = log_s.exp() * unit_noise(z, self.distribution)
         return z + noise.to(z.dtype)

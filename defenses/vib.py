@@ -63,6 +63,7 @@ class Vib(Defense):
         self.beta, self.inference = float(beta), inference
         self.head: nn.ParameterDict | None = None  # weight [2C, C], bias [2C]
         self._stats: tuple[torch.Tensor, ...] | None = None  # (mu, logvar, sigma) of the last training step
+        self._std: torch.Tensor | None = None  # sigma of the last transformed batch, for `noise`
         self._kl_sum: torch.Tensor | None = None
         self._sigma_sum: torch.Tensor | None = None
         self._steps = 0
@@ -93,12 +94,21 @@ class Vib(Defense):
             flat = flat.to(w.dtype)
         mu, logvar = (torch.matmul(w, flat) + b[:, None]).chunk(2, dim=1)
         logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        self._std = None
         if not training and self.inference == "mean":
             return mu.reshape(z.shape).to(z.dtype)
         std = torch.exp(0.5 * logvar)
         if training:
             self._stats = (mu, logvar, std)
-        return (mu + std * torch.randn_like(mu)).reshape(z.shape).to(z.dtype)
+        self._std = std.reshape(z.shape)  # for `noise`, which follows on the same batch
+        return mu.reshape(z.shape).to(z.dtype)
+
+    def noise(self, z: torch.Tensor, *, training: bool) -> torch.Tensor:
+        # The sampling is a noise hook: a stacked CEM's loss sees the code's mean, not the draw.
+        std, self._std = self._std, None
+        if std is None:  # inference="mean" at evaluation
+            return z
+        return (z.to(std.dtype) + std * torch.randn_like(std)).to(z.dtype)
 
     def loss(
         self, z: torch.Tensor, y: torch.Tensor, *, epoch: int, lr: float, x: torch.Tensor | None = None

@@ -151,10 +151,11 @@ def make_target(model: torch.nn.Module, image_shape: tuple[int, int, int], devic
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    f = getattr(model, "defense_transform", None)
+    f, g = getattr(model, "defense_transform", None), getattr(model, "defense_noise", None)
     transform = (lambda z: f(z, training=False)) if f is not None else None
+    noise = (lambda z: g(z, training=False)) if g is not None else None
     return Target(encoder=model.encoder, noise_std=float(model.noise_std), image_shape=tuple(image_shape),
-                  device=device, transform=transform, server=model.server)  # fmt: skip
+                  device=device, transform=transform, server=model.server, noise=noise)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- harness

@@ -31,15 +31,17 @@ class Normalize(nn.Module):
 
 
 class SplitModel(nn.Module):
-    """encoder -> (defense transform) -> (noise) -> server. `noise_std` is part of the model: on
-    in train and eval. `defense_transform(z, training=)` is set by the training loop and by
-    Run.load_model from the run's defense (privbench.train.attach_defense); None: identity."""
+    """encoder -> (defense transform) -> (defense noise, channel noise) -> server. `noise_std` is
+    part of the model: on in train and eval. `defense_transform(z, training=)` and
+    `defense_noise(z, training=)` are set by the training loop and by Run.load_model from the
+    run's defense (privbench.train.attach_defense); None: identity."""
 
     def __init__(self, encoder: nn.Module, server: nn.Module, noise_std: float = 0.0):
         super().__init__()
         self.encoder, self.server = encoder, server
         self.noise_std = float(noise_std)
         self.defense_transform: Callable[..., torch.Tensor] | None = None
+        self.defense_noise: Callable[..., torch.Tensor] | None = None
 
     def transform(self, z: torch.Tensor) -> torch.Tensor:
         """The defense's transform of z, in the encoder's train/eval mode."""
@@ -47,6 +49,9 @@ class SplitModel(nn.Module):
         return z if f is None else f(z, training=self.encoder.training)
 
     def channel(self, z: torch.Tensor) -> torch.Tensor:
+        """The noise on the way to the server: the defense's own, then the channel's Gaussian."""
+        if self.defense_noise is not None:
+            z = self.defense_noise(z, training=self.encoder.training)
         return z + self.noise_std * torch.randn_like(z) if self.noise_std > 0 else z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +62,7 @@ class SplitModel(nn.Module):
 
 
 class ClientView(nn.Module):
-    """What the client sends before the channel noise: the encoder, then the defense transform.
+    """z before any noise: the encoder, then the defense transform (what the defenses' losses see).
 
     Holds the model without registering it, so it adds no parameters or state-dict keys; its
     train/eval mode is the encoder's.

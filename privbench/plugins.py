@@ -46,11 +46,13 @@ class Defense:
     Per run the loop calls `build(z_shape, device)` (create modules whose shape depends on z),
     then `setup(ctx)` (register their parameters with `ctx.add_parameters`). Per step, with `z`
     the encoder output in train mode:
-      - `transform(z, training=True)` maps z on its way to the server (a mask, learned noise, a
-        stochastic code). The channel noise is added after it. The same transform, with
+      - `transform(z, training=True)` maps z on its way to the server (a mask, a projection, a
+        code's mean). The channel noise is added after it. The same transform, with
         training=False, runs when accuracy is measured and in the attacker's view
         (`Target.forward` / `query`), so the attacker sees exactly what the server receives;
-      - `loss(z, y, epoch=, lr=, x=)` sees the transformed z (before the channel noise) and the
+      - `noise(z, training=)` adds the defense's own noise after every transform (shredder's
+        learned noise, VIB's sampling), in training, in evaluation and in the attacker's view;
+      - `loss(z, y, epoch=, lr=, x=)` sees the transformed z (before any noise) and the
         batch's float images x; the returned scalar is added to the cross-entropy before the
         single backward (return None for no term). A defense with modules of its own trained in
         alternation (an adversary) may take its own optimizer steps inside `loss` on a detached z.
@@ -59,7 +61,7 @@ class Defense:
     rebuilds the defense from its options, calls `build` and then `load_state_dict`, so every
     parameter the transform uses must be in `state_dict`. Channel options (bottleneck, noise)
     belong to the model, so every defense composes with them; defenses stack with `a+b`
-    (privbench.stack): transforms compose left to right and losses add up.
+    (privbench.stack): transforms compose left to right, then every part's noise, and losses add up.
     """
 
     name: ClassVar[str] = ""
@@ -72,6 +74,14 @@ class Defense:
         pass
 
     def transform(self, z: torch.Tensor, *, training: bool) -> torch.Tensor:
+        return z
+
+    def noise(self, z: torch.Tensor, *, training: bool) -> torch.Tensor:
+        """Noise this defense injects (learned noise, a sampled code), applied after every
+        transform and before the channel noise. The losses see z before it: a loss on z then
+        judges the features, not the noise on them (a CEM on top of shredder would otherwise
+        shrink shredder's noise). Called right after `transform` on the same batch, so a defense
+        may keep what `transform` computed for it (a predicted std)."""
         return z
 
     def loss(
@@ -99,14 +109,25 @@ class Defense:
         """(option name, value) of the knob that trades accuracy for privacy, if the defense has one."""
         return None
 
+    def conditional_entropy(self, z: torch.Tensor, y: torch.Tensor) -> float | None:
+        """The defense's own estimate of H(x|z) in nats for the whole activation (what the CEM
+        papers' Eq. 3 bound takes), from z = what the client sends before the channel noise
+        ([N, ...], eval mode) and labels y; None where the defense has no estimator."""
+        return None
+
     def options(self) -> dict[str, Any]:
         """The option values in force (recorded in the run's config)."""
         return dict(getattr(self, "_options", {}))
 
     @property
     def transforms(self) -> bool:
-        """Whether this defense overrides `transform` (the loop skips the call otherwise)."""
-        return type(self).transform is not Defense.transform
+        """Whether this defense overrides `transform` or `noise` (the loop skips both otherwise)."""
+        return type(self).transform is not Defense.transform or self.adds_noise
+
+    @property
+    def adds_noise(self) -> bool:
+        """Whether this defense overrides `noise`."""
+        return type(self).noise is not Defense.noise
 
 
 def takes_keyword(fn: Callable, name: str) -> bool:
@@ -133,11 +154,15 @@ class Target:
     # The frozen server half (input: what the server receives), for attacks whose threat model
     # grants it (a curious server owns it); None where unknown.
     server: nn.Module | None = None
+    # The defense's own noise (eval mode), after the transform and before the channel noise.
+    noise: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.encoder(x)
         if self.transform is not None:
             z = self.transform(z)
+        if self.noise is not None:
+            z = self.noise(z)
         if self.noise_std > 0:
             z = z + self.noise_std * torch.randn_like(z)
         return z

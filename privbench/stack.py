@@ -1,8 +1,9 @@
 """Defense stacks: `dropout+gmm-cem` runs several defenses in one training.
 
 A stack's spec is defense names joined by `+`, applied left to right: transforms compose in
-order (the first part sees the encoder's output), every part's loss sees the final transformed
-z, and the loss terms add up. Options are per part. A run's `defense_options` is the flat option
+order (the first part sees the encoder's output), then every part's `noise` (shredder's learned
+noise, VIB's sampling) in the same order; every part's loss sees the transformed z before any
+noise, and the loss terms add up. Options are per part. A run's `defense_options` is the flat option
 dict of its defense when the stack has one part (as before stacks existed, so old run folders
 keep their hashes), else `{part: {option: value}}` with only the parts that differ from their
 defaults. The same defense twice in a stack is refused: its options could not be addressed.
@@ -106,6 +107,10 @@ class Stack(Defense):
     def transforms(self) -> bool:
         return any(d.transforms for _, d in self.members)
 
+    @property
+    def adds_noise(self) -> bool:
+        return any(d.adds_noise for _, d in self.members)
+
     def build(self, z_shape: tuple[int, ...], device: torch.device) -> None:
         for _, d in self.members:
             d.build(z_shape, device)
@@ -123,9 +128,18 @@ class Stack(Defense):
     def transform(self, z: torch.Tensor, *, training: bool) -> torch.Tensor:
         for i, (_, d) in enumerate(self.members):
             if d.transforms:
-                z = d.transform(z, training=training)
-                if training and self._bad is not None:  # read once per epoch: no per-step host sync
-                    self._bad[i] |= ~torch.isfinite(z).all()
+                z = self._checked(i, d.transform(z, training=training), training)
+        return z
+
+    def noise(self, z: torch.Tensor, *, training: bool) -> torch.Tensor:
+        for i, (_, d) in enumerate(self.members):
+            if d.adds_noise:
+                z = self._checked(i, d.noise(z, training=training), training)
+        return z
+
+    def _checked(self, i: int, z: torch.Tensor, training: bool) -> torch.Tensor:
+        if training and self._bad is not None:  # read once per epoch: no per-step host sync
+            self._bad[i] |= ~torch.isfinite(z).all()
         return z
 
     def loss(
@@ -181,6 +195,14 @@ class Stack(Defense):
         if self.single:
             return self.members[0][1].options()
         return {name: d.options() for name, d in self.members}
+
+    def conditional_entropy(self, z: torch.Tensor, y: torch.Tensor) -> float | None:
+        """The first part's estimate that has one (the CEM part of a stack)."""
+        for _, d in self.members:
+            h = d.conditional_entropy(z, y)
+            if h is not None:
+                return h
+        return None
 
     def strength(self) -> tuple[str, float] | None:
         """The last part's knob that has one, as `part.option` (e.g. gmm-cem.lam)."""

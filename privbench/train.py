@@ -87,6 +87,7 @@ def attach_defense(model: SplitModel, defense: Defense, image_shape: tuple[int, 
     model.train(was_training)
     defense.build(z_shape, device)
     model.defense_transform = defense.transform if defense.transforms else None
+    model.defense_noise = defense.noise if defense.adds_noise else None
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> Dataset:
@@ -137,7 +138,7 @@ def correct_rate(
     """
     model.eval()
     device = split.images.device
-    draws = draws if model.noise_std > 0 else 1
+    draws = draws if model.noise_std > 0 or model.defense_noise is not None else 1
     out = []
     for i in range(0, len(split), batch_size):
         labels = split.labels[i : i + batch_size]

@@ -153,8 +153,11 @@ def test_vib_kl_gradients_and_inference_modes():
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     assert d.loss(out, torch.zeros(5), epoch=0, lr=0.1) is None  # no transform since: no stale term
-    a, b = d.transform(z, training=False), d.transform(z, training=False)
+    a, b = (d.noise(d.transform(z, training=False), training=False) for _ in range(2))
     assert not torch.equal(a, b)  # default: a fresh sample, as the server and the attacker see it
+    mean = d.transform(z, training=False)
+    assert torch.equal(mean, d.transform(z, training=False))  # the transform is the code's mean; noise() samples
+    assert torch.equal(make_mean(d).noise(make_mean(d).transform(z, training=False), training=False), mean)
     assert d.epoch_end(0, SimpleNamespace())["vib_kl"] == pytest.approx(kl.item(), rel=1e-4)
 
 

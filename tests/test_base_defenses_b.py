@@ -133,10 +133,11 @@ def test_shredder_noise_has_the_learned_scale_and_its_loss_grows_it():
     assert params == [d.log_scale]
     z = torch.zeros(256, 4, 8, 8)
     for training in (True, False):
-        noise = d.transform(z, training=training)
+        assert torch.equal(d.transform(z, training=training), z)  # the noise is a noise hook, not a transform
+        noise = d.noise(z, training=training)
         assert noise.std().item() == pytest.approx(0.5, rel=0.05)  # unit-variance Laplace times the scale
         assert noise.abs().mean().item() == pytest.approx(0.5 / 2**0.5, rel=0.05)  # Laplace: E|e| = b
-    assert not d.transform(z, training=False).requires_grad  # the attacker's view trains nothing
+    assert not d.noise(z, training=False).requires_grad  # the attacker's view trains nothing
     opt = torch.optim.SGD(params, lr=1.0)
     for _ in range(3):
         opt.zero_grad()
@@ -260,5 +261,6 @@ def test_shredder_gmm_cem_stack_round_trips_the_learned_noise(runs, data):
     shredder = model.defense_transform.__self__.members[0][1]
     assert torch.equal(shredder.scale(), log_scale.exp())
     z = torch.zeros(512, 8, 8, 8)
-    noise = model.transform(z)  # eval mode: the attacked transform
+    assert torch.equal(model.transform(z), z)
+    noise = model.defense_noise(z, training=False)  # the attacked noise
     assert noise.std(0).mean().item() == pytest.approx(log_scale.exp().mean().item(), rel=0.1)

@@ -71,12 +71,35 @@ class Nan(Defense):
         return z * float("nan") if training and self.calls > self.per_epoch else z
 
 
+class Offset(Defense):
+    """Noise stand-in: adds 100 after every transform (a constant, so the test can see it)."""
+
+    name = "test-offset"
+
+    def noise(self, z, *, training):
+        return z + 100.0
+
+
+class Probe(Defense):
+    """Records the largest |z| its loss saw."""
+
+    name = "test-probe"
+    seen = 0.0
+
+    def loss(self, z, y, *, epoch, lr):
+        Probe.seen = max(Probe.seen, z.detach().abs().max().item())
+        return None
+
+
+PLUGINS = (Scale, Shift, Nan, Offset, Probe)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _plugins():
-    for cls in (Scale, Shift, Nan):
+    for cls in PLUGINS:
         registry.register(cls)
     yield
-    for cls in (Scale, Shift, Nan):
+    for cls in PLUGINS:
         registry._REGISTRY["defense"].pop(cls.name, None)
 
 
@@ -156,6 +179,23 @@ def test_stacked_run_round_trips_and_the_attacker_sees_the_transform(tmp_path):
     results = attack_run(run.path, ["decoder"], epochs=1, eval_images=8, progress=False,
                          options={"decoder": {"channels": 8, "blocks": 1}}, **QUIET)  # fmt: skip
     assert 0 < results[0]["metrics"]["ssim"]["mean"] < 1
+
+
+def test_losses_see_z_before_the_noise_hooks_and_the_server_and_attacker_after(tmp_path):
+    s = stack.create("test-offset+test-scale")
+    assert s.adds_noise and s.transforms and not stack.create("test-scale").adds_noise
+    cfg = tiny_config(defense="test-offset+test-probe", epochs=1)
+    Probe.seen = 0.0
+    run, _ = train_run(cfg, tmp_path, **QUIET)
+    assert 0 < Probe.seen < 100  # the probe's loss never saw the +100
+    data = load_data(cfg, torch.device("cpu"))
+    model = Run.open(run.path).load_model(data)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = model.encoder(x)
+    target = make_target(model, data.image_shape, torch.device("cpu"))
+    assert torch.allclose(target.query(x), plain + 100.0)  # the attacker sees the noise, as the server did
+    assert torch.allclose(model.client_view()(x), plain)  # client_view: before any noise
 
 
 def test_nan_transform_stops_the_run_naming_defense_and_epoch(tmp_path):
