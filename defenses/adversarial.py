@@ -85,6 +85,7 @@ class Adversarial(Defense):
 
     name = "adversarial"
     summary = "encoder trained against an alternating inversion decoder (ResSFL / DeepObfuscator)"
+    strength_grid = (0.1, 0.3, 1.0)
 
     def __init__(
         self,

@@ -60,6 +60,7 @@ class Disco(Defense):
 
     name = "disco"
     summary = "learned per-sample channel pruning by a filter network (Singh et al. CVPR'21)"
+    strength_grid = (0.25, 0.5, 0.75)
 
     def __init__(self, *, ratio: float = 0.5, hidden: int = 16):
         if not 0 < ratio <= 1:

@@ -39,6 +39,7 @@ class Dropout(Defense):
 
     name = "dropout"
     summary = "random dropout of z's elements, kept on at inference as in the CEM code"
+    strength_grid = (0.1, 0.2, 0.4)
 
     def __init__(self, *, rate: float = 0.2, at_inference: bool = True):
         if not 0 <= rate < 1:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from privbench.diagnostics import mixture_information
 from privbench.errors import UserError
 from privbench.features import encoder_features
 from privbench.plugins import Defense, TrainContext
@@ -88,6 +89,7 @@ class GmmCem(Defense):
 
     name = "gmm-cem"
     summary = "conditional entropy maximization, per-class k-means mixture (Xia et al. CVPR'25)"
+    strength_grid = (4.0, 16.0, 64.0)
 
     def __init__(
         self,
@@ -253,6 +255,44 @@ class GmmCem(Defense):
             per_class = (term * in_batch).view(C, K).sum(1)
         return (per_class * present).sum() / present.sum().clamp(min=1)
 
+    # -- diagnostics --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def responsibilities(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Hard assignments [N, K] (one-hot rows) of each sample of z ([N, ...], before noise) to
+        a cluster of its own class: the nearest fitted centroid with pi > 0 when this defense
+        holds a mixture for z's size and classes (after training, or after load_state_dict),
+        else a fresh k-means on z itself (this defense's refit, K = clusters, fixed seed). Pure."""
+        zf = z.detach().flatten(1).float()
+        C = int(y.max()) + 1 if len(y) else 1
+        if self.centroids is not None and self.pi is not None:
+            Cs, K, D = self.centroids.shape
+            if D == zf.shape[1] and C <= Cs:
+                mu, pi = self.centroids.to(zf.device), self.pi.to(zf.device)
+                dist = own_class_sq_dist(zf, mu, y).masked_fill(pi[y] <= 0, math.inf)
+                return F.one_hot(dist.argmin(1), K).float()
+        return kmeans_responsibilities(zf, y, C, self.clusters, iters=self.kmeans_iters)
+
+    def conditional_entropy(self, z: torch.Tensor, y: torch.Tensor, *, noise_std: float | None = None) -> float | None:
+        """-I_mix (nats): the mixture's lower bound on H(x|z) - H(x), i.e. the CEM bound on H(x|z)
+        for H(x) = 0 (the largest entropy images in [0,1]^d can have; add the real H(x) if known).
+
+        I_mix = H(J) + sum_j w_j 1/2 sum_d log(1 + v_jd / sigma^2) over the clusters j of every
+        class (`responsibilities`), w_j their share of the N samples, v_jd the variance of z in
+        cluster j per dimension, summed over all D dimensions of z, sigma = noise_std or the
+        channel noise given at setup (privbench.diagnostics.mixture_information). It is the
+        paper's L_C for the whole activation, without the reference loss's threshold and
+        per-dimension mean: an upper bound on I(x; z + noise) for any distribution of z when w
+        and v are exact; here a plug-in estimate on the z given (diagonal covariances). Pure.
+        None when no noise std is known (setup has not run and noise_std is not given); -inf
+        when the noise is 0.
+        """
+        sigma = noise_std if noise_std is not None else (self.sigma if self.class_counts is not None else None)
+        if sigma is None or len(y) == 0:
+            return None
+        resp = self.responsibilities(z, y)
+        return -mixture_information(z, y, resp, float(sigma), resp_classes(y, self.centroids))
+
     def _to(self, device: torch.device) -> None:
         for k in ("centroids", "vbar", "pi", "var_diag"):
             t = getattr(self, k)
@@ -261,6 +301,32 @@ class GmmCem(Defense):
 
 
 # -- the epoch-end refit ----------------------------------------------------------------------
+
+
+def resp_classes(y: torch.Tensor, centroids: torch.Tensor | None) -> int:
+    """The number of classes for the statistics of labels y (at least the fitted mixture's)."""
+    return max(int(y.max()) + 1, 0 if centroids is None else int(centroids.shape[0]))
+
+
+def own_class_sq_dist(z: torch.Tensor, mu: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared distances [N, K] of z [N, D] to the K centroids of each sample's own class (mu: [C, K, D])."""
+    C, K, D = mu.shape
+    flat = mu.reshape(C * K, D)
+    d = z.pow(2).sum(1, keepdim=True) - 2 * z @ flat.T + flat.pow(2).sum(1)  # [N, C*K]
+    return d.view(-1, C, K)[torch.arange(len(y), device=z.device), y]
+
+
+@torch.no_grad()
+def kmeans_responsibilities(
+    z: torch.Tensor, y: torch.Tensor, num_classes: int, k: int, *, iters: int = 50, seed: int = 0
+) -> torch.Tensor:
+    """One-hot [N, k]: each sample's cluster within its class after `kmeans_per_class` on z
+    ([N, D]; k-means++ from a generator of its own, so the global random state is untouched)."""
+    zf = z.detach().flatten(1).float()
+    gen = torch.Generator(device=zf.device).manual_seed(seed)
+    fit = kmeans_per_class(zf, y, num_classes, k, iters=iters, generator=gen)
+    dist = own_class_sq_dist(zf, fit.centroids, y).masked_fill(fit.counts[y] <= 0, math.inf)
+    return F.one_hot(dist.argmin(1), k).float()
 
 
 @dataclass

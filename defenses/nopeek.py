@@ -72,6 +72,7 @@ class NoPeek(Defense):
 
     name = "nopeek"
     summary = "distance-correlation loss between x and z (Vepakomma et al. 2020)"
+    strength_grid = (0.1, 0.3, 1.0)
 
     def __init__(self, *, weight: float = 0.3):
         if not weight >= 0:

@@ -54,6 +54,7 @@ class Prune(Defense):
 
     name = "prune"
     summary = "fixed channel pruning of z at a ratio (PATROL-style, as in the CEM code)"
+    strength_grid = (0.75, 0.5, 0.25)
 
     def __init__(self, *, ratio: float = 0.5, select: str = "magnitude", warmup: int = 1):
         if not 0 < ratio <= 1:

@@ -58,6 +58,7 @@ class Shredder(Defense):
 
     name = "shredder"
     summary = "learned additive noise whose magnitude the loss grows (Mireshghallah et al. ASPLOS'20)"
+    strength_grid = (0.03, 0.1, 0.3)
 
     def __init__(self, *, weight: float = 0.1, init_scale: float = 0.025, distribution: str = "laplace"):
         if not weight >= 0:

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from privbench.defenses._slot_estimator import GAMMA, SlotEstimator, loo_statistics
+from privbench.defenses.gmm_cem import kmeans_responsibilities
 
+from privbench.diagnostics import mixture_information
 from privbench.errors import UserError
 from privbench.features import intra_class_mse
 from privbench.plugins import Defense, TrainContext
@@ -84,6 +86,7 @@ class SlotCem(Defense):
 
     name = "slot-cem"
     summary = "CEM with a Slot-Attention + gated cross-attention mixture estimate (encoder regularizer)"
+    strength_grid = (4.0, 16.0, 64.0)
 
     def __init__(
         self,
@@ -259,6 +262,60 @@ class SlotCem(Defense):
             raise UserError(f"slot-cem state does not load: {type(exc).__name__}: {exc}") from None
         self.module = module
         self.num_slots, self.hidden, self.num_iterations = slots, hidden, iters
+
+    # -- diagnostics --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def responsibilities(self, z: torch.Tensor, y: torch.Tensor, *, seed: int = 0) -> torch.Tensor | None:
+        """The trained module's responsibilities [N, K] of each sample of z ([N, ...], before
+        noise) for the slots of its own class, all N samples in one pass (the slots are drawn
+        once, with the random state seeded to `seed` inside torch.random.fork_rng, so the
+        global random state is left as it was and every call draws the same slots).
+        None without a module (before the first CEM step, or a checkpoint's state not loaded).
+        Pure: no parameter, mode or statistic of the defense changes."""
+        if self.module is None or len(y) == 0:
+            return None
+        m = self.module
+        device = next(m.parameters()).device
+        zf = z.detach().flatten(1).float().to(device)
+        if zf.shape[1] != m.dim:
+            raise ValueError(f"slot-cem module is for {m.dim} features, z has {zf.shape[1]}")
+        if int(y.max()) >= m.num_classes:
+            raise ValueError(f"slot-cem module is for {m.num_classes} classes, y has label {int(y.max())}")
+        onehot = F.one_hot(y.to(device), m.num_classes).float()
+        cuda = []
+        if device.type == "cuda":
+            cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)
+            r = m(zf, onehot)
+        return r.to(z.device)
+
+    def conditional_entropy(self, z: torch.Tensor, y: torch.Tensor, *, noise_std: float | None = None) -> float | None:
+        """-I_mix (nats): the mixture's lower bound on H(x|z) - H(x), i.e. the CEM bound on H(x|z)
+        for H(x) = 0 (the largest entropy images in [0,1]^d can have; add the real H(x) if known).
+
+        As gmm-cem's (privbench.diagnostics.mixture_information), with the slots as components:
+        I_mix = H(J) + sum_j w_j 1/2 sum_d log(1 + v_jd / sigma^2), j = (class, slot), w_j the
+        slot's soft share of the N samples under the module's responsibilities, v_jd the
+        responsibility-weighted variance of z (not the leave-one-out variance of the loss, and
+        without its gates, threshold and scale), summed over all D dimensions. Soft
+        responsibilities still give an upper bound on I(x; z + noise) when w and v are exact;
+        these are plug-in estimates. Without a trained module (state not loaded) the slots are
+        replaced by a per-class k-means with num_slots clusters (gmm-cem's estimator): still a
+        bound of the same kind, but not this defense's own partition. sigma = noise_std or the
+        channel noise given at setup; None when neither is known, -inf when it is 0. Pure.
+        """
+        sigma = noise_std if noise_std is not None else (self.sigma if self.num_classes is not None else None)
+        if sigma is None or len(y) == 0:
+            return None
+        C = max(int(y.max()) + 1, self.module.num_classes if self.module is not None else 0)
+        resp = self.responsibilities(z, y)
+        if resp is None:
+            resp = kmeans_responsibilities(z.flatten(1), y, C, self.num_slots)
+        return -mixture_information(z, y, resp, float(sigma), C)
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ class TopK(Defense):
 
     name = "topk"
     summary = "keep the largest-magnitude fraction of z per sample (top-k pruning, CEM code)"
+    strength_grid = (0.75, 0.5, 0.25)
 
     def __init__(self, *, ratio: float = 0.5):
         if not 0 < ratio <= 1:

@@ -54,6 +54,7 @@ class Vib(Defense):
 
     name = "vib"
     summary = "variational information bottleneck on z (stochastic code + KL, Alemi et al.)"
+    strength_grid = (3e-4, 1e-3, 3e-3)
 
     def __init__(self, *, beta: float = 1e-3, inference: str = "sample"):
         if not beta >= 0:

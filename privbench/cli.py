@@ -69,12 +69,26 @@ def list_cmd(preset: str, plugins: tuple[str, ...]) -> None:
         for name in registry.names(kind):
             cls = registry.get(kind, name)
             opts = ", ".join(f"{k}={v}" for k, v in plugin_defaults(kind, name, preset).items())
-            click.echo(f"  {name:<14} {cls.summary}" + (f"  [{opts}]" if opts else ""))
+            click.echo(f"  {name:<14} {cls.summary}" + (f"  [{opts}]" if opts else "") + sweep_note(kind, name))
     click.echo("datasets:\n" + "".join(f"  {d}\n" for d in DATASETS), nl=False)
     click.echo("models:\n" + "".join(f"  {m}\n" for m in MODELS), nl=False)
     click.echo("channel options (compose with every defense):\n  --bottleneck C<c>\n  --noise SIGMA")
     click.echo("defense stacks: --defense dropout+gmm-cem (parts left to right; -o PART.key=value)")
+    click.echo("strength sweeps: --sweep gmm-cem.lam=4,16,64 | --sweep NAME (its knob over its default grid)")
     click.echo(preset_defaults(preset))
+
+
+def sweep_note(kind: str, name: str) -> str:
+    """A defense's strength knob and default sweep, as `--sweep NAME` uses them."""
+    from privbench import strength
+
+    if kind != "defense":
+        return ""
+    try:
+        sweep = strength.parse(name)
+    except UserError:  # a knob without a default grid
+        return f"  sweep: {strength.knob(name)}"
+    return f"  sweep: {sweep.key}={','.join(format(v, 'g') for v in sweep.values)}"
 
 
 def plugin_defaults(kind: str, name: str, preset: str) -> dict:
@@ -244,6 +258,23 @@ Top-level keys win over table entries; options on the command line win over the 
               help="Defense option, repeatable: gmm-cem.lam=16 sets it for one defense; a bare lam=16 for "
                    "every defense in the grid that has it. ATTACK.KEY=VALUE sets an attack's option.")  # fmt: skip
 @click.option("--attack", "attacks", multiple=True, help="Repeatable. [default: decoder optimization]")
+@click.option("--sweep", "sweeps", multiple=True, metavar="NAME[.KEY][=V1,V2,...]",
+              help="Train one cell per value of a defense's option or of its channel noise (KEY noise); "
+                   "no KEY: its strength knob; no values: its default grid. Repeatable. [default grid: "
+                   "none.noise=0,0.025,0.1]")  # fmt: skip
+@click.option("--no-sweep", is_flag=True, help="Not even the default grid's noise sweep.")
+@click.option(
+    "--reference",
+    default=None,
+    metavar="FAMILY",
+    help="The family the verdicts compare against, at matched accuracy [default: none, if swept].",
+)
+@click.option(
+    "--privacy-metric",
+    type=click.Choice(["ssim", "psnr", "lpips", "mse", "sem_acc"]),
+    default=None,
+    help="The privacy axis of the frontier and verdicts (worst case over attacks) [default: ssim].",
+)
 @click.option("--seeds", type=int, default=None, help="Train seeds 0..N-1 of every configuration [default: 1].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [default: the preset's].")
 @click.option("--model", default=None, help="vgg11 | resnet20 [default: vgg11]")
@@ -276,7 +307,8 @@ Top-level keys win over table entries; options on the command line win over the 
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @plugin_option
 def run(
-    preset, dataset, data_dir, defenses, options, attacks, seeds, epochs, model, cut, bottlenecks, noises,
+    preset, dataset, data_dir, defenses, options, attacks, sweeps, no_sweep, reference, privacy_metric, seeds,
+    epochs, model, cut, bottlenecks, noises,
     attacker_data, eval_images, device, compile_mode, results_dir, out, config_file, executor, ray_address,
     check_saturation, semantic, quiet, plugins,
 ) -> None:  # fmt: skip
@@ -287,7 +319,9 @@ def run(
     The channel is what the client sends: bottleneck C<c> and/or Gaussian noise. The base
     channel (--bottleneck x --noise, default C8 + noise 0.025) applies to every --defense
     given without @; NAME@plain is the undefended model. The default grid is the plain model,
-    the base channel alone, and gmm-cem and slot-cem on the base channel.
+    the base channel alone with its noise swept (0, 0.025, 0.1), and gmm-cem and slot-cem on
+    the base channel; the run ends with one verdict per defense: better, worse or
+    indistinguishable from the reference (none) at matched accuracy (docs/frontier.md).
     Finished cells (a run folder per training config, an attack folder per attack) are reused:
     rerunning computes only what is missing. The last line printed is the output folder;
     `privbench table` and `privbench plot` accept it. --executor ray / slurm computes the cells
@@ -306,7 +340,8 @@ def run(
         config_file, preset=preset, dataset=dataset, data_dir=data_dir, defense=defenses, attack=attacks,
         seeds=seeds, epochs=epochs, model=model, cut=cut, bottleneck=bottlenecks, noise=noises,
         attacker_data=attacker_data, eval_images=eval_images, option=options, device=device,
-        results_dir=results_dir, out=out, progress=False if quiet else None,
+        results_dir=results_dir, out=out, progress=False if quiet else None, reference=reference,
+        sweep="off" if no_sweep else (list(sweeps) or None), privacy_metric=privacy_metric,
         executor={k: v for k, v in (("kind", executor), ("address", ray_address)) if v} or None,
     )  # fmt: skip
     if compile_mode:

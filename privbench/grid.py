@@ -40,7 +40,11 @@ GRID_FIELDS = ("dataset", "data_dir", "cut", "bottleneck", "noise", "defense", "
 SHORTCUTS = {"epochs": ("train", "epochs"), "model": ("train", "model"),
              "eval_images": ("attacks", "eval_images"), "attacker_data": ("attacks", "attacker_data")}  # fmt: skip
 TOP_KEYS = ("preset", "dataset", "data_dir", "defense", "attack", "seeds", "cut", "bottleneck", "noise", "device",
-            "results_dir", "out", *SHORTCUTS, "option", "train", "attacks", "defenses", "executor")  # fmt: skip
+            "results_dir", "out", *SHORTCUTS, "option", "train", "attacks", "defenses", "executor", "sweep",
+            "reference", "privacy_metric")  # fmt: skip
+# The default grid's sweep: the base channel's noise, the reference the verdicts compare against.
+DEFAULT_SWEEP = ("none.noise",)
+DEFAULT_REFERENCE = "none"
 
 
 def parse_value(text: str) -> Any:
@@ -116,8 +120,14 @@ class Grid:
     progress: bool = True
     # Who computes the cells: "local" | "ray" | "slurm", or the [executor] table (privbench.executors).
     executor: str | dict[str, Any] | None = None
+    # Strength sweeps (privbench.strength): specs or a [sweep] table; None: the default grid's
+    # noise sweep of `none` when the defenses are the default ones, else no sweep.
+    sweep: Any = None
+    reference: str | None = None  # the family verdicts compare against (None: none, if swept)
+    privacy_metric: str = "ssim"
 
     def __post_init__(self) -> None:
+        from privbench import strength
         from privbench.executors import parse_executor
         from privbench.models import parse_bottleneck
 
@@ -149,6 +159,10 @@ class Grid:
             if not isinstance(value, dict):
                 raise UserError(f"[defenses] entry {key!r} must be a table of that defense's options")
         self._fold_shortcuts()
+        if self.sweep is None and self.defense == list(DEFAULT_DEFENSES):
+            self.sweep = list(DEFAULT_SWEEP)
+        self.sweep = strength.parse_all(self.sweep)
+        strength.check_reaches(self.sweep, self.defense)
 
     def _fold_shortcuts(self) -> None:
         """Top-level shortcuts and `-o` pairs into the tables they stand for (copies, never the caller's dicts)."""
@@ -214,25 +228,41 @@ class Grid:
     def train_configs(self) -> list[TrainConfig]:
         """One TrainConfig per training cell, deduplicated by hash, in grid order."""
         out: dict[str, TrainConfig] = {}
-        from privbench import stack
+        from privbench import stack, strength
 
         for spec in self.defense:
             name, _, pinned = spec.partition("@")
             names = stack.parts(name)
-            if len(names) == 1:
-                options = dict(self.defenses.get(name, {}))
-            else:  # [defenses.<part>] tables apply to that part wherever it is stacked
-                options = {p: dict(self.defenses[p]) for p in names if p in self.defenses}
-            channels = [Channel.parse(pinned)] if pinned else self.channels()
-            for ch in channels:
-                for seed in range(self.seeds):
-                    cfg = TrainConfig.from_preset(
-                        self.preset, **self.train, dataset=self.dataset, data_dir=self.data_dir, cut=self.cut,
-                        defense=name, defense_options=options, bottleneck=ch.bottleneck,
-                        noise=ch.noise, seed=seed, device=self.device, progress=self.progress,
-                    )  # fmt: skip
-                    out.setdefault(cfg.hash(), cfg)
+            for swept, noise in strength.variants(spec, self.sweep):
+                # [defenses.<part>] tables apply to that part wherever it is stacked; a sweep's value wins
+                per_part = {p: {**self.defenses.get(p, {}), **swept.get(p, {})} for p in names}
+                options = per_part[name] if len(names) == 1 else {p: o for p, o in per_part.items() if o}
+                channels = [Channel.parse(pinned)] if pinned else self.channels()
+                if noise is not None:  # a noise sweep replaces the grid's noise values for this defense
+                    channels = list(dict.fromkeys(Channel(b, noise) for b in self.bottleneck))
+                for ch in channels:
+                    for seed in range(self.seeds):
+                        cfg = TrainConfig.from_preset(
+                            self.preset, **self.train, dataset=self.dataset, data_dir=self.data_dir, cut=self.cut,
+                            defense=name, defense_options=options, bottleneck=ch.bottleneck,
+                            noise=ch.noise, seed=seed, device=self.device, progress=self.progress,
+                        )  # fmt: skip
+                        out.setdefault(cfg.hash(), cfg)
         return list(out.values())
+
+    def reference_points(self, family: str) -> int:
+        """Distinct configurations of `family` on one bottleneck (the most of any): its frontier's points."""
+        per_bottleneck: dict[Any, int] = {}
+        for cfg in self.train_configs():
+            if cfg.defense == family and cfg.seed == 0:
+                per_bottleneck[cfg.bottleneck] = per_bottleneck.get(cfg.bottleneck, 0) + 1
+        return max(per_bottleneck.values(), default=0)
+
+    def verdict_reference(self) -> str | None:
+        """The reference of the run's verdicts: the one given, else `none` when it has a frontier."""
+        if self.reference is not None:
+            return self.reference
+        return DEFAULT_REFERENCE if self.reference_points(DEFAULT_REFERENCE) >= 2 else None
 
     def attack_settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.attacks.items() if k in ATTACK_SETTINGS}
@@ -255,9 +285,16 @@ class Grid:
         from privbench import stack
         from privbench.attack import ATTACKER_DATA, resolve_attack
         from privbench.data import load_dataset
+        from privbench.table_rows import METRICS
         from privbench.train import make_model
 
         parts = self.defense_parts()  # unknown or repeated parts fail here
+        if self.privacy_metric not in METRICS:
+            raise UserError(f"unknown privacy metric {self.privacy_metric!r} (known: {', '.join(METRICS)})")
+        if self.reference is not None and self.reference_points(self.reference) < 2:
+            n, ref = self.reference_points(self.reference), self.reference
+            raise UserError(f"reference {ref!r}: the grid has {n} point(s) of it; a frontier needs two or more "
+                            f"(sweep it: --sweep {ref})")  # fmt: skip
         for name in self.attacks:
             if isinstance(self.attacks[name], dict) and name not in self.attack:
                 raise UserError(f"[attacks.{name}] options given for an attack that is not run")

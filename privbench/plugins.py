@@ -66,6 +66,8 @@ class Defense:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # Default values of the `strength()` knob for `--sweep NAME`, weakest first.
+    strength_grid: ClassVar[tuple[float, ...]] = ()
 
     def build(self, z_shape: tuple[int, ...], device: torch.device) -> None:
         pass
@@ -109,10 +111,11 @@ class Defense:
         """(option name, value) of the knob that trades accuracy for privacy, if the defense has one."""
         return None
 
-    def conditional_entropy(self, z: torch.Tensor, y: torch.Tensor) -> float | None:
-        """The defense's own estimate of H(x|z) in nats for the whole activation (what the CEM
-        papers' Eq. 3 bound takes), from z = what the client sends before the channel noise
-        ([N, ...], eval mode) and labels y; None where the defense has no estimator."""
+    def conditional_entropy(self, z: torch.Tensor, y: torch.Tensor, *, noise_std: float | None = None) -> float | None:
+        """The defense's own lower estimate of H(x|z) in nats up to H(x) (the CEM papers' Eq. 3
+        bound takes it; privbench.diagnostics), from z = what the client sends before the channel
+        noise ([N, ...], eval mode), labels y and the channel noise std; None where the defense
+        has no estimator. Pure: no state changes."""
         return None
 
     def options(self) -> dict[str, Any]:

@@ -198,6 +198,7 @@ def train_run(
     cfg: TrainConfig, results_dir: str | Path = DEFAULT_RESULTS, *, force: bool = False, log=print
 ) -> tuple[Run, bool]:
     """Train `cfg` into its run folder unless a finished one exists. Returns (run, trained)."""
+    from privbench.diagnostics import write_curves_csv
     from privbench.train import pick_device, train
 
     final = Path(results_dir) / run_name(cfg)
@@ -227,8 +228,9 @@ def train_run(
         write_json(tmp / "metrics.json", {
             **result.accuracy, "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
             "history": result.history, "num_classes": result.model.server[-1].out_features,
-            **result.z_stats,
+            **result.z_stats, **({"entropy_bound": result.entropy_bound} if result.entropy_bound else {}),
         })  # fmt: skip
+        write_curves_csv(result.history, tmp / "curves.csv")
         write_json(tmp / "provenance.json", prov | {"end_time": now()})
 
     built = build_dir_once(final, build, log=log)

@@ -196,10 +196,10 @@ class Stack(Defense):
             return self.members[0][1].options()
         return {name: d.options() for name, d in self.members}
 
-    def conditional_entropy(self, z: torch.Tensor, y: torch.Tensor) -> float | None:
+    def conditional_entropy(self, z: torch.Tensor, y: torch.Tensor, *, noise_std: float | None = None) -> float | None:
         """The first part's estimate that has one (the CEM part of a stack)."""
         for _, d in self.members:
-            h = d.conditional_entropy(z, y)
+            h = d.conditional_entropy(z, y, noise_std=noise_std)
             if h is not None:
                 return h
         return None

@@ -26,7 +26,7 @@ from privbench import resume, stack
 from privbench.config import CUDA_GRAPH_MODES, TrainConfig
 from privbench.data import Dataset, Split, augment, load_dataset, to_float
 from privbench.errors import UserError
-from privbench.features import z_spread
+from privbench.features import encoder_features, z_spread
 from privbench.metrics import grouped_mean_ci
 from privbench.models import SplitModel, build_model
 from privbench.plugins import Defense, TrainContext
@@ -68,6 +68,7 @@ class TrainResult:
     seconds: float = 0.0
     z_stats: dict[str, float] = field(default_factory=dict)  # clean z on the training split
     accuracy: dict[str, Any] = field(default_factory=dict)  # accuracy_stats: CI, groups, draws
+    entropy_bound: dict[str, Any] | None = None  # privbench.diagnostics.entropy_bound on the test z
 
 
 def make_model(cfg: TrainConfig, data: Dataset) -> SplitModel:
@@ -301,7 +302,8 @@ def train(
         if bad is not None:  # raised before anything of this epoch is saved: no half-written run
             raise UserError(f"defense {bad}: its transform produced NaN or Inf in epoch {epoch + 1}; training stopped")
         row.update(defense.epoch_end(epoch, ctx))
-        row["epoch_seconds"] = time.perf_counter() - t_epoch
+        row["epoch_seconds"] = time.perf_counter() - t_epoch  # training only: the spread below is not counted
+        row.update(epoch_spread(model, data))
         history.append(row)
         if checkpoint is not None:
             resume.save(checkpoint, cfg.hash(), epoch + 1, history, time.perf_counter() - t0, loop)
@@ -313,11 +315,40 @@ def train(
     acc = stats["test_accuracy"]
     model = model.to(memory_format=torch.contiguous_format)
     spread = z_spread(model.client_view(), data.train.images, data.train.labels, data.num_classes)
+    bound = final_entropy_bound(model, kept_defense(defense), data, cfg.noise)
     ci = stats["test_accuracy_ci95"]
     log(f"test_accuracy={acc:.4f}" + (f" ±{ci:.4f} ({stats['test_groups']} groups)" if ci is not None else "")
         + f" train_seconds={seconds:.1f} " + " ".join(f"{k}={v:.4g}" for k, v in spread.items()))  # fmt: skip
-    kept = defense.members[0][1] if defense.single else defense  # a lone defense is itself, not a stack of one
-    return TrainResult(model, kept, acc, history, seconds, spread, stats)
+    return TrainResult(model, kept_defense(defense), acc, history, seconds, spread, stats, bound)
+
+
+def kept_defense(defense: stack.Stack) -> Defense:
+    return defense.members[0][1] if defense.single else defense  # a lone defense is itself, not a stack of one
+
+
+def final_entropy_bound(model: SplitModel, defense: Defense, data: Dataset, noise: float) -> dict[str, Any] | None:
+    """Eq. 3's bound from the defense's estimator (gmm-cem's k-means for defenses without one)
+    on the clean z of the test images (privbench.diagnostics); None without channel noise."""
+    from privbench.diagnostics import entropy_bound
+
+    if noise <= 0:
+        return None
+    z = encoder_features(model.client_view(), data.test.images)
+    with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
+        return entropy_bound(defense, z, data.test.labels, x_dim=math.prod(data.image_shape), noise_std=noise,
+                             fallback_clusters=5)  # fmt: skip
+
+
+SPREAD_IMAGES = 1000  # per-epoch z spread on the first training images: the curves, not the final number
+
+
+def epoch_spread(model: SplitModel, data: Dataset) -> dict[str, float]:
+    """Intra-class and total variance of z (what the defenses' losses see) on SPREAD_IMAGES
+    training images, in eval mode, leaving the random streams as they were."""
+    device = data.train.images.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return z_spread(model.client_view(), data.train.images[:SPREAD_IMAGES], data.train.labels[:SPREAD_IMAGES],
+                        data.num_classes)  # fmt: skip
 
 
 def _fmt(v: Any) -> str:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from privbench.diagnostics import read_curves_csv, reconstruction_bound
 from privbench.errors import UserError
 from privbench.runs import Run, run_name, train_run
 from privbench.storage import atomic_write_text, build_dir_once
@@ -17,7 +18,7 @@ def test_run_folder_round_trip(tmp_path):
     run, trained = train_run(cfg, tmp_path, log=lambda m: None)
     assert trained and run.path == tmp_path / run_name(cfg)
     assert sorted(p.name for p in run.path.iterdir()) == [
-        "checkpoint.pt", "config.json", "log.txt", "metrics.json", "provenance.json",
+        "checkpoint.pt", "config.json", "curves.csv", "log.txt", "metrics.json", "provenance.json",
     ]  # fmt: skip
     assert run.config() == cfg
     prov = run.provenance()
@@ -26,6 +27,13 @@ def test_run_folder_round_trip(tmp_path):
     metrics = run.metrics()
     assert 0 <= metrics["test_accuracy"] <= 1 and len(metrics["history"]) == 1
     assert "test_accuracy=" in (run.path / "log.txt").read_text()
+    # Diagnostics: one curves row per epoch with z's spread; Eq. 3's bound from the k-means estimate.
+    curves = read_curves_csv(run.path / "curves.csv")
+    assert list(curves["epoch"]) == [1] and curves["z_total_var"][0] >= curves["z_intra_class_var"][0] > 0
+    assert (run.path / "curves.csv").stat().st_mode & 0o777 == 0o644
+    bound = metrics["entropy_bound"]
+    assert bound["estimator"].startswith("k-means") and bound["noise_std"] == 0.05 and bound["dim"] == 3 * 32 * 32
+    assert bound["mse_bound"] == pytest.approx(reconstruction_bound(bound["h_x_given_z"], bound["dim"]))
     # The checkpoint is plain tensors: it loads with weights_only=True and rebuilds the model.
     state = torch.load(run.path / "checkpoint.pt", weights_only=True)
     model = run.load_model(load_data(cfg, torch.device("cpu")))
