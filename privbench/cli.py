@@ -358,6 +358,11 @@ def run(
     click.echo(tables.render(result.table, "md"), nl=False)
     for line in tables.chance_warnings(result.table):
         click.echo(line, err=True)
+    if result.verdicts:
+        metric = grid.privacy_metric
+        click.echo(f"\nverdicts at matched accuracy ({metric}, worst case over attacks; docs/frontier.md):")
+        for line in result.verdicts:
+            click.echo(f"  {line}")
     click.echo(f"cells: {result.computed} computed, {result.reused} reused; {time.perf_counter() - t0:.0f} s")
     click.echo("files: " + ", ".join(p.name for p in result.files) + " in")
     click.echo(str(result.out_dir))

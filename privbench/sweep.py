@@ -47,6 +47,7 @@ class GridResult:
     reused: int = 0
     timings: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    verdicts: list[str] = field(default_factory=list)  # one line per defense family (privbench.frontier)
 
 
 def run_grid(
@@ -59,8 +60,10 @@ def run_grid(
 ) -> GridResult:
     """Compute the grid's missing cells with the grid's executor (privbench.executors), then write
     table.md, table.csv, results.csv (long form), privacy_utility.png, reconstructions.png and
-    cells.json into the output folder. If some cells fail, the others are still computed and
-    CellsFailed names the failed ones (no output files: the grid is incomplete).
+    cells.json into the output folder, and, when the grid has a reference frontier, frontier.csv,
+    verdicts.csv and frontier.png / .pdf with one verdict line per defense (`result.verdicts`).
+    If some cells fail, the others are still computed and CellsFailed names the failed ones (no
+    output files: the grid is incomplete).
 
     `train_fn(cfg, results_dir, log=...) -> (Run, trained)` and `attack_fn(run_dir, [attack],
     **settings) -> [result with "path" and "reused"]`, called once per attack cell, default to
@@ -102,5 +105,25 @@ def run_grid(
     grid_path = plots.reconstruction_grid(table, long, out_dir / "reconstructions.png")
     if grid_path is not None:
         result.files.append(grid_path)
+    ref = grid.verdict_reference()
+    if ref is not None:
+        result.verdicts, paths = write_frontier(long, out_dir, reference=ref, privacy_metric=grid.privacy_metric)
+        result.files += paths
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def write_frontier(long: Any, out_dir: Path, *, reference: str, privacy_metric: str) -> tuple[list[str], list[Path]]:
+    """frontier.csv (every point with its gain at matched accuracy), verdicts.csv (one row per
+    family) and frontier.png / .pdf into out_dir; returns the verdict lines and the files."""
+    from privbench import frontier
+    from privbench.plot_frontier import plot_frontier
+    from privbench.storage import atomic_write_text
+
+    comparison = frontier.compare(frontier.points(long, privacy_metric=privacy_metric), reference=reference)
+    files = []
+    for name, frame in (("frontier.csv", comparison.points), ("verdicts.csv", comparison.families)):
+        atomic_write_text(out_dir / name, frame.to_csv(index=False))
+        files.append(out_dir / name)
+    files += plot_frontier(comparison, out_dir / "frontier")
+    return frontier.verdict_lines(comparison) + comparison.notes, files

@@ -1,5 +1,10 @@
-"""Strength sweeps (privbench.strength): parsing, expansion into cells, defaults, errors."""
+"""Strength sweeps (privbench.strength): parsing, expansion into cells, defaults, errors, and
+the default run's verdict lines."""
 
+import json
+from pathlib import Path
+
+import pandas as pd
 import pytest
 from conftest import run_cli
 
@@ -87,3 +92,65 @@ def test_cli_bad_sweep_value_and_thin_reference_exit_2_before_training(tmp_path,
     code, _, err = run_cli([*base, "--sweep", "gmm-cem.lam=4,16"], capsys)
     assert code == 2 and "no defense of the grid without @ has the part 'gmm-cem'" in err
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # nothing trained
+
+
+class Frontier:
+    """Stand-in cells with a known answer: none's noise sweep is a line from (95%, 0.70) down to
+    (85%, 0.50); gmm-cem sits 0.2 SSIM below it at 90%, slot-cem 0.15 above it."""
+
+    @staticmethod
+    def point(cfg):
+        if cfg.defense == "none" and cfg.bottleneck is None:
+            return 0.96, 0.80
+        if cfg.defense == "none":
+            return 0.95 - cfg.noise, 0.70 - 2 * cfg.noise
+        return (0.90, 0.40) if cfg.defense == "gmm-cem" else (0.90, 0.75)
+
+    def train(self, cfg, results_dir, log=print):
+        from privbench.runs import Run, run_name
+        from privbench.storage import build_dir_once, write_json
+
+        final = Path(results_dir) / run_name(cfg)
+
+        def build(tmp):
+            write_json(tmp / "config.json", {"train": cfg.to_dict(), "defense_options": {}})
+            write_json(
+                tmp / "metrics.json", {"test_accuracy": self.point(cfg)[0], "num_classes": 10, "test_groups": 200}
+            )
+
+        return Run(final), build_dir_once(final, build)
+
+    def attack(self, run_dir, attacks, *, options=None, log=print, **settings):
+        from privbench.runs import Run
+        from privbench.storage import build_dir_once, write_json
+
+        out = []
+        for name in attacks:
+            folder = run_dir / "attacks" / f"{name}-x"
+
+            def build(tmp, name=name):
+                ssim = {"mean": self.point(Run(run_dir).config())[1], "ci95": 0.01, "n": 64}
+                write_json(
+                    tmp / "metrics.json", {"attack": name, "metrics": {"ssim": ssim, "psnr": ssim}, "baseline": {}}
+                )
+
+            build_dir_once(folder, build)
+            out.append(json.loads((folder / "metrics.json").read_text()) | {"path": str(folder), "reused": False})
+        return out
+
+
+def test_default_run_ends_with_one_verdict_line_per_defense(tmp_path, capsys, monkeypatch):
+    from privbench import sweep
+
+    work, real = Frontier(), sweep.run_grid
+    monkeypatch.setattr(sweep, "run_grid", lambda grid, log=print, **kw: real(
+        grid, train_fn=work.train, attack_fn=work.attack, validate=False, log=log))  # fmt: skip
+    code, out, err = run_cli(["run", "--attack", "decoder", "--results-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    tail = out[out.index("verdicts at matched accuracy") :]
+    assert "gmm-cem: better than none at matched accuracy (mean gain 0.200 SSIM" in tail
+    assert "slot-cem: worse than none at matched accuracy (mean gain -0.150 SSIM" in tail
+    out_dir = Path(out.strip().splitlines()[-1])
+    verdicts = pd.read_csv(out_dir / "verdicts.csv").set_index("family")
+    assert verdicts.loc["gmm-cem", "verdict"] == "better" and verdicts.loc["gmm-cem", "mean_gain"] == pytest.approx(0.2)
+    assert (out_dir / "frontier.png").stat().st_size > 0 and (out_dir / "frontier.pdf").stat().st_size > 0

@@ -9,6 +9,7 @@ import pytest
 from privbench.config import config_hash
 from privbench.errors import UserError
 from privbench.runs import Run, run_name
+from privbench.strength import NOISE_GRID
 from privbench.sweep import Channel, Grid, grid_from_options, run_grid
 from tests.test_cli import run_cli
 
@@ -34,9 +35,12 @@ def labels(grid):
 
 
 def test_default_grid_is_plain_none_plus_each_defense_on_the_base_channel():
+    # The base channel alone is swept over its noise: the reference frontier of the verdicts.
     assert labels(Grid()) == [
-        ("none", None, 0.0, 0), ("none", 8, 0.025, 0), ("gmm-cem", 8, 0.025, 0), ("slot-cem", 8, 0.025, 0),
+        ("none", None, 0.0, 0), *[("none", 8, n, 0) for n in NOISE_GRID], ("gmm-cem", 8, 0.025, 0),
+        ("slot-cem", 8, 0.025, 0),
     ]  # fmt: skip
+    assert 0.025 in NOISE_GRID and len(NOISE_GRID) >= 3
     assert Grid().attack == ["decoder", "optimization"]
 
 
