@@ -261,7 +261,7 @@ Top-level keys win over table entries; options on the command line win over the 
 @click.option("--sweep", "sweeps", multiple=True, metavar="NAME[.KEY][=V1,V2,...]",
               help="Train one cell per value of a defense's option or of its channel noise (KEY noise); "
                    "no KEY: its strength knob; no values: its default grid. Repeatable. [default grid: "
-                   "none.noise=0,0.025,0.1]")  # fmt: skip
+                   "none.noise=0.025,0.05,0.1]")  # fmt: skip
 @click.option("--no-sweep", is_flag=True, help="Not even the default grid's noise sweep.")
 @click.option(
     "--reference",
@@ -319,7 +319,7 @@ def run(
     The channel is what the client sends: bottleneck C<c> and/or Gaussian noise. The base
     channel (--bottleneck x --noise, default C8 + noise 0.025) applies to every --defense
     given without @; NAME@plain is the undefended model. The default grid is the plain model,
-    the base channel alone with its noise swept (0, 0.025, 0.1), and gmm-cem and slot-cem on
+    the base channel alone with its noise swept (0.025, 0.05, 0.1), and gmm-cem and slot-cem on
     the base channel; the run ends with one verdict per defense: better, worse or
     indistinguishable from the reference (none) at matched accuracy (docs/frontier.md).
     Finished cells (a run folder per training config, an attack folder per attack) are reused:

@@ -20,7 +20,10 @@ from privbench.errors import UserError
 
 CHANNEL = "noise"  # the sweep key of the channel noise
 OFF = "off"  # `--no-sweep`: not even the default grid's sweep
-NOISE_GRID = (0.0, 0.025, 0.1)  # the base channel's default sweep: C8 alone, the paper's 0.025, more
+# The base channel's default sweep: the paper's 0.025 and two stronger. On embedded (quick) the
+# accuracy barely moves up to 0.05 (noise 0 gave 91.6%, 0.025 92.2%, 0.05 92.7%) and falls to
+# about 87% at 0.1, so these three span the accuracies the CEM defenses reach.
+NOISE_GRID = (0.025, 0.05, 0.1)
 
 
 @dataclass(frozen=True)
