@@ -65,6 +65,19 @@ def t_ci95(values: Iterable[float]) -> float:
     return t_quantile(1 - ALPHA / 2, len(vals) - 1) * sd(vals) / math.sqrt(len(vals))
 
 
+def welch_ci95(ci_a: float, n_a: int, ci_b: float, n_b: int) -> float:
+    """Half width of the Welch 95% interval of mean_b - mean_a, from each mean's Student-t half
+    width over n seeds (t_ci95); NaN unless both have two or more seeds."""
+    if n_a < 2 or n_b < 2 or any(math.isnan(c) for c in (ci_a, ci_b)):
+        return math.nan
+    var = [(c / t_quantile(1 - ALPHA / 2, n - 1)) ** 2 for c, n in ((ci_a, n_a), (ci_b, n_b))]  # se^2 each
+    se2 = var[0] + var[1]
+    if se2 == 0:
+        return 0.0
+    dof = se2**2 / (var[0] ** 2 / (n_a - 1) + var[1] ** 2 / (n_b - 1))
+    return t_quantile(1 - ALPHA / 2, dof) * math.sqrt(se2)
+
+
 def min_detectable_difference(sd_value: float, n: int, *, alpha: float = ALPHA, power: float = POWER) -> float:
     """Smallest true difference of two means, n seeds per arm and a common sd, that a two-sided
     two-sample t test at level `alpha` finds with probability `power`:

@@ -14,6 +14,7 @@ import math
 
 import pandas as pd
 
+from privbench import stats
 from privbench.errors import UserError
 from privbench.table_format import _pm, caption
 
@@ -63,10 +64,20 @@ def cem_frame(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> pd.DataFrame
             if g != ALONE:
                 for m in ("accuracy", "worst_ssim"):
                     row[f"{g}|delta_{m}"] = row[f"{g}|{m}_mean"] - row[f"{ALONE}|{m}_mean"]
+                    row[f"{g}|delta_{m}_ci95"] = _welch(row, g, m)
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame.attrs["groups"] = groups
     return frame
+
+
+def _welch(row: dict[str, object], group: str, metric: str) -> float:
+    """Welch 95% half width of the group's change over the alone cell (both over 2+ seeds)."""
+    n_a, n_g = row[f"{ALONE}|n_seeds"], row[f"{group}|n_seeds"]
+    if any(pd.isna(n) for n in (n_a, n_g)):
+        return math.nan
+    ci_a, ci_g = row[f"{ALONE}|{metric}_ci95"], row[f"{group}|{metric}_ci95"]
+    return stats.welch_ci95(float(ci_a), int(n_a), float(ci_g), int(n_g))
 
 
 def to_markdown(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> str:
@@ -87,7 +98,13 @@ def to_markdown(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> str:
                       _pm(r[f"{g}|worst_ssim_mean"], r[f"{g}|worst_ssim_ci95"], 3)]  # fmt: skip
             if g != ALONE:
                 da, ds = r[f"{g}|delta_accuracy"], r[f"{g}|delta_worst_ssim"]
-                cells.append("–" if pd.isna(ds) else f"{100 * da:+.1f} / {ds:+.3f}")
+                ca, cs = r[f"{g}|delta_accuracy_ci95"], r[f"{g}|delta_worst_ssim_ci95"]
+                if pd.isna(ds):
+                    cells.append("–")
+                elif pd.isna(cs):
+                    cells.append(f"{100 * da:+.1f} / {ds:+.3f}")
+                else:
+                    cells.append(f"{100 * da:+.1f} ± {100 * ca:.1f} / {ds:+.3f} ± {cs:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     worst = sorted({str(v) for g in groups for v in frame[f"{g}|worst_attack"] if isinstance(v, str) and v})
     notes = [
@@ -96,7 +113,7 @@ def to_markdown(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> str:
         "(a CEM defense alone sits on the row `none`, the channel alone). Worst SSIM: the highest mean SSIM "
         f"over the attacks run ({', '.join(worst) or 'none'}); ± is the 95% CI (over seeds with 2 or more, "
         "else over test images). Δacc / ΔSSIM: the group's accuracy (points) and worst SSIM minus the alone "
-        "cell's (a negative ΔSSIM = more privacy).",
+        "cell's (a negative ΔSSIM = more privacy), ± the Welch 95% CI where both cells have 2 or more seeds.",
     ]  # fmt: skip
     return "\n".join(lines + [""] + notes) + "\n"
 

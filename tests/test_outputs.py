@@ -55,6 +55,15 @@ def md_header_and_rows(md):
 # ------------------------------------------------------------------------------- stats
 
 
+def test_welch_interval_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    a, b = [0.60, 0.62, 0.59], [0.55, 0.56, 0.54, 0.57]
+    ci = scipy_stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    got = stats.welch_ci95(stats.t_ci95(a), len(a), stats.t_ci95(b), len(b))
+    assert got == pytest.approx((ci.high - ci.low) / 2, rel=1e-9)
+    assert math.isnan(stats.welch_ci95(0.01, 1, 0.01, 3))  # one seed: no interval
+
+
 def test_stats_against_hand_computation():
     values = [1.0, 2.0, 3.0, 4.0, 5.0]
     assert stats.mean(values) == 3.0

@@ -271,7 +271,9 @@ def test_cem_layout_puts_bases_in_rows_and_tops_in_column_groups():
         by_base["none"]["+ slot-cem|worst_ssim_mean"]
     )
     md = table_cem.to_markdown(table)
-    cells = "90.0 ± 1.0 | 0.580 ± 0.005 | 89.0 ± 1.0 | 0.500 ± 0.005 | -1.0 / -0.080"
+    # Welch over 3 seeds each: se = 0.005 / t(0.975, 2) per cell, dof 4 -> 2.776 * sqrt(2) * se = 0.0046
+    assert d["+ gmm-cem|delta_worst_ssim_ci95"] == pytest.approx(2.7764 * 2**0.5 * 0.005 / 4.3027, rel=1e-3)
+    cells = "90.0 ± 1.0 | 0.580 ± 0.005 | 89.0 ± 1.0 | 0.500 ± 0.005 | -1.0 ± 0.9 / -0.080 ± 0.005"
     assert f"| dropout (rate=0.3) | C8 + noise 0.025 | {cells} |" in md
 
 
