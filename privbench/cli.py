@@ -363,6 +363,8 @@ def run(
         click.echo(f"\nverdicts at matched accuracy ({metric}, worst case over attacks; docs/frontier.md):")
         for line in result.verdicts:
             click.echo(f"  {line}")
+        if grid.seeds == 1:
+            click.echo("  (one seed: the CIs cover test images, not training seeds; cite verdicts from --seeds 3)")
     click.echo(f"cells: {result.computed} computed, {result.reused} reused; {time.perf_counter() - t0:.0f} s")
     click.echo("files: " + ", ".join(p.name for p in result.files) + " in")
     click.echo(str(result.out_dir))
