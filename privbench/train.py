@@ -301,6 +301,9 @@ def train(
         bad = defense.nonfinite_part() if transforms else None
         if bad is not None:  # raised before anything of this epoch is saved: no half-written run
             raise UserError(f"defense {bad}: its transform produced NaN or Inf in epoch {epoch + 1}; training stopped")
+        if not (math.isfinite(row["train_loss"]) and math.isfinite(row["defense_loss"])):
+            raise UserError(f"training diverged in epoch {epoch + 1} (defense {cfg.defense}, seed {cfg.seed}): the "
+                            "loss is NaN or Inf; training stopped and no run folder was written")  # fmt: skip
         row.update(defense.epoch_end(epoch, ctx))
         row["epoch_seconds"] = time.perf_counter() - t_epoch  # training only: the spread below is not counted
         row.update(epoch_spread(model, data))

@@ -206,6 +206,22 @@ def test_nan_transform_stops_the_run_naming_defense_and_epoch(tmp_path):
     assert not list(tmp_path.glob(".*.tmp-*"))
 
 
+def test_a_diverging_loss_stops_the_run_naming_the_epoch(tmp_path):
+    class Diverge(Defense):
+        name = "test-diverge"
+
+        def loss(self, z, y, *, epoch, lr):
+            return z.sum() * float("nan") if epoch == 1 else None
+
+    registry.register(Diverge)
+    try:
+        with pytest.raises(UserError, match=r"training diverged in epoch 2 \(defense test-diverge, seed 0\)"):
+            train_run(tiny_config(defense="test-diverge", epochs=3), tmp_path, **QUIET)
+    finally:
+        registry._REGISTRY["defense"].pop("test-diverge", None)
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # no run folder
+
+
 def test_plugin_without_x_keyword_still_trains():
     class Old(Defense):  # a plugin written before loss took x
         name = "test-old"
