@@ -12,11 +12,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from privbench.defenses._slot_estimator import GAMMA, SlotEstimator, loo_statistics
-from privbench.defenses.gmm_cem import kmeans_responsibilities
 
 from privbench.diagnostics import mixture_information
 from privbench.errors import UserError
 from privbench.features import intra_class_mse
+from privbench.kmeans import kmeans_responsibilities
 from privbench.plugins import Defense, TrainContext
 
 LR_PIVOT = 4.1e-4  # as gmm-cem: the CEM gradient is scaled by 0.001 / lr above this learning rate

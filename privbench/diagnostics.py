@@ -207,7 +207,7 @@ def entropy_bound(
             estimator = name
             break
     if h is None and fallback_clusters is not None:
-        from privbench.defenses.gmm_cem import kmeans_responsibilities
+        from privbench.kmeans import kmeans_responsibilities
 
         num_classes = int(y.max()) + 1
         resp = kmeans_responsibilities(z.flatten(1), y, num_classes, fallback_clusters)
