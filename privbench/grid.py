@@ -291,10 +291,11 @@ class Grid:
         parts = self.defense_parts()  # unknown or repeated parts fail here
         if self.privacy_metric not in METRICS:
             raise UserError(f"unknown privacy metric {self.privacy_metric!r} (known: {', '.join(METRICS)})")
-        if self.reference is not None and self.reference_points(self.reference) < 2:
+        if self.reference is not None:
             n, ref = self.reference_points(self.reference), self.reference
-            raise UserError(f"reference {ref!r}: the grid has {n} point(s) of it; a frontier needs two or more "
-                            f"(sweep it: --sweep {ref})")  # fmt: skip
+            if n < 2:
+                raise UserError(f"reference {ref!r}: the grid has {n} point(s) of it; a frontier needs two or more "
+                                f"(sweep it: --sweep {ref})")  # fmt: skip
         for name in self.attacks:
             if isinstance(self.attacks[name], dict) and name not in self.attack:
                 raise UserError(f"[attacks.{name}] options given for an attack that is not run")

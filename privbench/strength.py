@@ -76,10 +76,10 @@ def parse(spec: Any, values: Any = None) -> Sweep:
         raise UserError(f"invalid sweep {spec!r}: expected NAME[.KEY][=V1,V2,...], e.g. gmm-cem.lam=4,16,64")
     if "+" in part:
         raise UserError(f"invalid sweep {spec!r}: name one part of the stack ({' or '.join(stack.parts(part))})")
-    registry.get("defense", part)  # unknown: one line naming the installed defenses
+    defaults = registry.option_defaults(registry.get("defense", part))  # unknown: UserError naming those installed
     key = key or knob(part)
-    if key != CHANNEL and key not in registry.option_defaults(registry.get("defense", part)):
-        options = ", ".join(sorted(registry.option_defaults(registry.get("defense", part)))) or "none"
+    if key != CHANNEL and key not in defaults:
+        options = ", ".join(sorted(defaults)) or "none"
         raise UserError(f"sweep {spec!r}: defense {part!r} has no option {key!r} (options: {options}; or noise)")
     if values is None or values == "default":
         values = default_values(part, key)

@@ -318,11 +318,12 @@ def train(
     acc = stats["test_accuracy"]
     model = model.to(memory_format=torch.contiguous_format)
     spread = z_spread(model.client_view(), data.train.images, data.train.labels, data.num_classes)
-    bound = final_entropy_bound(model, kept_defense(defense), data, cfg.noise)
+    kept = kept_defense(defense)
+    bound = final_entropy_bound(model, kept, data, cfg.noise)
     ci = stats["test_accuracy_ci95"]
     log(f"test_accuracy={acc:.4f}" + (f" ±{ci:.4f} ({stats['test_groups']} groups)" if ci is not None else "")
         + f" train_seconds={seconds:.1f} " + " ".join(f"{k}={v:.4g}" for k, v in spread.items()))  # fmt: skip
-    return TrainResult(model, kept_defense(defense), acc, history, seconds, spread, stats, bound)
+    return TrainResult(model, kept, acc, history, seconds, spread, stats, bound)
 
 
 def kept_defense(defense: stack.Stack) -> Defense:
