@@ -17,8 +17,16 @@ epoch. (3) It is applied to the observed z. Without labels (`fit` called without
 uses information maximisation instead (confident and class-balanced server outputs, SHOT,
 Liang et al. 2020); `info` records which.
 
+The server alone pins the shadow loosely: many codes make a frozen server classify correctly,
+and a shadow trained on classification only lands in a different code space on some seeds
+(measured: SSIM from below the mean image to well above it, seed to seed). So step (1) also
+matches, at every batch-norm layer of the server, the batch statistics of the shadow's code to
+the running statistics that the server kept while it was trained on the real encoder's codes
+(a feature-statistics prior, as in DeepInversion, Yin et al. 2020): the server owns them, so the
+attack stays query-free. `bn_weight` (default 1; 0 turns it off) weighs that term.
+
 Options (keyword-only): epochs=50 (each phase; the budget the presets set), shadow_epochs=0
-(0: the same as epochs), shadow_lr=1e-3, batch_size=64 (shadow phase), and the inverse
+(0: the same as epochs), shadow_lr=1e-3, batch_size=64 (shadow phase), bn_weight=1.0, and the inverse
 network's, at the `decoder` attack's reference defaults (CEM paper / official code):
 decoder_batch_size=256, lr=1e-3, min_lr=1e-5, weight_decay=1e-4, channels=64, blocks=8.
 He et al. train the shadow as the original model was trained; Adam 1e-3 was picked here.
@@ -61,6 +69,22 @@ def reinitialised_copy(module: nn.Module) -> nn.Module:
     return shadow.requires_grad_(True)
 
 
+def _stat_gap(gaps: list[torch.Tensor]):
+    """A forward hook that appends how far a batch-norm layer's input batch is from the layer's
+    running statistics, scale-free: squared mean gap over the running variance, plus the squared
+    log ratio of the variances, averaged over channels."""
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        h = inputs[0].float()
+        dims = [d for d in range(h.ndim) if d != 1]
+        mean, var = h.mean(dims), h.var(dims, unbiased=False)
+        rv = module.running_var.float() + module.eps
+        shift = ((mean - module.running_mean.float()) ** 2 / rv).mean()
+        gaps.append(shift + ((var + module.eps) / rv).log().pow(2).mean())
+
+    return hook
+
+
 class ShadowAttack(Attack):
     """Shadow encoder trained through the frozen server, then an inverse network on the shadow."""
 
@@ -74,6 +98,7 @@ class ShadowAttack(Attack):
         shadow_epochs: int = 0,
         shadow_lr: float = 1e-3,
         batch_size: int = 64,
+        bn_weight: float = 1.0,
         decoder_batch_size: int = 256,
         lr: float = 1e-3,
         min_lr: float = 1e-5,
@@ -85,14 +110,16 @@ class ShadowAttack(Attack):
             raise ValueError("epochs, batch_size and decoder_batch_size must be >= 1 and shadow_epochs >= 0")
         if channels < 1 or blocks < 0:
             raise ValueError("channels must be >= 1 and blocks >= 0")
-        if shadow_lr <= 0 or lr <= 0 or min_lr < 0 or weight_decay < 0:
-            raise ValueError("shadow_lr and lr must be > 0, min_lr and weight_decay >= 0")
+        if shadow_lr <= 0 or lr <= 0 or min_lr < 0 or weight_decay < 0 or bn_weight < 0:
+            raise ValueError("shadow_lr and lr must be > 0, min_lr, weight_decay and bn_weight >= 0")
+        self.bn_weight = bn_weight
         self.epochs, self.shadow_epochs, self.shadow_lr, self.batch_size = epochs, shadow_epochs, shadow_lr, batch_size
         self.decoder_batch_size, self.lr, self.min_lr, self.weight_decay = decoder_batch_size, lr, min_lr, weight_decay
         self.channels, self.blocks = channels, blocks
         self.shadow: nn.Module | None = None
         self.net: InverseNet | None = None
         self.history: dict[str, list[float]] = {"shadow": [], "accuracy": [], "inverse": []}
+        self._bn_layers = 0
         self.info: dict = {}
 
     def _sent(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,19 +146,33 @@ class ShadowAttack(Attack):
         objective = "cross-entropy on attacker labels" if labels is not None else "information maximisation"
         accuracy = self.history["accuracy"][-1] if self.history["accuracy"] else None
         self.info = {"query_free": True, "threat_model": THREAT_MODEL, "shadow_objective": objective,
-                     "shadow_server_accuracy": accuracy}  # fmt: skip
+                     "shadow_server_accuracy": accuracy, "bn_weight": self.bn_weight,
+                     "bn_layers_matched": self._bn_layers}  # fmt: skip
 
     def _train_shadow(self, images: torch.Tensor, labels: torch.Tensor | None, show: bool) -> None:
         server, shadow = self.target.server, self.shadow.train()
         opt = torch.optim.Adam(shadow.parameters(), lr=self.shadow_lr)
         epochs = self.shadow_epochs or self.epochs
+        gaps: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(_stat_gap(gaps)) for m in server.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+                 and self.bn_weight > 0]  # fmt: skip
+        self._bn_layers = len(hooks)
         bar = tqdm(range(epochs), desc="shadow encoder", leave=False, disable=not show)
+        try:
+            self._shadow_epochs(server, shadow, opt, images, labels, gaps, bar)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _shadow_epochs(self, server, shadow, opt, images, labels, gaps, bar) -> None:
         for _ in bar:
             perm = torch.randperm(len(images), device=images.device)
             total = torch.zeros((), device=images.device)
             correct = torch.zeros((), device=images.device)
             for i in range(0, len(images), self.batch_size):
                 idx = perm[i : i + self.batch_size]
+                gaps.clear()
                 logits = server(self._sent(images[idx]))  # server frozen and in eval mode: only the shadow learns
                 if labels is not None:
                     y = labels[idx]
@@ -141,6 +182,8 @@ class ShadowAttack(Attack):
                     p = logits.softmax(1)
                     mean = p.mean(0)
                     loss = -(p * p.clamp_min(1e-8).log()).sum(1).mean() + (mean * mean.clamp_min(1e-8).log()).sum()
+                if gaps:
+                    loss = loss + self.bn_weight * torch.stack(gaps).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

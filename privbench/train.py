@@ -215,7 +215,7 @@ def train(
     device = pick_device(cfg.device)
     defense = stack.create(cfg.defense, cfg.defense_options)
     seed_everything(cfg.seed)
-    data = data if data is not None else load_data(cfg, device)
+    data = load_data(cfg, device) if data is None else data.to(device)  # a caller's CPU data set trains on CUDA too
     model = make_model(cfg, data).to(device)
     attach_defense(model, defense, data.image_shape, device)
     use_amp = cfg.amp and device.type in FAST_PATH_DEVICES

@@ -10,7 +10,7 @@ from privbench.diagnostics import read_curves_csv, reconstruction_bound
 from privbench.errors import UserError
 from privbench.runs import Run, run_name, train_run
 from privbench.storage import atomic_write_text, build_dir_once
-from privbench.train import load_data
+from privbench.train import load_data, pick_device
 
 
 def test_run_folder_round_trip(tmp_path):
@@ -22,7 +22,8 @@ def test_run_folder_round_trip(tmp_path):
     ]  # fmt: skip
     assert run.config() == cfg
     prov = run.provenance()
-    assert prov["seed"] == 3 and prov["torch_version"] == torch.__version__ and prov["device"] == "cpu"
+    assert prov["seed"] == 3 and prov["torch_version"] == torch.__version__
+    assert prov["device"] == pick_device(cfg.device).type
     assert prov["start_time"] <= prov["end_time"]
     metrics = run.metrics()
     assert 0 <= metrics["test_accuracy"] <= 1 and len(metrics["history"]) == 1

@@ -27,7 +27,7 @@ class Blend(Attack):
         z, x = target.query(images).flatten(1).double(), images.flatten(1).double()
         self.zm, self.xm = z.mean(0), x.mean(0)
         z, x = z - self.zm, x - self.xm
-        gram = z.T @ z + 1e-2 * torch.eye(z.shape[1], dtype=z.dtype) * (z.T @ z).diagonal().mean()
+        gram = z.T @ z + 1e-2 * torch.eye(z.shape[1], dtype=z.dtype, device=z.device) * (z.T @ z).diagonal().mean()
         self.w = torch.linalg.solve(gram, z.T @ x)
         self.keep = (1.0 if self.epochs >= 2 else 0.0) if self.grows else 0.5
 
@@ -86,8 +86,10 @@ def test_a_budget_too_small_is_flagged_and_a_saturated_one_is_not(run):
 
 
 def test_cli_flag_reuses_the_recorded_check(run, capsys):
-    before = sorted(p.name for p in (run.path / "attacks").iterdir())
     args = ["attack", str(run.path), "--attack", "test-blend", "--epochs", "1", "--eval-images", "64", "--quiet"]
+    # The check is computed here if no other test did (pytest-xdist may run this one alone), then reused.
+    attack_run(run.path, ["test-blend"], epochs=1, eval_images=64, check_saturation=True, **QUIET)
+    before = sorted(p.name for p in (run.path / "attacks").iterdir())
     code, out, _ = run_cli([*args, "--check-saturation"], capsys)
     assert code == 0 and "test-blend: SSIM" in out and "at twice the budget: UNSATURATED" in out
     assert sorted(p.name for p in (run.path / "attacks").iterdir()) == before  # nothing recomputed

@@ -375,7 +375,7 @@ def test_short_training_shrinks_intra_class_spread_compared_with_none():
         cfg = tiny_config(
             epochs=3, n_train=500, width=0.125, bottleneck=8, noise=0.025, defense=defense, defense_options=opts
         )
-        data = load_data(cfg, pick_device("cpu"))
+        data = load_data(cfg, pick_device(cfg.device))
         enc = train(cfg, data=data, log=lambda m: None).model.encoder.eval()
         with torch.no_grad():
             z = enc(to_float(data.train.images)).flatten(1)

@@ -12,6 +12,7 @@ from privbench.config import TrainConfig
 from privbench.errors import UserError
 from privbench.plugins import Defense
 from privbench.runs import Run, train_run
+from privbench.storage import load_checkpoint
 from privbench.train import load_data, train
 
 QUIET = dict(log=lambda m: None)
@@ -161,7 +162,7 @@ def test_stacked_run_round_trips_and_the_attacker_sees_the_transform(tmp_path):
     run, _ = train_run(cfg, tmp_path, **QUIET)
     saved = json.loads((run.path / "config.json").read_text())
     assert saved["defense_options"]["gmm-cem"]["lam"] == 4.0 and saved["defense_options"]["test-scale"]["start"] == 0.5
-    state = torch.load(run.path / "checkpoint.pt", weights_only=True)["defense"]
+    state = load_checkpoint(run.path / "checkpoint.pt")["defense"]
     w = state["test-scale"]["w"]
     assert w.item() != 0.5  # trained with the model
     assert "centroids" in str(state["gmm-cem"].keys()) or state["gmm-cem"]  # gmm-cem's own state, by part
@@ -305,7 +306,7 @@ def test_the_transform_example_in_the_docs_trains_and_is_attacked(tmp_path):
     try:
         cfg = tiny_config(defense="gains+gmm-cem", defense_options={"weight": 0.5}, bottleneck=8)
         run, _ = train_run(cfg, tmp_path / "runs", **QUIET)
-        logits = torch.load(run.path / "checkpoint.pt", weights_only=True)["defense"]["gains"]["logits"]
+        logits = load_checkpoint(run.path / "checkpoint.pt")["defense"]["gains"]["logits"]
         data = load_data(cfg, torch.device("cpu"))
         model = Run.open(run.path).load_model(data)
         x = torch.rand(2, 3, 32, 32)

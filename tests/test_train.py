@@ -84,16 +84,16 @@ def test_gpu_fast_path_runs_on_cpu_when_enabled(monkeypatch):
     import privbench.train as train_mod
 
     probe = _LayoutProbe.register()
-    train(tiny_config(defense="probe-layout"), log=lambda m: None)
+    train(tiny_config(defense="probe-layout", device="cpu"), log=lambda m: None)
     assert set(probe.seen) == {(torch.float32, False)}  # CPU default: fp32, contiguous
     probe.seen.clear()
     monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
-    result = train(tiny_config(defense="probe-layout"), log=lambda m: None)
+    result = train(tiny_config(defense="probe-layout", device="cpu"), log=lambda m: None)
     assert set(probe.seen) == {(torch.bfloat16, True)}
     # The kept model is back in the default layout, so checkpoints and attacks see plain tensors.
     assert all(p.is_contiguous() for p in result.model.parameters())
     probe.seen.clear()
-    train(tiny_config(defense="probe-layout", amp=False, channels_last=False), log=lambda m: None)
+    train(tiny_config(defense="probe-layout", device="cpu", amp=False, channels_last=False), log=lambda m: None)
     assert set(probe.seen) == {(torch.float32, False)}
 
 
