@@ -118,6 +118,8 @@ class SlotCem(Defense):
         self.num_slots, self.num_iterations = int(num_slots), int(num_iterations)
         self.hidden, self.warmup = int(hidden), int(warmup)
         self.module: SlotEstimator | None = None
+        self._guarded: SlotEstimator | None = None  # the module whose gradients _guard masks
+        self._bad: torch.Tensor | None = None
         self.num_classes: int | None = None
         self.sigma = 0.0
         self.ctx: TrainContext | None = None
@@ -173,6 +175,7 @@ class SlotCem(Defense):
                 if threads:
                     torch.set_num_threads(threads)
         intra_bad = ~torch.isfinite(out["intra_mse"])
+        self._guard(zf, out["bad"])
         s = 0.001 / lr if lr >= LR_PIVOT else 1.0
         zero = torch.zeros((), device=zf.device)
         term = torch.where(out["bad"], zero, self.lam * s * out["rob_loss"] + out["module_loss"])
@@ -188,6 +191,19 @@ class SlotCem(Defense):
             term.register_hook(lambda g: self._set_threads(1, threads))
             zf.register_hook(lambda g: self._set_threads(threads, 0))
         return term
+
+    def _guard(self, zf: torch.Tensor, bad: torch.Tensor) -> None:
+        """Drop a non-finite step's gradient at its leaves. torch.where(bad, 0, term) zeroes the
+        term, not its backward: a zero upstream gradient times an infinite local derivative is NaN,
+        which reached the encoder and killed 2 of 3 seeds at lam=4 in their last epoch. The mask is
+        a device tensor (no host sync); a finite step's gradients pass unchanged, bit for bit."""
+        self._bad = bad
+        if zf.requires_grad:
+            zf.register_hook(lambda g: torch.where(bad, torch.zeros_like(g), g))
+        if self._guarded is not self.module:  # once per module (built, or loaded to resume)
+            for p in self.module.parameters():
+                p.register_hook(lambda g: torch.where(self._bad, torch.zeros_like(g), g))
+            self._guarded = self.module
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both losses and the gate statistics for a batch (z: [n, D] float, y: [n])."""

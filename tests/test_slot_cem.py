@@ -300,6 +300,36 @@ def test_nan_input_gives_zero_loss_and_is_counted():
     assert row["nan_count"] == 1.0 and math.isfinite(row["rob_loss"]) and math.isfinite(row["intra_mse"])
 
 
+def test_a_non_finite_step_sends_no_nan_gradient_to_the_encoder_or_the_module():
+    # Finite z, but the step's losses go non-finite inside (an infinite local derivative): the
+    # masked term is 0, and its backward must not carry 0 * inf = NaN into the encoder or the module.
+    z, y = clustered_features(3, 30, dim=64)
+    defense, ctx = make_defense(3)
+    real = defense.forward
+
+    def poisoned(zf, yy):
+        out = dict(real(zf, yy))
+        p = next(defense.module.parameters())
+        out["rob_loss"] = out["rob_loss"] + torch.sqrt(zf.sum() * 0 - 1)  # NaN value, NaN gradient
+        out["module_loss"] = out["module_loss"] + torch.sqrt(p.sum() * 0 - 1)
+        out["bad"] = ~(torch.isfinite(out["rob_loss"]) & torch.isfinite(out["module_loss"]))
+        return out
+
+    defense.loss(z, y, epoch=0, lr=0.02)  # builds the module
+    defense.forward = poisoned
+    z = z.clone().requires_grad_()
+    term = defense.loss(z, y, epoch=0, lr=0.02)
+    assert term.item() == 0.0
+    term.backward()
+    assert bool(torch.isfinite(z.grad).all()) and z.grad.abs().sum() == 0
+    grads = [p.grad for p in defense.module.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) and g.abs().sum() == 0 for g in grads)
+    defense.forward = real  # the next, finite step's gradient passes unchanged
+    z2 = clustered_features(3, 30, dim=64, seed=1)[0].requires_grad_()
+    defense.loss(z2, y, epoch=0, lr=0.02).backward()
+    assert bool(torch.isfinite(z2.grad).all()) and z2.grad.abs().sum() > 0
+
+
 @pytest.fixture
 def one_thread():
     """Hundreds of small steps: one thread avoids thread hand-offs on a busy 2-core machine."""
