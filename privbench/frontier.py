@@ -388,6 +388,8 @@ def verdict_lines(comparison: Comparison) -> list[str]:
             lines.append(head + f"extrapolation only against {r.reference} (0 of {r.n_points} points within its "
                          f"accuracy range {100 * r.ref_acc_min:.1f}-{100 * r.ref_acc_max:.1f}%{tail})")  # fmt: skip
         else:
+            if r.verdict == "indistinguishable":  # how large a gain these seeds could have seen
+                tail += f"; detectable with power 0.8: {fs.detectable_gain(r.gain_lo, r.gain_hi):.{d}f} {unit}"
             lines.append(head + f"{word[r.verdict]} {r.reference} at matched accuracy (mean gain "
                          f"{r.mean_gain:.{d}f} {unit}, 95% CI {r.gain_lo:.{d}f}..{r.gain_hi:.{d}f}; "
                          f"{r.n_in_range} of {r.n_points} points in range{tail})")  # fmt: skip

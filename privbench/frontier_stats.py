@@ -210,3 +210,14 @@ def interval(samples: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray
     with np.errstate(all="ignore"):
         lo, hi = np.nanpercentile(np.where(np.isfinite(samples), samples, np.nan), [2.5, 97.5], axis=axis)
     return np.where(enough, lo, np.nan), np.where(enough, hi, np.nan)
+
+
+# Two-sided alpha 0.05, power 0.8: a true gain this many standard errors from 0 is found 80% of
+# the time; a 95% CI is 2 * 1.96 standard errors wide (normal approximation of the bootstrap).
+_MDD_PER_CI_WIDTH = (1.959964 + 0.841621) / (2 * 1.959964)
+
+
+def detectable_gain(lo: float, hi: float) -> float:
+    """The smallest true gain that a comparison with this 95% CI would call better or worse with
+    power 0.8 (two-sided, alpha 0.05): 2.80 standard errors, the standard error read off the CI."""
+    return _MDD_PER_CI_WIDTH * (hi - lo)

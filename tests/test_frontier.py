@@ -146,7 +146,10 @@ def test_verdict_lines(world):
     assert gmm.startswith("gmm-cem: better than none at matched accuracy (mean gain 0.050 SSIM, 95% CI 0.")
     assert "3 of 3 points in range" in gmm and "DCS" in gmm
     assert any(v.startswith("dropout: worse than none") for v in lines)
-    assert any(v.startswith("slot-cem: indistinguishable from none") for v in lines)
+    copy = next(v for v in lines if v.startswith("slot-cem: indistinguishable from none"))
+    row = fam(cmp, "slot-cem")  # power 0.8, alpha 0.05: 2.80 standard errors, the CI being 3.92 of them
+    assert f"detectable with power 0.8: {2.801585 / 3.919928 * (row.gain_hi - row.gain_lo):.3f} SSIM" in copy
+    assert "detectable" not in gmm
     # the undefended model was scored by the decoder only: the worst cases cover different attack sets
     assert any("not all scored by the same attacks (configurations per attack, of 15: decoder: 15, "
                "optimization: 14)" in n for n in cmp.notes)  # fmt: skip
