@@ -199,3 +199,29 @@ def test_gan_prior_generator_is_cached_and_reused(data, monkeypatch):
     third = create("gan-prior", **options)
     third.fit(target, x[:64])
     assert not third.info["generator_cached"] and third.info["generator_file"] != path
+
+
+def test_an_attack_that_returns_nan_fails_its_cell_with_the_reason_and_keeps_no_folder(tmp_path):
+    from conftest import tiny_config
+
+    from privbench.attack import attack_run
+    from privbench.plugins import Attack
+    from privbench.runs import train_run
+
+    class Diverged(Attack):
+        name = "test-nan"
+
+        def fit(self, target, images, labels=None):
+            self.shape = target.image_shape
+
+        def reconstruct(self, z):
+            return torch.full((len(z), *self.shape), float("nan"))
+
+    registry.register(Diverged)
+    try:
+        run, _ = train_run(tiny_config(), tmp_path, log=lambda m: None)
+        with pytest.raises(UserError, match="attack 'test-nan' returned non-finite values"):
+            attack_run(run.path, ["test-nan"], eval_images=8, progress=False, log=lambda m: None)
+        assert not [p for p in (run.path / "attacks").glob("*") if "test-nan" in p.name]  # nothing half-written
+    finally:
+        registry._REGISTRY["attack"].pop("test-nan", None)
