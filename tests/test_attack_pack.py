@@ -1,4 +1,7 @@
+
 """The attack pack: likelihood (rMLE at sigma 0), gan-prior (cached VAE prior), shadow (query-free)."""
+
+import math
 
 import pytest
 import torch
@@ -225,3 +228,33 @@ def test_an_attack_that_returns_nan_fails_its_cell_with_the_reason_and_keeps_no_
         assert not [p for p in (run.path / "attacks").glob("*") if "test-nan" in p.name]  # nothing half-written
     finally:
         registry._REGISTRY["attack"].pop("test-nan", None)
+
+
+def test_shadow_batch_norm_prior_gap_matches_hand_computation_and_is_optional():
+    from privbench.attacks.shadow import _stat_gap
+
+    bn = nn.BatchNorm1d(2).eval()
+    bn.running_mean.copy_(torch.tensor([0.0, 1.0]))
+    bn.running_var.copy_(torch.tensor([1.0, 4.0]))
+    h = torch.tensor([[0.0, 1.0], [2.0, 1.0]])  # batch mean (1, 1), biased var (1, 0)
+    gaps: list = []
+    handle = bn.register_forward_hook(_stat_gap(gaps))
+    bn(h)
+    handle.remove()
+    eps = bn.eps
+    shift = (1 / (1 + eps) + 0) / 2
+    spread = (math.log((1 + eps) / (1 + eps)) ** 2 + math.log(eps / (4 + eps)) ** 2) / 2
+    assert gaps[0].item() == pytest.approx(shift + spread, rel=1e-5)
+    with pytest.raises(UserError, match="bn_weight >= 0"):
+        create("shadow", bn_weight=-1)
+
+
+def test_shadow_matches_every_server_batch_norm_unless_turned_off(data, plain_model):
+    x, y, _ = data
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain_model.server.modules())
+    for weight, expected in ((1.0, n_bn), (0.0, 0)):
+        torch.manual_seed(0)
+        attack = create("shadow", epochs=1, bn_weight=weight)
+        attack.fit(target_of(plain_model), x[:64], labels=y[:64])
+        assert attack.info["bn_layers_matched"] == expected and attack.info["bn_weight"] == weight
+    assert n_bn > 0
