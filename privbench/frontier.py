@@ -275,7 +275,8 @@ def compare(points: pd.DataFrame, reference: str = "none", resamples: int = 1000
         # One image draw per resample and image set, shared by every run evaluated on those images.
         sets = dict.fromkeys(sd.images for seeds in per_config for sd in seeds if sd.images is not None)
         counts = {k: fs.image_counts(len(np.frombuffer(k, dtype=np.int64)), resamples, rng) for k in sets}
-        draws = [fs.draw(seeds, counts, resamples, rng, sign > 0) for seeds in per_config]
+        picks = fs.paired_picks(per_config, resamples, rng)  # configurations of one seed drawn together
+        draws = [fs.draw(seeds, counts, resamples, rng, sign > 0, p) for seeds, p in zip(per_config, picks)]
         acc_b = np.stack([d[0] for d in draws], axis=1)  # [R, C]
         leak_b = sign * np.stack([d[1] for d in draws], axis=1)
         acc_o, leak_o = grp.accuracy_mean.to_numpy(float), sign * grp.privacy_mean.to_numpy(float)

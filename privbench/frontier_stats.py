@@ -31,6 +31,7 @@ class Seed:
     acc: float
     acc_n: int
     images: bytes | None = None
+    seed: int | None = None  # the training seed: runs of one seed are resampled together
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def load_seeds(cells: tuple[Cell, ...], metric: str, attacks: list[str], notes: 
             images, joint_values = joint[0].tobytes(), joint[1]
         values = np.full((joint_values.shape[0], len(attacks)), np.nan)
         values[:, [i for i, a in enumerate(attacks) if a in have]] = joint_values
-        out.append(Seed(values, cell.acc, cell.acc_n, images))
+        out.append(Seed(values, cell.acc, cell.acc_n, images, cell.seed))
     return out
 
 
@@ -111,8 +112,34 @@ def image_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray
     return np.bincount(idx.ravel(), minlength=resamples * n).reshape(resamples, n).astype(Z)
 
 
+def paired_picks(per_config: list[list[Seed]], resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The seed draws [R, S] of each configuration (indices into its runs), one draw shared by all
+    configurations trained on the same seeds. A seed fixes the initialisation and batch order of
+    every configuration, so resampling seeds jointly keeps what they share out of a difference
+    (docs/precision.md: paired over seeds, the accuracy sd of a difference halves). Runs without
+    distinct seed numbers are drawn on their own."""
+    shared: dict[tuple[int, ...], np.ndarray] = {}
+    out = []
+    for seeds in per_config:
+        ids = [sd.seed for sd in seeds]
+        if None in ids or len(set(ids)) < len(ids):
+            out.append(rng.integers(0, len(seeds), size=(resamples, len(seeds))))
+            continue
+        key = tuple(sorted(ids))
+        if key not in shared:
+            shared[key] = rng.integers(0, len(key), size=(resamples, len(key)))
+        where = np.array([ids.index(s) for s in key])  # position in the sorted seeds -> this run's index
+        out.append(where[shared[key]])
+    return out
+
+
 def draw(
-    seeds: list[Seed], counts: dict[bytes | None, np.ndarray], resamples: int, rng: np.random.Generator, higher: bool
+    seeds: list[Seed],
+    counts: dict[bytes | None, np.ndarray],
+    resamples: int,
+    rng: np.random.Generator,
+    higher: bool,
+    picks: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hierarchical bootstrap of one configuration: (accuracy [R], worst-case metric [R]).
 
@@ -120,7 +147,8 @@ def draw(
     (`counts[seed.images]` [R, n], one draw per image set, shared by every run on those images
     and by all attacks of a run); then len(seeds) runs are drawn with replacement, each attack is
     averaged over the drawn runs that have it, and the worst case over attacks is taken (max if
-    `higher`, else min). Accuracy per drawn run is Binomial(acc_n, acc) / acc_n, averaged."""
+    `higher`, else min). Accuracy per drawn run is Binomial(acc_n, acc) / acc_n, averaged.
+    `picks` [R, S]: the runs drawn (from `paired_picks`); None draws them here."""
     s, a = len(seeds), seeds[0].values.shape[1]
     per_seed = np.empty((resamples, s, a), dtype=Z)
     present = np.zeros((s, a), dtype=bool)
@@ -130,7 +158,7 @@ def draw(
         if c is None:
             c = np.ones((resamples, 1)) if sd.images is None else image_counts(len(sd.values), resamples, rng)
         per_seed[:, i] = c @ np.where(present[i], sd.values, 0.0) / len(sd.values)
-    picks = rng.integers(0, s, size=(resamples, s))
+    picks = rng.integers(0, s, size=(resamples, s)) if picks is None else picks
     means = np.take_along_axis(per_seed, picks[:, :, None], axis=1)  # [R, S, A]
     has = present[picks]
     k = has.sum(axis=1)

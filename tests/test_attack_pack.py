@@ -1,4 +1,3 @@
-
 """The attack pack: likelihood (rMLE at sigma 0), gan-prior (cached VAE prior), shadow (query-free)."""
 
 import math

@@ -320,3 +320,21 @@ def test_comparison_frames_are_plain(world):
     assert "cells" not in cmp.points
     assert isinstance(cmp.families, pd.DataFrame) and len(cmp.families) == 5
     cmp.points.to_csv()  # nothing unprintable left in it
+
+
+def test_configurations_of_the_same_seeds_are_resampled_together():
+    # B = A + 0.05 at every seed, with a large seed-to-seed spread: drawn together, every resample
+    # sees the 0.05; drawn apart (another seed set), the spread leaks into the difference.
+    from privbench.frontier_stats import Seed, draw, paired_picks
+
+    rng = np.random.default_rng(0)
+    base = [0.3, 0.5, 0.7]
+    a = [Seed(np.array([[v]]), 0.9, 0, None, s) for s, v in zip((0, 1, 2), base)]
+    b = [Seed(np.array([[v + 0.05]]), 0.9, 0, None, s) for s, v in zip((2, 0, 1), base[2:] + base[:2])]  # other order
+    c = [Seed(np.array([[v + 0.05]]), 0.9, 0, None, s) for s, v in zip((0, 1, 3), base)]
+    pa, pb, pc = paired_picks([a, b, c], 200, rng)
+    wa, wb, wc = (draw(x, {}, 200, rng, True, p)[1] for x, p in ((a, pa), (b, pb), (c, pc)))
+    assert np.allclose(wb - wa, 0.05)
+    assert np.std(wc - wa) > 0.05
+    same = [Seed(np.array([[v]]), 0.9, 0, None, None) for v in base]  # no seed numbers: drawn alone
+    assert paired_picks([same, same], 50, rng)[0].shape == (50, 3)
