@@ -3,6 +3,7 @@
     python bench/precision.py RESULTS_DIR --seeds 5                  # train + attack the default grid
     python bench/precision.py RESULTS_DIR --seeds 5 --defense none --noise 0.1 --set epochs=20
     python bench/precision.py RESULTS_DIR --summarize                # only read finished run folders
+    python bench/precision.py RESULTS_DIR --summarize --paired-with none@C8+0.025   # differences seed by seed
 
 Trains seeds 0..N-1 of each configuration with `privbench run` (cached: finished cells are
 reused), then prints, per configuration (every training setting but the seed), the mean and
@@ -25,7 +26,7 @@ from typing import Any
 
 from privbench.config import NON_IDENTITY, config_hash
 from privbench.errors import UserError
-from privbench.stats import mean, min_detectable_difference, sd
+from privbench.stats import mean, min_detectable_difference, paired_min_detectable_difference, sd
 from privbench.storage import read_json
 
 METRICS = ("ssim", "psnr")  # attack metrics reported; accuracy always comes first
@@ -78,6 +79,33 @@ def summarize(cells: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def paired(cells: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Each configuration minus `reference` (a label), seed by seed over their common seeds: the
+    mean and sd of the differences and the paired MDD at 3 and 5 seeds. A seed fixes the
+    initialisation and batch order of every configuration, so the differences cancel part of its
+    luck: docs/precision.md measured the accuracy sd of a difference at about half the unpaired."""
+    ref = next((c for c in cells.values() if c["label"] == reference), None)
+    if ref is None:
+        known = ", ".join(sorted(c["label"] for c in cells.values()))
+        raise UserError(f"--paired-with {reference!r} is no configuration here (known: {known})")
+    rows = []
+    for cell in sorted(cells.values(), key=lambda c: c["label"]):
+        if cell is ref:
+            continue
+        for quantity, by_seed in cell["values"].items():
+            base = ref["values"].get(quantity, {})
+            common = sorted(set(by_seed) & set(base))
+            diffs = [by_seed[s] - base[s] for s in common]
+            spread = sd(diffs)
+            rows.append({
+                "configuration": f"{cell['label']} - {reference}", "quantity": quantity, "n": len(diffs),
+                "mean": mean(diffs), "sd": spread, "mdd3": paired_min_detectable_difference(spread, 3),
+                "mdd5": paired_min_detectable_difference(spread, 5), "target_sd": None, "meets": None,
+                "values": diffs, "seeds": common,
+            })  # fmt: skip
+    return rows
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     """A Markdown table; sd and MDD are in the quantity's unit (accuracy in points)."""
 
@@ -123,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field over the preset")
     ap.add_argument("--summarize", action="store_true", help="train nothing: report the run folders already there")
     ap.add_argument("--json", type=Path, help="write the rows (with per-seed values) to this file")
+    ap.add_argument("--paired-with", metavar="CONFIGURATION",
+                    help="also report every configuration minus this one (its label, e.g. none@C8+0.025), "
+                         "seed by seed: the paired sd and MDD")  # fmt: skip
     args = ap.parse_args(argv)
     try:
         if not args.summarize:
@@ -139,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             pb.run(**grid)
         if not args.results_dir.is_dir():
             raise UserError(f"results folder {args.results_dir} does not exist")
-        rows = summarize(collect(args.results_dir))
+        cells = collect(args.results_dir)
+        rows = summarize(cells)
+        pairs = paired(cells, args.paired_with) if args.paired_with else []
         if not rows:
             raise UserError(f"no finished run folders under {args.results_dir}")
         if all(r["n"] < 2 for r in rows):
@@ -148,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(render(rows))
+    if pairs:
+        print(f"\nPaired with {args.paired_with} over common seeds (mean and sd of the differences; paired MDD):\n")
+        print(render(pairs))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps(rows + pairs, indent=2) + "\n")
     return 0
 
 

@@ -86,3 +86,12 @@ def min_detectable_difference(sd_value: float, n: int, *, alpha: float = ALPHA, 
         return math.nan
     dof = 2 * n - 2
     return (t_quantile(1 - alpha / 2, dof) + t_quantile(power, dof)) * sd_value * math.sqrt(2 / n)
+
+
+def paired_min_detectable_difference(sd_diff: float, n: int, *, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The same for a paired design: n seeds run under both configurations, sd_diff the sd of the
+    within-seed differences; a two-sided paired t test finds
+    (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd_diff / sqrt(n) with probability `power`."""
+    if n < 2 or sd_diff is None or math.isnan(sd_diff):
+        return math.nan
+    return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd_diff / math.sqrt(n)

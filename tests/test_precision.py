@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from privbench import stats
 from privbench.config import TrainConfig
 from privbench.data import EMBEDDED_VERSIONS, Split, embedded, embedded_crops
 from privbench.errors import UserError
@@ -184,6 +185,27 @@ def test_precision_report_sd_and_mdd_by_hand(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| none@C8+0.025 | accuracy | 3 | 82.00 | 2.00 |" in out and "**missed**" in out
     assert len(json.loads((tmp_path / "rows.json").read_text())) == len(rows)
+
+
+def test_paired_report_differences_seed_by_seed(tmp_path, capsys):
+    # Two configurations sharing each seed's luck: B = A + (1, 2, 3) points at seeds 0, 1, 2.
+    for seed, (a, b) in enumerate([(0.80, 0.81), (0.86, 0.88), (0.83, 0.86)]):
+        _fake_run(tmp_path, f"none-a{seed}", seed, a, 0.5)
+        _fake_run(tmp_path, f"none-b{seed}", seed, b, 0.5, noise=0.1)
+    _fake_run(tmp_path, "none-b9", 9, 0.9, 0.5, noise=0.1)  # no partner seed: left out of the pairs
+    rows = precision.paired(precision.collect(tmp_path), "none@C8+0.025")
+    acc = next(r for r in rows if r["quantity"] == "accuracy")
+    assert acc["configuration"] == "none@C8+0.1 - none@C8+0.025" and acc["seeds"] == [0, 1, 2]
+    assert acc["mean"] == pytest.approx(2.0) and acc["sd"] == pytest.approx(1.0)
+    # paired MDD at 5 seeds: (t_.975,4 + t_.8,4) * sd / sqrt(5) = (2.776445 + 0.940965) / sqrt(5)
+    assert acc["mdd5"] == pytest.approx((2.776445 + 0.940965) / math.sqrt(5), rel=1e-4)
+    assert stats.paired_min_detectable_difference(1.0, 1) != stats.paired_min_detectable_difference(1.0, 1)  # NaN
+    assert precision.main([str(tmp_path), "--summarize", "--paired-with", "none@C8+0.025"]) == 0
+    assert "| none@C8+0.1 - none@C8+0.025 | accuracy | 3 | 2.00 | 1.00 |" in capsys.readouterr().out
+    assert precision.main([str(tmp_path), "--summarize", "--paired-with", "gmm-cem@C8"]) == 2
+    assert "--paired-with 'gmm-cem@C8' is no configuration here (known: none@C8+0.025, none@C8+0.1)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_precision_report_needs_two_seeds(tmp_path, capsys):
