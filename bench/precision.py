@@ -41,10 +41,18 @@ def _label(train: dict[str, Any]) -> str:
     return f"{train['defense']}@{channel.lstrip('+')}" + (f" ({opts})" if opts else "")
 
 
+def _budget(result: dict[str, Any]) -> str:
+    options = result.get("options") or {}
+    return ",".join(f"{k}={options[k]}" for k in ("epochs", "steps") if k in options)
+
+
 def collect(results_dir: Path) -> dict[str, dict[str, Any]]:
-    """{configuration key: {"label", "accuracy": {seed: %}, "<attack> <metric>": {seed: value}}}."""
+    """{configuration key: {"label", "accuracy": {seed: %}, "<attack> <metric>": {seed: value}}}.
+    An attack run at several budgets in the folder (a saturation check, a longer decoder) is one
+    quantity per budget, "<attack> (epochs=6) <metric>", never one overwriting another."""
     cells: dict[str, dict[str, Any]] = defaultdict(lambda: {"values": defaultdict(dict)})
     finished = (p for p in results_dir.iterdir() if (p / "metrics.json").is_file() and (p / "config.json").is_file())
+    attack_results = []
     for run in sorted(finished):
         train = read_json(run / "config.json")["train"]
         seed = train["seed"]
@@ -52,12 +60,18 @@ def collect(results_dir: Path) -> dict[str, dict[str, Any]]:
         cell = cells[config_hash(ident)]
         cell["label"] = _label(train)
         cell["values"]["accuracy"][seed] = 100 * read_json(run / "metrics.json")["test_accuracy"]
-        for folder in sorted((run / "attacks").glob("*/metrics.json")):
-            result = read_json(folder)
-            for metric in METRICS:
-                stat = result["metrics"].get(metric) or {}
-                if stat.get("mean") is not None:
-                    cell["values"][f"{result['attack']} {metric}"][seed] = stat["mean"]
+        attack_results += [(cell, seed, read_json(f)) for f in sorted((run / "attacks").glob("*/metrics.json"))]
+    budgets = defaultdict(set)
+    for _, _, result in attack_results:
+        budgets[result["attack"]].add(_budget(result))
+    for cell, seed, result in attack_results:
+        name = result["attack"]
+        if len(budgets[name]) > 1:
+            name += f" ({_budget(result) or 'budget not recorded'})"
+        for metric in METRICS:
+            stat = result["metrics"].get(metric) or {}
+            if stat.get("mean") is not None:
+                cell["values"][f"{name} {metric}"][seed] = stat["mean"]
     return dict(cells)
 
 

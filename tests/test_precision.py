@@ -208,6 +208,18 @@ def test_paired_report_differences_seed_by_seed(tmp_path, capsys):
     )
 
 
+def test_an_attack_at_two_budgets_is_two_quantities_not_one_overwritten(tmp_path):
+    for seed in (0, 1):
+        _fake_run(tmp_path, f"none-{seed}", seed, 0.8, 0.50 + seed / 100)
+        longer = tmp_path / f"none-{seed}" / "attacks" / "decoder-y"
+        longer.mkdir()
+        result = {"attack": "decoder", "options": {"epochs": 6}, "metrics": {"ssim": {"mean": 0.6 + seed / 100}}}
+        (longer / "metrics.json").write_text(json.dumps(result))
+    (cell,) = precision.collect(tmp_path).values()
+    assert cell["values"]["decoder (budget not recorded) ssim"] == {0: 0.50, 1: 0.51}
+    assert cell["values"]["decoder (epochs=6) ssim"] == {0: 0.60, 1: 0.61}
+
+
 def test_precision_report_needs_two_seeds(tmp_path, capsys):
     assert precision.main([str(tmp_path), "--seeds", "1"]) == 2
     assert "at least 2 seeds" in capsys.readouterr().err
