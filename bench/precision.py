@@ -96,8 +96,8 @@ def summarize(cells: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def paired(cells: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
     """Each configuration minus `reference` (a label), seed by seed over their common seeds: the
     mean and sd of the differences and the paired MDD at 3 and 5 seeds. A seed fixes the
-    initialisation and batch order of every configuration, so the differences cancel part of its
-    luck: docs/precision.md measured the accuracy sd of a difference at about half the unpaired."""
+    initialisation and batch order of every configuration, so the differences can cancel part of
+    its luck (docs/precision.md: little, for accuracy over 15 seeds)."""
     ref = next((c for c in cells.values() if c["label"] == reference), None)
     if ref is None:
         known = ", ".join(sorted(c["label"] for c in cells.values()))
