@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import math
 
 import torch
@@ -60,7 +59,7 @@ from privbench.config import config_hash
 from privbench.data import cache_dir
 from privbench.errors import UserError
 from privbench.plugins import Attack, Target
-from privbench.storage import atomic_write_bytes, load_checkpoint
+from privbench.storage import atomic_write_bytes, load_checkpoint, tensor_bytes
 
 CACHE_VERSION = 1  # bump when the generator's architecture or training changes
 
@@ -161,9 +160,7 @@ class GanPriorAttack(Attack):
         cached = self._load(path, key)
         if not cached:
             self.train_generator(images, seed=key["seed"])
-            buf = io.BytesIO()
-            torch.save({"key": key, "generator": {k: v.cpu() for k, v in self.vae.state_dict().items()}}, buf)
-            atomic_write_bytes(path, buf.getvalue())
+            atomic_write_bytes(path, tensor_bytes({"key": key, "generator": self.vae.state_dict()}))
         self.vae.eval().requires_grad_(False)
         self.info = {"generator": "VAE", "generator_cached": cached, "generator_file": str(path)}
 

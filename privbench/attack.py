@@ -35,11 +35,10 @@ from privbench.recon_images import (  # noqa: F401 (GRID_TENSORS, write_combined
     GRID_IMAGES,
     GRID_TENSORS,
     image_grid,
-    tensor_bytes,
     write_combined_grid,
 )
 from privbench.runs import Run, now, provenance, read_result
-from privbench.storage import atomic_write_bytes, atomic_write_text, build_dir_once, write_json
+from privbench.storage import atomic_write_bytes, atomic_write_text, build_dir_once, tensor_bytes, write_json
 
 ATTACKER_DATA = ("train", "aux")
 RECONSTRUCT_BATCH = 1024  # z rows handed to attack.reconstruct at once
@@ -312,7 +311,7 @@ def attack_run(
             rows = [eval_x[:GRID_IMAGES], recon[:GRID_IMAGES]]
             atomic_write_bytes(tmp / "grid.png", image_grid(rows, labels=["original", name]))
             tiles = {"original": rows[0], "reconstruction": rows[1], "mean_image": s["mean_image"]}
-            atomic_write_bytes(tmp / GRID_TENSORS, tensor_bytes({k: v.cpu() for k, v in tiles.items()}))
+            atomic_write_bytes(tmp / GRID_TENSORS, tensor_bytes(tiles))
 
         built = build_dir_once(folder, build, log=log)  # False: another process finished it meanwhile
         result = read_result(folder)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from privbench.errors import UserError
-from privbench.storage import atomic_write_bytes
+from privbench.storage import atomic_write_bytes, tensor_bytes
 
 # The embedded set: photographs that ship inside scikit-image (no pooch download needed).
 # One class per photograph. Grey ones are repeated to three channels.
@@ -211,17 +211,9 @@ def embedded(
             for s in crops
             for p, i in zip(parts, (0, 1, 3))
         }
-        atomic_write_bytes(path, _tensor_bytes(blob))
+        atomic_write_bytes(path, tensor_bytes(blob))
     splits = {s: Split(*(blob[f"{s}_{p}"] for p in parts)) for s in ("train", "aux", "test")}
     return Dataset("embedded", list(EMBEDDED_PHOTOS), splits["train"], splits["test"], splits["aux"])
-
-
-def _tensor_bytes(obj: object) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------------ CIFAR

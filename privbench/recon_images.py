@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -67,9 +66,3 @@ def _grid_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not all(isinstance(tiles.get(k), torch.Tensor) for k in ("original", "reconstruction", "mean_image")):
         raise UserError(f"{path} is damaged: expected the tensors original, reconstruction and mean_image")
     return tiles
-
-
-def tensor_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()

@@ -9,7 +9,6 @@ same configuration always maps to the same folder and finished work is reused.
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import os
 import platform
 import subprocess
@@ -30,6 +29,7 @@ from privbench.storage import (
     build_dir_once,
     load_checkpoint,
     read_json,
+    tensor_bytes,
     write_json,
 )
 
@@ -194,17 +194,6 @@ def find_run(cfg: TrainConfig, results_dir: str | Path = DEFAULT_RESULTS) -> Run
     return Run(path) if all((path / f).is_file() for f in RUN_FILES) else None
 
 
-def _on_cpu(obj: Any) -> Any:
-    """The nested dicts / lists of a state with every tensor moved to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_on_cpu(v) for v in obj)
-    return obj
-
-
 def train_run(
     cfg: TrainConfig, results_dir: str | Path = DEFAULT_RESULTS, *, force: bool = False, log=print
 ) -> tuple[Run, bool]:
@@ -233,10 +222,8 @@ def train_run(
         prov = provenance(device, cfg.seed) | {"start_time": now()}
         result = train(cfg, log=tee, checkpoint=epoch_checkpoint)
         write_json(tmp / "config.json", {"train": cfg.to_dict(), "defense_options": result.defense.options()})
-        buf = io.BytesIO()
         state = {"model": result.model.state_dict(), "defense": result.defense.state_dict()}
-        torch.save(_on_cpu(state), buf)  # portable: a run trained on CUDA opens with a plain torch.load on a CPU box
-        atomic_write_bytes(tmp / "checkpoint.pt", buf.getvalue())
+        atomic_write_bytes(tmp / "checkpoint.pt", tensor_bytes(state))  # CPU tensors: opens on any machine
         write_json(tmp / "metrics.json", {
             **result.accuracy, "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
             "history": result.history, "num_classes": result.model.server[-1].out_features,

@@ -15,7 +15,6 @@ On by default in both presets (preset key `semantic`): the classifier trains onc
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from privbench.config import PRESETS, TrainConfig, preset_value
 from privbench.data import Dataset, cache_dir
 from privbench.errors import UserError
 from privbench.metrics import grouped_mean_ci
-from privbench.storage import atomic_write_bytes, build_dir_once, load_checkpoint, write_json
+from privbench.storage import atomic_write_bytes, build_dir_once, load_checkpoint, tensor_bytes, write_json
 
 MODEL = "resnet20"
 SEED = 7919  # targets use seeds 0, 1, 2, ...: a prime far from them keeps the classifier independent
@@ -89,10 +88,8 @@ def _train_into(tmp: Path, name: str, cfg: TrainConfig, data: Dataset, log: Call
         "seed": cfg.seed, "preset": cfg.preset, "train_images": len(data.train),
         "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
     }  # fmt: skip
-    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save({"state_dict": state, "info": info, "config_hash": cfg.hash()}, buf)
-    atomic_write_bytes(tmp / "classifier.pt", buf.getvalue())
+    blob = {"state_dict": result.model.state_dict(), "info": info, "config_hash": cfg.hash()}
+    atomic_write_bytes(tmp / "classifier.pt", tensor_bytes(blob))
     write_json(tmp / "info.json", info | {"config": cfg.identity()})  # for people; the .pt is what loads
 
 

@@ -126,6 +126,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def tensor_bytes(obj: Any) -> bytes:
+    """A torch file's bytes for nested dicts / lists / tuples of tensors, every tensor detached and
+    moved to the CPU first: a file written on CUDA opens with a plain torch.load on a CPU-only box."""
+    import io
+
+    import torch
+
+    def on_cpu(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu()
+        if isinstance(x, dict):
+            return {k: on_cpu(v) for k, v in x.items()}
+        return type(x)(on_cpu(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+    buf = io.BytesIO()
+    torch.save(on_cpu(obj), buf)
+    return buf.getvalue()
+
+
 # -------------------------------------------------------------------------------- locks
 
 

@@ -9,7 +9,7 @@ from conftest import tiny_config
 from privbench.diagnostics import read_curves_csv, reconstruction_bound
 from privbench.errors import UserError
 from privbench.runs import Run, run_name, train_run
-from privbench.storage import atomic_write_text, build_dir_once
+from privbench.storage import atomic_write_text, build_dir_once, load_checkpoint
 from privbench.train import load_data, pick_device
 
 
@@ -105,3 +105,15 @@ def test_interrupted_build_leaves_no_folder(tmp_path):
         build_dir_once(tmp_path / "cell", fail)
     assert list(tmp_path.iterdir()) == []
     assert build_dir_once(tmp_path / "cell", lambda tmp: (tmp / "ok").write_text("1"))
+
+
+def test_tensor_bytes_writes_detached_cpu_tensors_that_load_with_weights_only(tmp_path):
+    from privbench.storage import tensor_bytes
+
+    w = torch.ones(2, requires_grad=True) * 3
+    blob = {"a": w, "nested": {"b": [torch.zeros(1), (torch.arange(3), 7)]}, "note": "x"}
+    (tmp_path / "t.pt").write_bytes(tensor_bytes(blob))
+    back = load_checkpoint(tmp_path / "t.pt")
+    assert torch.equal(back["a"], torch.full((2,), 3.0)) and not back["a"].requires_grad
+    assert back["a"].device.type == "cpu" and back["note"] == "x"
+    assert torch.equal(back["nested"]["b"][1][0], torch.arange(3)) and back["nested"]["b"][1][1] == 7
