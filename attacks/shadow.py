@@ -154,9 +154,9 @@ class ShadowAttack(Attack):
         opt = torch.optim.Adam(shadow.parameters(), lr=self.shadow_lr)
         epochs = self.shadow_epochs or self.epochs
         gaps: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(_stat_gap(gaps)) for m in server.modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-                 and self.bn_weight > 0]  # fmt: skip
+        norms = [m for m in server.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.running_mean is not None] if self.bn_weight > 0 else []  # fmt: skip
+        hooks = [m.register_forward_hook(_stat_gap(gaps)) for m in norms]
         self._bn_layers = len(hooks)
         bar = tqdm(range(epochs), desc="shadow encoder", leave=False, disable=not show)
         try:

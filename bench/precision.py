@@ -81,16 +81,18 @@ def summarize(cells: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for cell in sorted(cells.values(), key=lambda c: c["label"]):
         for quantity, by_seed in cell["values"].items():
             values = [by_seed[s] for s in sorted(by_seed)]
-            spread = sd(values)
             target = TARGETS.get(quantity.split()[-1])
-            rows.append({
-                "configuration": cell["label"], "quantity": quantity, "n": len(values), "mean": mean(values),
-                "sd": spread, "mdd3": min_detectable_difference(spread, 3),
-                "mdd5": min_detectable_difference(spread, 5),
-                "target_sd": target, "meets": None if target is None or len(values) < 2 else spread <= target,
-                "values": values,
-            })  # fmt: skip
+            row = _row(cell["label"], quantity, values, min_detectable_difference)
+            row.update(target_sd=target, meets=None if target is None or len(values) < 2 else row["sd"] <= target)
+            rows.append(row)
     return rows
+
+
+def _row(label: str, quantity: str, values: list[float], mdd: Any) -> dict[str, Any]:
+    spread = sd(values)
+    return {"configuration": label, "quantity": quantity, "n": len(values), "mean": mean(values), "sd": spread,
+            "mdd3": mdd(spread, 3), "mdd5": mdd(spread, 5), "target_sd": None, "meets": None,
+            "values": values}  # fmt: skip
 
 
 def paired(cells: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
@@ -110,13 +112,8 @@ def paired(cells: dict[str, dict[str, Any]], reference: str) -> list[dict[str, A
             base = ref["values"].get(quantity, {})
             common = sorted(set(by_seed) & set(base))
             diffs = [by_seed[s] - base[s] for s in common]
-            spread = sd(diffs)
-            rows.append({
-                "configuration": f"{cell['label']} - {reference}", "quantity": quantity, "n": len(diffs),
-                "mean": mean(diffs), "sd": spread, "mdd3": paired_min_detectable_difference(spread, 3),
-                "mdd5": paired_min_detectable_difference(spread, 5), "target_sd": None, "meets": None,
-                "values": diffs, "seeds": common,
-            })  # fmt: skip
+            label = f"{cell['label']} - {reference}"
+            rows.append(_row(label, quantity, diffs, paired_min_detectable_difference) | {"seeds": common})
     return rows
 
 
