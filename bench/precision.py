@@ -11,8 +11,10 @@ sample sd over seeds of the test accuracy and of each attack metric, and the min
 detectable difference (MDD) between two configurations at 3 and 5 seeds per arm: the smallest
 true difference a two-sided two-sample t test (alpha 0.05) finds with power 0.8, given that
 sd. A difference smaller than the MDD can read "indistinguishable" even when it is real.
-Accuracy is in points (%), SSIM in [0, 1], PSNR in dB. `--json FILE` keeps the raw per-seed
-numbers. Exit 2 with one line on bad input (fewer than 2 seeds, a missing folder).
+A configuration's label names its defense, channel and options, plus every setting that differs
+from its preset (`none@C8+0.025 (epochs=15)`: a run of an older quick preset), so runs of two
+presets in one folder are never pooled. Accuracy is in points (%), SSIM in [0, 1], PSNR in dB.
+`--json FILE` keeps the raw per-seed numbers. Exit 2 with one line on bad input (fewer than 2 seeds, a missing folder).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from privbench.config import NON_IDENTITY, config_hash
+from privbench.config import NON_IDENTITY, PRESETS, config_hash
 from privbench.errors import UserError
 from privbench.stats import mean, min_detectable_difference, paired_min_detectable_difference, sd
 from privbench.storage import read_json
@@ -37,8 +39,13 @@ def _label(train: dict[str, Any]) -> str:
     channel = "plain" if not train.get("bottleneck") and not train.get("noise") else (
         f"C{train['bottleneck']}" if train.get("bottleneck") else "") + (
         f"+{train['noise']:g}" if train.get("noise") else "")  # fmt: skip
-    opts = ",".join(f"{k}={v}" for k, v in sorted((train.get("defense_options") or {}).items()))
-    return f"{train['defense']}@{channel.lstrip('+')}" + (f" ({opts})" if opts else "")
+    # Settings that differ from the run's preset name it too: a folder holding runs of an older
+    # preset (15 epochs) beside the current one must not pool them under one label.
+    preset = PRESETS.get(train.get("preset", "quick"), {})
+    changed = {k: train[k] for k, v in preset.items() if k in train and json.dumps(train[k]) != json.dumps(v)}
+    opts = {**(train.get("defense_options") or {}), **changed}
+    text = ",".join(f"{k}={v}" for k, v in sorted(opts.items()))
+    return f"{train['defense']}@{channel.lstrip('+')}" + (f" ({text})" if text else "")
 
 
 def _budget(result: dict[str, Any]) -> str:

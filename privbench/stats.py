@@ -9,7 +9,7 @@ quantile stands in (within 1% of the exact quantile from 3 degrees of freedom up
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from statistics import NormalDist
 
 ALPHA = 0.05  # two-sided
@@ -95,3 +95,28 @@ def paired_min_detectable_difference(sd_diff: float, n: int, *, alpha: float = A
     if n < 2 or sd_diff is None or math.isnan(sd_diff):
         return math.nan
     return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd_diff / math.sqrt(n)
+
+
+def seed_tile_components(x: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Split the seed-to-seed variance of a test score into a model part and a test-set part.
+
+    `x[s][g]` is the score (accuracy) of training seed s on test tile g. The per-seed score
+    a_s = mean_g x[s][g] varies for two reasons: the whole model is better or worse (variance
+    `model`), and each model gets its own tiles right or wrong (a seed x tile interaction,
+    variance `interaction` per tile, averaged over G tiles). The two-way ANOVA without
+    replication gives both: the residual mean square MS_e = sum (x - row - col + grand)^2 /
+    ((S-1)(G-1)) estimates `interaction`, and var_s(a_s) = model + interaction / G. Returns
+    {"total": var_s(a_s), "model": that minus MS_e / G (floored at 0), "interaction": MS_e,
+    "tiles": G, "seeds": S}; sd_with(k) = sqrt(model + interaction / (k G)) is the seed sd
+    with k times the test tiles. Needs S, G >= 2."""
+    rows = [[float(v) for v in row] for row in x]
+    s, g = len(rows), len(rows[0]) if rows else 0
+    if s < 2 or g < 2 or any(len(r) != g for r in rows):
+        raise ValueError("need a full seeds x tiles table with at least 2 of each")
+    row_m = [sum(r) / g for r in rows]
+    col_m = [sum(r[j] for r in rows) / s for j in range(g)]
+    grand = sum(row_m) / s
+    ms_e = sum((rows[i][j] - row_m[i] - col_m[j] + grand) ** 2 for i in range(s) for j in range(g))
+    ms_e /= (s - 1) * (g - 1)
+    total = sd(row_m) ** 2
+    return {"total": total, "model": max(0.0, total - ms_e / g), "interaction": ms_e, "tiles": g, "seeds": s}

@@ -263,3 +263,59 @@ def test_a_damaged_epoch_checkpoint_is_ignored(tmp_path):
     lines: list[str] = []
     run, built = train_run(cfg, tmp_path, log=lines.append)
     assert built and any("ignoring the epoch checkpoint" in line for line in lines)
+
+
+def test_seed_tile_components_by_hand():
+    # rows (seeds) 1, 1/3; columns 1/2, 1/2, 1; residuals +-1/6, +-1/6, -+1/3: SS 1/3 over 2 df.
+    comp = stats.seed_tile_components([[1, 1, 1], [0, 0, 1]])
+    assert comp["total"] == pytest.approx(2 / 9) and comp["interaction"] == pytest.approx(1 / 6)
+    assert comp["model"] == pytest.approx(2 / 9 - 1 / 18) and (comp["seeds"], comp["tiles"]) == (2, 3)
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.seed_tile_components([[1, 0]])
+    with pytest.raises(ValueError, match="full seeds x tiles"):
+        stats.seed_tile_components([[1, 0], [1]])
+
+
+def test_seed_tile_components_recover_known_variances():
+    rng = np.random.default_rng(0)
+    seeds, tiles, model_sd, inter_sd = 400, 300, 0.02, 0.1
+    x = 0.8 + rng.normal(0, model_sd, (seeds, 1)) + rng.normal(0, 0.05, (1, tiles))
+    x = x + rng.normal(0, inter_sd, (seeds, tiles))
+    comp = stats.seed_tile_components(x.tolist())
+    assert comp["interaction"] == pytest.approx(inter_sd**2, rel=0.02)
+    assert comp["model"] == pytest.approx(model_sd**2, rel=0.2)
+    assert comp["total"] == pytest.approx(np.var(x.mean(1), ddof=1))
+
+
+def test_precision_labels_name_settings_off_the_preset(tmp_path):
+    _fake_run(tmp_path, "none-now", 0, 0.9, 0.5)
+    old = tmp_path / "none-old"
+    (old / "attacks").mkdir(parents=True)
+    train = TrainConfig(defense="none", bottleneck=8, noise=0.025, seed=0, epochs=7).to_dict()
+    (old / "config.json").write_text(json.dumps({"train": train}))
+    (old / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    labels = sorted(c["label"] for c in precision.collect(tmp_path).values())
+    assert labels == ["none@C8+0.025", "none@C8+0.025 (epochs=7)"]  # not pooled into one configuration
+
+
+def test_variance_split_of_trained_runs(tmp_path, capsys):
+    import variance_split
+
+    from privbench.runs import train_run
+
+    for seed in (0, 1):
+        run, _ = train_run(tiny_config(bottleneck=8, noise=0.05, seed=seed), tmp_path, log=lambda m: None)
+    label = precision._label(json.loads((run.path / "config.json").read_text())["train"])
+    out_json = tmp_path / "split.json"
+    assert variance_split.main([str(tmp_path), label, "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert f"{label}: 2 seeds, 192 test tiles" in out and "model part sd" in out
+    split = json.loads(out_json.read_text())
+    tiles = [split["seeds"][s]["tiles"] for s in ("0", "1")]
+    comp = stats.seed_tile_components(tiles)
+    assert split["components_points2"]["interaction"] == pytest.approx(1e4 * comp["interaction"])
+    # Classes hold 200 test crops each, so the mean of class accuracies is the run's accuracy.
+    assert np.mean(split["seeds"]["1"]["classes"]) == pytest.approx(run.metrics()["test_accuracy"], abs=1e-6)
+    assert variance_split.main([str(tmp_path), "none@plain"]) == 2
+    assert "no configuration 'none@plain'" in capsys.readouterr().err
+    assert variance_split.main([str(tmp_path / "missing"), label]) == 2

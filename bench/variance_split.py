@@ -1,0 +1,105 @@
+"""Where does the seed-to-seed spread of accuracy come from: the models, or the finite test set?
+
+    python bench/variance_split.py RESULTS "none@C8+0.025"            # a label as precision.py prints it
+    python bench/variance_split.py RESULTS "none@C8+0.025 (epochs=15)" --json split.json
+
+Evaluates every seed's model of one configuration on its test split, per test tile (the
+expectation over channel-noise draws, as the reported accuracy), and splits the variance of
+accuracy over seeds with `stats.seed_tile_components`: a model part (the whole model better or
+worse) and a test-set part (each model gets its own tiles right or wrong, which more test
+tiles would average out). Prints both, the seed sd projected to 2x, 4x and unlimited test
+tiles, and the per-class accuracy per seed with its sd over seeds: what a new version of the
+data set could gain, and what only better training can. Exit 2 with one line on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from privbench.errors import UserError
+from privbench.runs import Run
+from privbench.stats import sd, seed_tile_components
+from privbench.storage import read_json
+from privbench.train import correct_rate, load_data
+
+sys.path.insert(0, str(Path(__file__).parent))
+from precision import _label  # noqa: E402  (the labels precision.py prints)
+
+
+def runs_of(results_dir: Path, label: str) -> list[Run]:
+    """The finished runs of the configuration `label`, one per seed, by seed."""
+    if not results_dir.is_dir():
+        raise UserError(f"results folder {results_dir} does not exist")
+    found: dict[int, Run] = {}
+    labels = set()
+    for path in sorted(results_dir.iterdir()):
+        if not ((path / "metrics.json").is_file() and (path / "config.json").is_file()):
+            continue
+        train = read_json(path / "config.json")["train"]
+        labels.add(_label(train))
+        if _label(train) == label:
+            found[int(train["seed"])] = Run.open(path)
+    if not found:
+        raise UserError(f"no configuration {label!r} under {results_dir} (known: {', '.join(sorted(labels))})")
+    if len(found) < 2:
+        raise UserError(f"{label!r} has one seed under {results_dir}: a spread needs at least 2")
+    return [found[s] for s in sorted(found)]
+
+
+def per_tile(run: Run) -> tuple[list[float], list[float], list[str]]:
+    """(accuracy per test tile, accuracy per class, class names) of one run, tiles in id order."""
+    cfg = run.config()
+    data = load_data(cfg, torch.device("cpu"))
+    if data.test.groups is None:
+        raise UserError(f"the data set of {run.name} has no test tiles (embedded v3 and later)")
+    rate = correct_rate(run.load_model(data), data.test)
+    groups, labels = data.test.groups, data.test.labels
+    tiles = [rate[groups == g].mean().item() for g in torch.unique(groups).tolist()]
+    classes = [rate[labels == k].mean().item() for k in range(len(data.classes))]
+    return tiles, classes, list(data.classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results_dir", type=Path)
+    ap.add_argument("configuration", help='a label as bench/precision.py prints it, e.g. "none@C8+0.025"')
+    ap.add_argument("--json", type=Path, help="write the components and per-seed numbers to this file")
+    args = ap.parse_args(argv)
+    try:
+        runs = runs_of(args.results_dir, args.configuration)
+        rows = [(run.config().seed, *per_tile(run)) for run in runs]
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    names = rows[0][3]
+    comp = seed_tile_components([tiles for _, tiles, _, _ in rows])
+    pts = {k: 1e4 * comp[k] for k in ("total", "model", "interaction")}  # variances in points^2
+    g = comp["tiles"]
+    print(f"{args.configuration}: {len(rows)} seeds, {g} test tiles (accuracy in points, tiles weighted equally)")
+    print(f"  seed sd {math.sqrt(pts['total']):.2f}: model part sd {math.sqrt(pts['model']):.2f}, "
+          f"test-set part sd {math.sqrt(pts['interaction'] / g):.2f}")  # fmt: skip
+    projected = {k: math.sqrt(pts["model"] + pts["interaction"] / (k * g)) for k in (2, 4)}
+    print(f"  seed sd with 2x the test tiles {projected[2]:.2f}, 4x {projected[4]:.2f}, "
+          f"unlimited {math.sqrt(pts['model']):.2f}")  # fmt: skip
+    print("\n| seed | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for seed, _, classes, _ in rows:
+        print(f"| {seed} | " + " | ".join(f"{100 * c:.1f}" for c in classes) + " |")
+    class_sd = [100 * sd([r[2][k] for r in rows]) for k in range(len(names))]
+    print("| sd | " + " | ".join(f"{v:.1f}" for v in class_sd) + " |")
+    if args.json:
+        seeds = {str(seed): {"tiles": tiles, "classes": classes} for seed, tiles, classes, _ in rows}
+        out = {"configuration": args.configuration, "components_points2": pts, "tiles": g, "class_sd": class_sd,
+               "seeds": seeds}  # fmt: skip
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
