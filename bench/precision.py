@@ -48,6 +48,11 @@ def _label(train: dict[str, Any]) -> str:
     return f"{train['defense']}@{channel.lstrip('+')}" + (f" ({text})" if text else "")
 
 
+def configuration_key(train: dict[str, Any]) -> str:
+    """The hash of every identity setting but the seed: runs with one key are seeds of one configuration."""
+    return config_hash({k: v for k, v in train.items() if k not in (*NON_IDENTITY, "seed")})
+
+
 def _budget(result: dict[str, Any]) -> str:
     options = result.get("options") or {}
     return ",".join(f"{k}={options[k]}" for k in ("epochs", "steps") if k in options)
@@ -63,8 +68,7 @@ def collect(results_dir: Path) -> dict[str, dict[str, Any]]:
     for run in sorted(finished):
         train = read_json(run / "config.json")["train"]
         seed = train["seed"]
-        ident = {k: v for k, v in train.items() if k not in (*NON_IDENTITY, "seed")}
-        cell = cells[config_hash(ident)]
+        cell = cells[configuration_key(train)]
         cell["label"] = _label(train)
         cell["values"]["accuracy"][seed] = 100 * read_json(run / "metrics.json")["test_accuracy"]
         attack_results += [(cell, seed, read_json(f)) for f in sorted((run / "attacks").glob("*/metrics.json"))]
@@ -107,10 +111,12 @@ def paired(cells: dict[str, dict[str, Any]], reference: str) -> list[dict[str, A
     mean and sd of the differences and the paired MDD at 3 and 5 seeds. A seed fixes the
     initialisation and batch order of every configuration, so the differences can cancel part of
     its luck (docs/precision.md: little, for accuracy over 15 seeds)."""
-    ref = next((c for c in cells.values() if c["label"] == reference), None)
-    if ref is None:
+    matches = [c for c in cells.values() if c["label"] == reference]
+    if len(matches) != 1:
         known = ", ".join(sorted(c["label"] for c in cells.values()))
-        raise UserError(f"--paired-with {reference!r} is no configuration here (known: {known})")
+        why = "is no configuration here" if not matches else "names several configurations here"
+        raise UserError(f"--paired-with {reference!r} {why} (known: {known})")
+    ref = matches[0]
     rows = []
     for cell in sorted(cells.values(), key=lambda c: c["label"]):
         if cell is ref:

@@ -18,10 +18,12 @@ import argparse
 import json
 import math
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from privbench.data import Dataset
 from privbench.errors import UserError
 from privbench.runs import Run
 from privbench.stats import sd, seed_tile_components
@@ -29,40 +31,39 @@ from privbench.storage import read_json
 from privbench.train import correct_rate, load_data
 
 sys.path.insert(0, str(Path(__file__).parent))
-from precision import _label  # noqa: E402  (the labels precision.py prints)
+from precision import _label, configuration_key  # noqa: E402  (precision.py's labels and grouping)
 
 
 def runs_of(results_dir: Path, label: str) -> list[Run]:
-    """The finished runs of the configuration `label`, one per seed, by seed."""
+    """The finished runs of the configuration `label`, one per seed, by seed. Runs are grouped as
+    bench/precision.py groups them (every identity setting but the seed), so a label that two
+    configurations share (settings it does not show, such as the data seed) is refused, not pooled."""
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist")
-    found: dict[int, Run] = {}
-    labels = set()
+    groups: dict[str, dict[int, Path]] = defaultdict(dict)
+    labels: dict[str, str] = {}
     for path in sorted(results_dir.iterdir()):
-        if not ((path / "metrics.json").is_file() and (path / "config.json").is_file()):
-            continue
-        train = read_json(path / "config.json")["train"]
-        labels.add(_label(train))
-        if _label(train) == label:
-            found[int(train["seed"])] = Run.open(path)
-    if not found:
-        raise UserError(f"no configuration {label!r} under {results_dir} (known: {', '.join(sorted(labels))})")
+        if (path / "metrics.json").is_file() and (path / "config.json").is_file():
+            train = read_json(path / "config.json")["train"]
+            key = configuration_key(train)
+            labels[key] = _label(train)
+            groups[key][int(train["seed"])] = path
+    matches = [k for k, v in labels.items() if v == label]
+    if len(matches) != 1:
+        why = "no configuration" if not matches else f"{len(matches)} configurations share the label"
+        raise UserError(f"{why} {label!r} under {results_dir} (known: {', '.join(sorted(set(labels.values())))})")
+    found = groups[matches[0]]
     if len(found) < 2:
         raise UserError(f"{label!r} has one seed under {results_dir}: a spread needs at least 2")
-    return [found[s] for s in sorted(found)]
+    return [Run.open(found[s]) for s in sorted(found)]
 
 
-def per_tile(run: Run) -> tuple[list[float], list[float], list[str]]:
-    """(accuracy per test tile, accuracy per class, class names) of one run, tiles in id order."""
-    cfg = run.config()
-    data = load_data(cfg, torch.device("cpu"))
-    if data.test.groups is None:
-        raise UserError(f"the data set of {run.name} has no test tiles (embedded v3 and later)")
+def per_tile(run: Run, data: Dataset) -> tuple[list[float], list[float]]:
+    """(accuracy per test tile, in tile id order; accuracy per class) of one run on `data`."""
     rate = correct_rate(run.load_model(data), data.test)
     groups, labels = data.test.groups, data.test.labels
     tiles = [rate[groups == g].mean().item() for g in torch.unique(groups).tolist()]
-    classes = [rate[labels == k].mean().item() for k in range(len(data.classes))]
-    return tiles, classes, list(data.classes)
+    return tiles, [rate[labels == k].mean().item() for k in range(len(data.classes))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,12 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         runs = runs_of(args.results_dir, args.configuration)
-        rows = [(run.config().seed, *per_tile(run)) for run in runs]
+        data = load_data(runs[0].config(), torch.device("cpu"))  # the seeds of one configuration share it
+        if data.test.groups is None:
+            raise UserError(f"the data set of {args.configuration!r} has no test tiles (embedded v3 and later)")
+        rows = [(run.config().seed, *per_tile(run, data)) for run in runs]
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    names = rows[0][3]
-    comp = seed_tile_components([tiles for _, tiles, _, _ in rows])
+    names = list(data.classes)
+    comp = seed_tile_components([tiles for _, tiles, _ in rows])
     pts = {k: 1e4 * comp[k] for k in ("total", "model", "interaction")}  # variances in points^2
     g = comp["tiles"]
     print(f"{args.configuration}: {len(rows)} seeds, {g} test tiles (accuracy in points, tiles weighted equally)")
@@ -89,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
           f"unlimited {math.sqrt(pts['model']):.2f}")  # fmt: skip
     print("\n| seed | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
-    for seed, _, classes, _ in rows:
+    for seed, _, classes in rows:
         print(f"| {seed} | " + " | ".join(f"{100 * c:.1f}" for c in classes) + " |")
     class_sd = [100 * sd([r[2][k] for r in rows]) for k in range(len(names))]
     print("| sd | " + " | ".join(f"{v:.1f}" for v in class_sd) + " |")
     if args.json:
-        seeds = {str(seed): {"tiles": tiles, "classes": classes} for seed, tiles, classes, _ in rows}
+        seeds = {str(seed): {"tiles": tiles, "classes": classes} for seed, tiles, classes in rows}
         out = {"configuration": args.configuration, "components_points2": pts, "tiles": g, "class_sd": class_sd,
                "seeds": seeds}  # fmt: skip
         args.json.write_text(json.dumps(out, indent=2) + "\n")

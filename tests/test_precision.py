@@ -319,3 +319,20 @@ def test_variance_split_of_trained_runs(tmp_path, capsys):
     assert variance_split.main([str(tmp_path), "none@plain"]) == 2
     assert "no configuration 'none@plain'" in capsys.readouterr().err
     assert variance_split.main([str(tmp_path / "missing"), label]) == 2
+
+
+def test_a_label_two_configurations_share_is_refused_not_pooled(tmp_path, capsys):
+    import variance_split
+
+    for data_seed in (0, 1):  # the data seed is identity but not part of the label
+        for seed in (0, 1):
+            run = tmp_path / f"none-d{data_seed}s{seed}"
+            run.mkdir()
+            train = TrainConfig(defense="none", bottleneck=8, noise=0.025, seed=seed, data_seed=data_seed).to_dict()
+            (run / "config.json").write_text(json.dumps({"train": train}))
+            (run / "metrics.json").write_text(json.dumps({"test_accuracy": 0.9}))
+    assert len(precision.collect(tmp_path)) == 2
+    assert variance_split.main([str(tmp_path), "none@C8+0.025"]) == 2
+    assert "2 configurations share the label 'none@C8+0.025'" in capsys.readouterr().err
+    assert precision.main([str(tmp_path), "--summarize", "--paired-with", "none@C8+0.025"]) == 2
+    assert "names several configurations here" in capsys.readouterr().err
