@@ -18,7 +18,7 @@ step() {  # step NAME SECONDS CMD...: run, log, time
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
 }
-STEPS=${STEPS:-"mainjob pytest bench"}  # also: levers (batch 512 + CUDA graphs)
+STEPS=${STEPS:-"mainjob pytest bench"}  # also: levers (batch 512 + CUDA graphs), screen (seed spread)
 for s in $STEPS; do case $s in
   mainjob) step mainjob "${MAIN_S:-170}" privbench run --results-dir /tmp/pbres --out /tmp/pbres/tables/main
            cp /tmp/pbres/tables/main/table.md "$OUT/table.md" 2>/dev/null ;;
@@ -28,6 +28,8 @@ for s in $STEPS; do case $s in
   levers)  step levers "${LEVERS_S:-200}" python3 bench/bench.py --n-train 50000 --width 1 --epochs 3 --skip-reference \
              --batch-size 512 --compile reduce-overhead --defense none --defense gmm-cem --defense slot-cem \
              --attack-images 2000 --metric-images 2000 --out "$OUT/levers.json" ;;
+  screen)  step screen "${SCREEN_S:-300}" python3 bench/lever_screen.py "$OUT/screen.jsonl" --workers "${WORKERS:-10}" \
+             --seeds "${SEEDS:-0-29}" --deadline "${DEADLINE:-230}" ${PLAN:+--plan "$PLAN"} ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done
 tail -n 3 "$OUT"/*.log

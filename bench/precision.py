@@ -28,7 +28,7 @@ from typing import Any
 
 from privbench.config import NON_IDENTITY, PRESETS, config_hash
 from privbench.errors import UserError
-from privbench.stats import mean, min_detectable_difference, paired_min_detectable_difference, sd
+from privbench.stats import mean, min_detectable_difference, paired_min_detectable_difference, sd, sd_ci95
 from privbench.storage import read_json
 
 METRICS = ("ssim", "psnr")  # attack metrics reported; accuracy always comes first
@@ -95,13 +95,17 @@ def summarize(cells: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             target = TARGETS.get(quantity.split()[-1])
             row = _row(cell["label"], quantity, values, min_detectable_difference)
             row.update(target_sd=target, meets=None if target is None or len(values) < 2 else row["sd"] <= target)
+            # Whether the seeds settle the verdict: the sd's 95% interval lies wholly on one side.
+            row["resolved"] = row["meets"] is not None and not row["sd_lo"] <= target <= row["sd_hi"]
             rows.append(row)
     return rows
 
 
 def _row(label: str, quantity: str, values: list[float], mdd: Any) -> dict[str, Any]:
     spread = sd(values)
+    lo, hi = sd_ci95(values)
     return {"configuration": label, "quantity": quantity, "n": len(values), "mean": mean(values), "sd": spread,
+            "sd_lo": lo, "sd_hi": hi,
             "mdd3": mdd(spread, 3), "mdd5": mdd(spread, 5), "target_sd": None, "meets": None,
             "values": values}  # fmt: skip
 
@@ -138,15 +142,17 @@ def render(rows: list[dict[str, Any]]) -> str:
         return "n/a" if v != v else f"{v:.{digits}f}"
 
     lines = [
-        "| configuration | quantity | n | mean | sd | MDD (3 seeds) | MDD (5 seeds) | sd target |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | quantity | n | mean | sd | sd 95% CI | MDD (3 seeds) | MDD (5 seeds) | sd target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q = r["quantity"]
         mark = "" if r["meets"] is None else (" met" if r["meets"] else " **missed**")
+        mark += " (CI spans it)" if r["meets"] is not None and not r.get("resolved") else ""
+        ci = "n/a" if r["sd_lo"] != r["sd_lo"] else f"{num(r['sd_lo'], q)}..{num(r['sd_hi'], q)}"
         target = f"<= {r['target_sd']:g}{mark}" if r["target_sd"] is not None else ""
         lines.append(
-            f"| {r['configuration']} | {q} | {r['n']} | {num(r['mean'], q)} | {num(r['sd'], q)} | "
+            f"| {r['configuration']} | {q} | {r['n']} | {num(r['mean'], q)} | {num(r['sd'], q)} | {ci} | "
             f"{num(r['mdd3'], q)} | {num(r['mdd5'], q)} | {target} |"
         )
     return "\n".join(lines)

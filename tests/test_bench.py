@@ -59,3 +59,40 @@ def test_tiny_bench_run_writes_its_report(tmp_path, capsys):
     assert gmm["ratio_to_none"] == pytest.approx(gmm["epoch_seconds"] / none["epoch_seconds"])
     assert [p["what"] for p in report["paper_protocol_projection"]] == ["train none [fp32]", "train gmm-cem [fp32]"]
     assert "projected paper protocol" in capsys.readouterr().out
+
+
+def test_lever_screen_augment_plan_and_summary(tmp_path):
+    import torch
+
+    from privbench.data import augment
+
+    screen = load("lever_screen")
+    x = torch.randint(1, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    same = screen.padded_augment("constant", 4)(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(same, augment(x, generator=torch.Generator().manual_seed(3)))  # the preset arm is the library's
+    reflected = screen.padded_augment("reflect", 4)(x, generator=torch.Generator().manual_seed(3))
+    assert (reflected > 0).all() and (same == 0).any()  # reflection adds no black border
+    plan = screen.parse_plan(["0.1=preset,ep40", "0.025=preset"])
+    assert screen.tasks(plan, range(2)) == [(0.1, "preset", 0), (0.1, "ep40", 0), (0.025, "preset", 0),
+                                            (0.1, "preset", 1), (0.1, "ep40", 1), (0.025, "preset", 1)]  # fmt: skip
+    with pytest.raises(SystemExit, match="unknown-arm|expected NOISE=ARM"):
+        screen.parse_plan(["0.1=unknown-arm"])
+    rows = [{"noise": 0.1, "arm": "preset", "seed": s, "acc": a, "seconds": 10.0, "tile_rates": t}
+            for s, a, t in ((0, 90.0, [0.8, 1.0]), (1, 92.0, [0.9, 0.94]), (2, 94.0, [1.0, 0.88]))]  # fmt: skip
+    path = tmp_path / "screen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = screen.summary([path])
+    assert "| 0.1 | preset | 0-2 (n=3) | 92.00 | 2.00 | 1.04..12.57 |" in table  # sd 2, chi-square interval
+
+
+def test_lever_screen_trains_one_task(monkeypatch):
+    import privbench.train as T
+
+    screen = load("lever_screen")
+    monkeypatch.setattr(T, "augment", T.augment)  # the task swaps it in its own process; restore it here
+    monkeypatch.setattr(screen, "register_candidates", lambda: None)
+    row = screen.train_task((0.1, "reflect4", 0), epochs=1)
+    assert row["arm"] == "reflect4" and row["seed"] == 0 and 0 < row["acc"] <= 100
+    # the test split has equally many crops per class: the class accuracies average to the accuracy
+    assert sum(row["per_class"]) / len(row["per_class"]) == pytest.approx(row["acc"], abs=1e-3)
+    assert len(row["tile_rates"]) == 192 and 0 < row["train_acc"] <= 1

@@ -183,8 +183,28 @@ def test_precision_report_sd_and_mdd_by_hand(tmp_path, capsys):
     assert ssim["sd"] == pytest.approx(0.005) and ssim["meets"] is True
     assert precision.main([str(tmp_path), "--summarize", "--json", str(tmp_path / "rows.json")]) == 0
     out = capsys.readouterr().out
-    assert "| none@C8+0.025 | accuracy | 3 | 82.00 | 2.00 |" in out and "**missed**" in out
+    assert "| none@C8+0.025 | accuracy | 3 | 82.00 | 2.00 | 1.04..12.57 |" in out and "**missed**" in out
+    # sd 2.0 over 3 seeds: its interval lies above the 1.0 target (resolved); SSIM's 0.005 spans 0.010
+    assert acc["resolved"] is True and ssim["resolved"] is False
+    assert "<= 0.01 met (CI spans it)" in out
     assert len(json.loads((tmp_path / "rows.json").read_text())) == len(rows)
+
+
+def test_sd_interval_by_hand_and_against_scipy():
+    # chi-square with 2 dof has quantile -2 ln(1-p): the interval of sd 2.0 over 3 values is
+    # 2 sqrt(2 / 7.3778) .. 2 sqrt(2 / 0.050636)
+    lo, hi = stats.sd_ci95([80.0, 82.0, 84.0])
+    assert lo == pytest.approx(2 * math.sqrt(2 / (-2 * math.log(0.025))), rel=1e-6)
+    assert hi == pytest.approx(2 * math.sqrt(2 / (-2 * math.log(0.975))), rel=1e-6)
+    assert all(v != v for v in stats.sd_ci95([1.0]))  # NaN below two values
+    chi2 = pytest.importorskip("scipy.stats").chi2
+    for dof in (1, 2, 4, 9, 30):
+        for p in (0.025, 0.975):
+            assert stats._chi2_quantile_series(p, dof) == pytest.approx(chi2.ppf(p, dof), rel=1e-6)
+    # five seeds bound an sd only to 0.60 .. 2.87 times the sample sd
+    lo, hi = stats.sd_ci95([0.0, 1.0, 2.0, 3.0, 4.0])
+    s = stats.sd([0.0, 1.0, 2.0, 3.0, 4.0])
+    assert lo / s == pytest.approx(0.599, abs=0.001) and hi / s == pytest.approx(2.874, abs=0.001)
 
 
 def test_paired_report_differences_seed_by_seed(tmp_path, capsys):
