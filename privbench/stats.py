@@ -9,7 +9,7 @@ quantile stands in (within 1% of the exact quantile from 3 degrees of freedom up
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from statistics import NormalDist
 
 ALPHA = 0.05  # two-sided
@@ -35,16 +35,21 @@ def sd(values: Iterable[float]) -> float:
     return math.sqrt(math.fsum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
-def t_quantile(p: float, dof: float) -> float:
-    """The p quantile of Student's t with `dof` degrees of freedom."""
+def _quantile(dist: str, p: float, dof: float, fallback: Callable[[float, float], float]) -> float:
+    """scipy.stats' `dist` quantile with `dof` degrees of freedom; `fallback` without scipy."""
     if dof <= 0:
         return math.nan
     try:
-        from scipy.stats import t
+        import scipy.stats
 
-        return float(t.ppf(p, dof))
+        return float(getattr(scipy.stats, dist).ppf(p, dof))
     except ImportError:
-        return _t_quantile_approx(p, dof)
+        return fallback(p, dof)
+
+
+def t_quantile(p: float, dof: float) -> float:
+    """The p quantile of Student's t with `dof` degrees of freedom."""
+    return _quantile("t", p, dof, _t_quantile_approx)
 
 
 def _t_quantile_approx(p: float, dof: float) -> float:
@@ -60,14 +65,7 @@ def _t_quantile_approx(p: float, dof: float) -> float:
 def chi2_quantile(p: float, dof: float) -> float:
     """The p quantile of chi-square with `dof` degrees of freedom (scipy; else bisection on the
     series of the regularised lower incomplete gamma function, exact to about 1e-9)."""
-    if dof <= 0:
-        return math.nan
-    try:
-        from scipy.stats import chi2
-
-        return float(chi2.ppf(p, dof))
-    except ImportError:
-        return _chi2_quantile_series(p, dof)
+    return _quantile("chi2", p, dof, _chi2_quantile_series)
 
 
 def _chi2_cdf(x: float, dof: float) -> float:
