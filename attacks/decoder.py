@@ -12,7 +12,9 @@ Sigmoid; Adam 1e-3, weight decay 1e-4, cosine to 1e-5, MSE loss, 50 epochs, batc
 
 Options (keyword-only, reference defaults):
     epochs=50, batch_size=256, lr=1e-3, min_lr=1e-5, weight_decay=1e-4,
-    channels=64 (width; smaller is faster on a CPU), blocks=8.
+    channels=64 (width; smaller is faster on a CPU), blocks=8,
+    ensemble=1: train that many decoders from independent initialisations and average their
+    reconstructions: a stronger attacker at `ensemble` times the training (docs/attacks.md).
 Shapes: fit(target, images [N,C,H,W] in [0,1]); reconstruct(z [N,*z_shape]) -> [N,C,H,W] in [0,1].
 
 Example:
@@ -133,6 +135,7 @@ class DecoderAttack(Attack):
 
     name = "decoder"
     summary = "learned inverse network z -> x (noise-aware, white-box query access)"
+    identity_omits = ("ensemble",)  # added in session 8: one decoder keeps the older folders' hashes
 
     def __init__(
         self,
@@ -144,27 +147,38 @@ class DecoderAttack(Attack):
         weight_decay: float = 1e-4,
         channels: int = 64,
         blocks: int = 8,
+        ensemble: int = 1,
     ):
-        if epochs < 1 or batch_size < 1 or channels < 1 or blocks < 0:
-            raise ValueError("epochs, batch_size and channels must be >= 1 and blocks >= 0")
+        if epochs < 1 or batch_size < 1 or channels < 1 or blocks < 0 or ensemble < 1:
+            raise ValueError("epochs, batch_size, channels and ensemble must be >= 1 and blocks >= 0")
         if lr <= 0 or min_lr < 0:
             raise ValueError("lr must be > 0 and min_lr >= 0")
         self.epochs, self.batch_size, self.lr, self.min_lr = epochs, batch_size, lr, min_lr
-        self.weight_decay, self.channels, self.blocks = weight_decay, channels, blocks
-        self.net: InverseNet | None = None
-        self.history: list[float] = []  # mean training loss per epoch
+        self.weight_decay, self.channels, self.blocks, self.ensemble = weight_decay, channels, blocks, ensemble
+        self.nets: list[InverseNet] = []
+        self.history: list[float] = []  # mean training loss per epoch (every member's, one after another)
+
+    @property
+    def net(self) -> InverseNet | None:
+        """The first (with ensemble=1 the only) decoder."""
+        return self.nets[0] if self.nets else None
 
     def fit(self, target: Target, images: torch.Tensor) -> None:
         self.target = target
-        self.net = InverseNet(target.z_shape(), target.image_shape, channels=self.channels, blocks=self.blocks)
-        self.history += train_inverse(
-            self.net.to(target.device), images, target.query, epochs=self.epochs, batch_size=self.batch_size,
-            lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay, desc="decoder",
-            show=getattr(self, "progress", True),
-        )  # fmt: skip
+        self.nets = []
+        for k in range(self.ensemble):  # each member draws its own initialisation and batch order
+            net = InverseNet(target.z_shape(), target.image_shape, channels=self.channels, blocks=self.blocks)
+            self.history += train_inverse(
+                net.to(target.device), images, target.query, epochs=self.epochs, batch_size=self.batch_size,
+                lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay,
+                desc="decoder" if self.ensemble == 1 else f"decoder {k + 1}/{self.ensemble}",
+                show=getattr(self, "progress", True),
+            )  # fmt: skip
+            self.nets.append(net)
 
     @torch.no_grad()
     def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
-        if self.net is None:
+        if not self.nets:
             raise RuntimeError("decoder: call fit(target, images) before reconstruct(z)")
-        return torch.cat([self.net(z[i : i + self.batch_size]) for i in range(0, len(z), self.batch_size)])
+        parts = [z[i : i + self.batch_size] for i in range(0, len(z), self.batch_size)]
+        return torch.cat([torch.stack([net(part) for net in self.nets]).mean(0) for part in parts])

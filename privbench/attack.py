@@ -144,6 +144,18 @@ def resolve_attack(
     return attack, attack.options()
 
 
+def folder_key(name: str, attack: Attack, resolved: dict[str, Any], attacker_data: str, eval_images: int,
+               seed: int) -> str:  # fmt: skip
+    """The hash naming an attack cell's folder: its name, options in force, attacker data, number
+    of evaluation images and seed. Options the attack lists in `identity_omits` count only when
+    they differ from their default."""
+    defaults = registry.option_defaults(type(attack))
+    options = {k: v for k, v in resolved.items() if not (k in attack.identity_omits and v == defaults.get(k))}
+    return config_hash(
+        {"attack": name, "options": options, "attacker_data": attacker_data, "eval_images": eval_images, "seed": seed}
+    )
+
+
 def make_target(model: torch.nn.Module, image_shape: tuple[int, int, int], device: torch.device) -> Target:
     """The attacker's view of a SplitModel: frozen encoder in eval mode, the defense's transform
     (eval mode), the channel noise, and the frozen server half for threat models that grant it."""
@@ -223,9 +235,7 @@ def attack_run(
     plans = []
     for name in attacks:
         attack, resolved = resolve_attack(name, options.get(name, {}), budget, progress, preset_options.get(name))
-        key = config_hash(
-            {"attack": name, "options": resolved, "attacker_data": attacker_data, "eval_images": n_eval, "seed": seed}
-        )
+        key = folder_key(name, attack, resolved, attacker_data, n_eval, seed)
         plans.append((name, attack, resolved, run.path / "attacks" / f"{name}-{key}"))
 
     state: dict[str, Any] = {}

@@ -64,8 +64,8 @@ def loaded_plugin_files() -> tuple[str, ...]:
 
 def attack_folder(run: Path, name: str, settings: dict[str, Any], options: dict[str, Any], seed: int = 0) -> Path:
     """The folder attack_run writes for this cell (the same hash): a finished one is not submitted."""
-    from privbench.attack import resolve_attack
-    from privbench.config import config_hash, preset_value
+    from privbench.attack import folder_key, resolve_attack
+    from privbench.config import preset_value
     from privbench.runs import Run
 
     preset = Run.open(run).config().preset
@@ -73,9 +73,8 @@ def attack_folder(run: Path, name: str, settings: dict[str, Any], options: dict[
     budget = {k: pick[k] if pick[k] is not None else preset_value(preset, f"attack_{k}") for k in ("epochs", "steps")}
     n_eval = pick["eval_images"] if pick["eval_images"] is not None else preset_value(preset, "eval_images")
     preset_options = (preset_value(preset, "attack_options") or {}).get(name)
-    _, resolved = resolve_attack(name, options, budget, False, preset_options)
-    key = config_hash({"attack": name, "options": resolved, "attacker_data": settings.get("attacker_data", "train"),
-                       "eval_images": n_eval, "seed": seed})  # fmt: skip
+    attack, resolved = resolve_attack(name, options, budget, False, preset_options)
+    key = folder_key(name, attack, resolved, settings.get("attacker_data", "train"), n_eval, seed)
     return Path(run) / "attacks" / f"{name}-{key}"
 
 

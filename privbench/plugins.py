@@ -195,6 +195,9 @@ class Attack:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # Options added after results were written: at their default they are left out of the result
+    # folder's hash, so folders written before the option existed are still found and reused.
+    identity_omits: ClassVar[tuple[str, ...]] = ()
 
     def fit(self, target: Target, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         self.target = target

@@ -303,3 +303,37 @@ def test_cli_not_a_run_and_mismatched_checkpoint(tiny_run, tmp_path, capsys):
     (broken / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_cli(["attack", str(broken), "--attack", "optimization"], capsys)
     assert code == 2 and "does not match its config.json" in err and err.count("\n") == 1
+
+
+def test_decoder_ensemble_averages_its_members(images):
+    target = shallow_target(noise_std=0.1)
+    attack = registry.create("attack", "decoder", {"epochs": 1, "ensemble": 3, **TINY_DECODER})
+    attack.progress = False
+    attack.fit(target, images[0][:64])
+    assert len(attack.nets) == 3 and attack.net is attack.nets[0] and len(attack.history) == 3
+    first, second = (
+        p.detach().flatten()[:20] for p in (next(attack.nets[0].parameters()), next(attack.nets[1].parameters()))
+    )
+    assert not torch.equal(first, second)  # independent initialisations
+    z = target.query(images[1])
+    with torch.no_grad():
+        by_hand = torch.stack([net(z) for net in attack.nets]).mean(0)
+    assert torch.allclose(attack.reconstruct(z), by_hand, atol=1e-6)
+    with pytest.raises(UserError, match="ensemble must be >= 1"):
+        registry.create("attack", "decoder", {"ensemble": 0})
+
+
+def test_decoder_ensemble_one_keeps_the_folder_of_older_results(tiny_run):
+    from privbench.attack import folder_key, resolve_attack
+
+    keys = {}
+    for label, opts in (("absent", {}), ("one", {"ensemble": 1}), ("two", {"ensemble": 2})):
+        attack, resolved = resolve_attack("decoder", opts, {"epochs": 1}, False)
+        keys[label] = folder_key("decoder", attack, resolved, "train", 20, 0)
+    # the hash an older privbench wrote: the options without `ensemble`
+    attack, resolved = resolve_attack("decoder", {}, {"epochs": 1}, False)
+    legacy = {k: v for k, v in resolved.items() if k != "ensemble"}
+    from privbench.config import config_hash
+
+    old = config_hash({"attack": "decoder", "options": legacy, "attacker_data": "train", "eval_images": 20, "seed": 0})
+    assert keys["absent"] == keys["one"] == old != keys["two"]
