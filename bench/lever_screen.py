@@ -11,7 +11,7 @@ use --workers 2 and expect ~3.6 minutes per training. `python bench/lever_screen
 OUT.jsonl ...` prints each arm's mean, sd with its 95% interval, and the seed x tile split.
 
 An arm is a set of TrainConfig overrides, optionally with a crop padding other than the
-library's zero padding (`augment` is swapped in the worker process only) or a candidate
+library's zero padding (`augment` with another `mode`, swapped in the worker process only) or a candidate
 embedded geometry (registered as version 4 in the worker process only). Nothing here changes
 the library: an arm that wins becomes a preset change, measured again on fresh seeds.
 """
@@ -19,6 +19,7 @@ the library: an arm that wins becomes a preset change, measured again on fresh s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from privbench import stats
-from privbench.data import EMBEDDED_VERSIONS
+from privbench.data import EMBEDDED_VERSIONS, augment
 
 # name: (TrainConfig overrides, crop padding mode ("constant" is the library's) , padding px)
 ARMS: dict[str, tuple[dict[str, Any], str, int]] = {
@@ -47,26 +48,6 @@ DEFAULT_PLAN = ["0.1=preset,reflect4,v4_448,ep40", "0.025=preset,v4_448"]
 
 def register_candidates() -> None:
     EMBEDDED_VERSIONS.setdefault(4, V4_448)
-
-
-def padded_augment(mode: str, pad: int):
-    """privbench.data.augment with another padding mode: random crop of the padded image plus
-    horizontal flip. With mode "constant" it draws and returns exactly what `augment` does."""
-
-    def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        n, c, h, w = images.shape
-        dev = images.device
-        padded = torch.nn.functional.pad(images.float(), (pad,) * 4, mode=mode).to(images.dtype)
-        off = torch.randint(0, 2 * pad + 1, (2, n), device=dev, generator=generator)
-        flip = torch.randint(0, 2, (n,), device=dev, generator=generator).bool()
-        rows = off[0, :, None] + torch.arange(h, device=dev)
-        cols = torch.arange(w, device=dev).expand(n, w)
-        cols = torch.where(flip[:, None], cols.flip(1), cols) + off[1, :, None]
-        index_n = torch.arange(n, device=dev)[:, None, None, None]
-        index_c = torch.arange(c, device=dev)[None, :, None, None]
-        return padded[index_n, index_c, rows[:, None, :, None], cols[:, None, None, :]]
-
-    return augment
 
 
 def parse_plan(items: list[str]) -> list[tuple[float, list[str]]]:
@@ -94,7 +75,7 @@ def train_task(task: tuple[float, str, int], epochs: int | None = None) -> dict[
     register_candidates()
     noise, arm, seed = task
     overrides, mode, pad = ARMS[arm]
-    T.augment = padded_augment(mode, pad)  # this worker process only
+    T.augment = functools.partial(augment, pad=pad, mode=mode)  # this worker process only
     if epochs:
         overrides = {**overrides, "epochs": epochs}
     cfg = TrainConfig.from_preset("quick", bottleneck=8, noise=noise, seed=seed, amp=False, channels_last=False,

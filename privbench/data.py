@@ -341,14 +341,20 @@ def image_folder(path: str | Path, *, image_size: int = 32, seed: int = 0, test_
 # ----------------------------------------------------------------------------- augmentation
 
 
-def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
-    """Random crop with `pad`-pixel zero padding plus horizontal flip, batched on any device.
+def augment(
+    images: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4, mode: str = "constant"
+) -> torch.Tensor:
+    """Random crop with `pad`-pixel padding (zeros; or torch's "reflect" / "replicate") plus
+    horizontal flip, batched on any device.
 
     uint8 [N,C,H,W] in, uint8 out. One gather, no per-image Python.
     """
     n, c, h, w = images.shape
     dev = images.device
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    if mode == "constant":
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    else:  # torch pads uint8 with zeros only
+        padded = torch.nn.functional.pad(images.float(), (pad, pad, pad, pad), mode=mode).to(images.dtype)
     off = torch.randint(0, 2 * pad + 1, (2, n), device=dev, generator=generator)
     flip = torch.randint(0, 2, (n,), device=dev, generator=generator).bool()
     rows = off[0, :, None] + torch.arange(h, device=dev)  # [N,H]

@@ -10,7 +10,17 @@ from conftest import run_cli
 from PIL import Image
 
 from privbench import registry
-from privbench.attack import attack_run, check_disjoint, make_target, pick_eval, split_attacker_eval, split_options
+from privbench.attack import (
+    attack_run,
+    check_disjoint,
+    folder_key,
+    make_target,
+    pick_eval,
+    resolve_attack,
+    split_attacker_eval,
+    split_options,
+)
+from privbench.config import config_hash
 from privbench.data import Dataset, Split, load_dataset, to_float
 from privbench.errors import UserError
 from privbench.metrics import ssim
@@ -323,9 +333,7 @@ def test_decoder_ensemble_averages_its_members(images):
         registry.create("attack", "decoder", {"ensemble": 0})
 
 
-def test_decoder_ensemble_one_keeps_the_folder_of_older_results(tiny_run):
-    from privbench.attack import folder_key, resolve_attack
-
+def test_decoder_ensemble_one_keeps_the_folder_of_older_results():
     keys = {}
     for label, opts in (("absent", {}), ("one", {"ensemble": 1}), ("two", {"ensemble": 2})):
         attack, resolved = resolve_attack("decoder", opts, {"epochs": 1}, False)
@@ -333,7 +341,5 @@ def test_decoder_ensemble_one_keeps_the_folder_of_older_results(tiny_run):
     # the hash an older privbench wrote: the options without `ensemble`
     attack, resolved = resolve_attack("decoder", {}, {"epochs": 1}, False)
     legacy = {k: v for k, v in resolved.items() if k != "ensemble"}
-    from privbench.config import config_hash
-
     old = config_hash({"attack": "decoder", "options": legacy, "attacker_data": "train", "eval_images": 20, "seed": 0})
     assert keys["absent"] == keys["one"] == old != keys["two"]

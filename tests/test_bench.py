@@ -68,9 +68,11 @@ def test_lever_screen_augment_plan_and_summary(tmp_path):
 
     screen = load("lever_screen")
     x = torch.randint(1, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    same = screen.padded_augment("constant", 4)(x, generator=torch.Generator().manual_seed(3))
+    _, mode, pad = screen.ARMS["preset"]
+    same = augment(x, generator=torch.Generator().manual_seed(3), pad=pad, mode=mode)
     assert torch.equal(same, augment(x, generator=torch.Generator().manual_seed(3)))  # the preset arm is the library's
-    reflected = screen.padded_augment("reflect", 4)(x, generator=torch.Generator().manual_seed(3))
+    reflected = augment(x, generator=torch.Generator().manual_seed(3), mode="reflect")
+    assert reflected.dtype == torch.uint8 and reflected.shape == x.shape
     assert (reflected > 0).all() and (same == 0).any()  # reflection adds no black border
     plan = screen.parse_plan(["0.1=preset,ep40", "0.025=preset"])
     assert screen.tasks(plan, range(2)) == [(0.1, "preset", 0), (0.1, "ep40", 0), (0.025, "preset", 0),
