@@ -8,8 +8,9 @@ expectation over channel-noise draws, as the reported accuracy), and splits the 
 accuracy over seeds with `stats.seed_tile_components`: a model part (the whole model better or
 worse) and a test-set part (each model gets its own tiles right or wrong, which more test
 tiles would average out). Prints both, the seed sd projected to 2x, 4x and unlimited test
-tiles, and the per-class accuracy per seed with its sd over seeds: what a new version of the
-data set could gain, and what only better training can. Exit 2 with one line on bad input.
+tiles, the per-class accuracy per seed with its sd over seeds, and what each class's crops are
+misread as (pooled over seeds and noise draws): what a new version of the data set could gain,
+and what only better training can. Exit 2 with one line on bad input.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from privbench.errors import UserError
 from privbench.runs import Run
 from privbench.stats import sd, seed_tile_components
 from privbench.storage import read_json
-from privbench.train import correct_rate, load_data
+from privbench.train import load_data, predictions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from precision import _label, configuration_key  # noqa: E402  (precision.py's labels and grouping)
@@ -58,12 +59,30 @@ def runs_of(results_dir: Path, label: str) -> list[Run]:
     return [Run.open(found[s]) for s in sorted(found)]
 
 
-def per_tile(run: Run, data: Dataset) -> tuple[list[float], list[float]]:
-    """(accuracy per test tile, in tile id order; accuracy per class) of one run on `data`."""
-    rate = correct_rate(run.load_model(data), data.test)
+def per_tile(run: Run, data: Dataset) -> tuple[list[float], list[float], list[list[float]]]:
+    """(accuracy per test tile, in tile id order; accuracy per class; confusion rows: for each
+    true class, the fraction of its crops' predictions that went to each class) of one run."""
+    pred = predictions(run.load_model(data), data.test)  # [draws, N]
     groups, labels = data.test.groups, data.test.labels
+    rate = (pred == labels).float().mean(0)
     tiles = [rate[groups == g].mean().item() for g in torch.unique(groups).tolist()]
-    return tiles, [rate[labels == k].mean().item() for k in range(len(data.classes))]
+    k = len(data.classes)
+    counts = torch.bincount((labels * k + pred).flatten(), minlength=k * k).reshape(k, k).double()
+    confusion = (counts / counts.sum(1, keepdim=True).clamp(min=1)).tolist()
+    return tiles, [rate[labels == c].mean().item() for c in range(k)], confusion
+
+
+def misreads(rows: list[tuple], names: list[str], top: int = 3) -> list[list[float]]:
+    """Print, per class, what its crops are read as, pooled over seeds (each seed weighted equally);
+    return the pooled confusion rows."""
+    k = len(names)
+    pooled = [[sum(r[3][i][j] for r in rows) / len(rows) for j in range(k)] for i in range(k)]
+    print("\n| class | read correctly (%) | most often misread as (%) |\n|---|---|---|")
+    for i, name in enumerate(names):
+        wrong = sorted(((pooled[i][j], names[j]) for j in range(k) if j != i), reverse=True)[:top]
+        misread = ", ".join(f"{n} {100 * v:.1f}" for v, n in wrong if round(100 * v, 1) > 0)
+        print(f"| {name} | {100 * pooled[i][i]:.1f} | {misread} |")
+    return pooled
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     names = list(data.classes)
-    comp = seed_tile_components([tiles for _, tiles, _ in rows])
+    comp = seed_tile_components([tiles for _, tiles, _, _ in rows])
     pts = {k: 1e4 * comp[k] for k in ("total", "model", "interaction")}  # variances in points^2
     g = comp["tiles"]
     print(f"{args.configuration}: {len(rows)} seeds, {g} test tiles (accuracy in points, tiles weighted equally)")
@@ -93,14 +112,16 @@ def main(argv: list[str] | None = None) -> int:
           f"unlimited {math.sqrt(pts['model']):.2f}")  # fmt: skip
     print("\n| seed | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
-    for seed, _, classes in rows:
+    for seed, _, classes, _ in rows:
         print(f"| {seed} | " + " | ".join(f"{100 * c:.1f}" for c in classes) + " |")
     class_sd = [100 * sd([r[2][k] for r in rows]) for k in range(len(names))]
     print("| sd | " + " | ".join(f"{v:.1f}" for v in class_sd) + " |")
+    confusion = misreads(rows, names)
     if args.json:
-        seeds = {str(seed): {"tiles": tiles, "classes": classes} for seed, tiles, classes in rows}
+        seeds = {str(seed): {"tiles": tiles, "classes": classes, "confusion": confusion_rows}
+                 for seed, tiles, classes, confusion_rows in rows}  # fmt: skip
         out = {"configuration": args.configuration, "components_points2": pts, "tiles": g, "class_sd": class_sd,
-               "seeds": seeds}  # fmt: skip
+               "confusion": confusion, "seeds": seeds}  # fmt: skip
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

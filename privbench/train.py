@@ -130,10 +130,11 @@ NOISE_DRAWS = 8
 
 
 @torch.no_grad()
-def correct_rate(
+def predictions(
     model: SplitModel, split: Split, *, batch_size: int = 1000, amp: bool = True, draws: int = NOISE_DRAWS
 ) -> torch.Tensor:
-    """Per image, the fraction of `draws` channel-noise draws classified correctly (eval mode).
+    """[draws, N] predicted classes of the split's images, one row per channel-noise draw (eval
+    mode; a single row when the channel adds no noise).
 
     The encoder runs once per image; only the channel and the server are repeated per draw.
     """
@@ -142,14 +143,17 @@ def correct_rate(
     draws = draws if model.noise_std > 0 or model.defense_noise is not None else 1
     out = []
     for i in range(0, len(split), batch_size):
-        labels = split.labels[i : i + batch_size]
-        hits = torch.zeros(len(labels), device=device)
         with autocast(device, amp):
             z = model.transform(model.encoder(to_float(split.images[i : i + batch_size])))
-            for _ in range(draws):
-                hits += (model.server(model.channel(z)).argmax(1) == labels).float()
-        out.append(hits / draws)
-    return torch.cat(out) if out else torch.zeros(0, device=device)
+            out.append(torch.stack([model.server(model.channel(z)).argmax(1) for _ in range(draws)]))
+    return torch.cat(out, 1) if out else torch.zeros(draws, 0, dtype=torch.long, device=device)
+
+
+def correct_rate(
+    model: SplitModel, split: Split, *, batch_size: int = 1000, amp: bool = True, draws: int = NOISE_DRAWS
+) -> torch.Tensor:
+    """Per image, the fraction of `draws` channel-noise draws classified correctly (eval mode)."""
+    return (predictions(model, split, batch_size=batch_size, amp=amp, draws=draws) == split.labels).float().mean(0)
 
 
 def evaluate(model: SplitModel, split: Split, *, batch_size: int = 1000, amp: bool = True) -> float:

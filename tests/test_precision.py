@@ -17,7 +17,7 @@ from privbench.data import EMBEDDED_VERSIONS, Split, embedded, embedded_crops
 from privbench.errors import UserError
 from privbench.metrics import grouped_mean_ci, mean_ci
 from privbench.models import build_model
-from privbench.train import NOISE_DRAWS, WeightAverage, accuracy_stats, correct_rate, lr_at
+from privbench.train import NOISE_DRAWS, WeightAverage, accuracy_stats, correct_rate, lr_at, predictions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import precision  # noqa: E402
@@ -73,6 +73,15 @@ def test_accuracy_under_noise_averages_draws():
         z = model.encoder(split.images.float() / 255)
         hits = sum((model.server(model.channel(z)).argmax(1) == split.labels).float() for _ in range(NOISE_DRAWS))
     assert torch.allclose(rate, hits / NOISE_DRAWS)
+    # predictions: one row of predicted classes per draw, the same draws in the same order
+    torch.manual_seed(1)
+    pred = predictions(model, split)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        z = model.encoder(split.images.float() / 255)
+        by_hand = torch.stack([model.server(model.channel(z)).argmax(1) for _ in range(NOISE_DRAWS)])
+    assert pred.shape == (NOISE_DRAWS, 40) and torch.equal(pred, by_hand)
+    assert predictions(_tiny_model(0.0), split).shape == (1, 40)  # no noise: one draw is exact
     split.groups = torch.arange(40) // 4
     assert accuracy_stats(model, split)["test_groups"] == 10
 
@@ -336,6 +345,15 @@ def test_variance_split_of_trained_runs(tmp_path, capsys):
     assert split["components_points2"]["interaction"] == pytest.approx(1e4 * comp["interaction"])
     # Classes hold 200 test crops each, so the mean of class accuracies is the run's accuracy.
     assert np.mean(split["seeds"]["1"]["classes"]) == pytest.approx(run.metrics()["test_accuracy"], abs=1e-6)
+    # Confusion rows: each sums to 1, the diagonal is the class accuracy, the pooled row the seeds' mean.
+    for s in ("0", "1"):
+        conf = np.array(split["seeds"][s]["confusion"])
+        assert conf.shape == (10, 10) and np.allclose(conf.sum(1), 1)
+        assert np.allclose(np.diag(conf), split["seeds"][s]["classes"])
+    pooled = (np.array(split["seeds"]["0"]["confusion"]) + np.array(split["seeds"]["1"]["confusion"])) / 2
+    assert np.allclose(split["confusion"], pooled)
+    assert "| class | read correctly (%) | most often misread as (%) |" in out
+    assert f"| astronaut | {100 * pooled[0, 0]:.1f} |" in out  # embedded's first class
     assert variance_split.main([str(tmp_path), "none@plain"]) == 2
     assert "no configuration 'none@plain'" in capsys.readouterr().err
     assert variance_split.main([str(tmp_path / "missing"), label]) == 2
