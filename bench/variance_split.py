@@ -68,15 +68,15 @@ def per_tile(run: Run, data: Dataset) -> tuple[list[float], list[float], list[li
     tiles = [rate[groups == g].mean().item() for g in torch.unique(groups).tolist()]
     k = len(data.classes)
     counts = torch.bincount((labels * k + pred).flatten(), minlength=k * k).reshape(k, k).double()
-    confusion = (counts / counts.sum(1, keepdim=True).clamp(min=1)).tolist()
-    return tiles, [rate[labels == c].mean().item() for c in range(k)], confusion
+    confusion = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    return tiles, confusion.diagonal().tolist(), confusion.tolist()  # the diagonal: accuracy per class
 
 
 def misreads(rows: list[tuple], names: list[str], top: int = 3) -> list[list[float]]:
     """Print, per class, what its crops are read as, pooled over seeds (each seed weighted equally);
     return the pooled confusion rows."""
     k = len(names)
-    pooled = [[sum(r[3][i][j] for r in rows) / len(rows) for j in range(k)] for i in range(k)]
+    pooled = torch.tensor([r[3] for r in rows], dtype=torch.float64).mean(0).tolist()
     print("\n| class | read correctly (%) | most often misread as (%) |\n|---|---|---|")
     for i, name in enumerate(names):
         wrong = sorted(((pooled[i][j], names[j]) for j in range(k) if j != i), reverse=True)[:top]
