@@ -33,6 +33,9 @@ import torch
 from privbench import stats
 from privbench.data import EMBEDDED_VERSIONS, augment
 
+sys.path.insert(0, str(Path(__file__).parent))
+from variance_split import split_rates  # noqa: E402  (per-tile and per-class rates)
+
 # name: (TrainConfig overrides, crop padding mode ("constant" is the library's) , padding px)
 ARMS: dict[str, tuple[dict[str, Any], str, int]] = {
     "preset": ({}, "constant", 4),
@@ -85,12 +88,11 @@ def train_task(task: tuple[float, str, int], epochs: int | None = None) -> dict[
     res = T.train(cfg, data=data, log=lambda m: None)
     test = data.to(next(res.model.parameters()).device).test
     torch.manual_seed(1234)
-    rate = T.correct_rate(res.model, test, amp=False)
+    acc, tiles, classes, _ = split_rates(res.model, test, data.num_classes, amp=False)
     return {
-        "noise": noise, "arm": arm, "seed": seed, "acc": rate.mean().item() * 100,
-        "train_acc": res.history[-1]["train_acc"], "seconds": time.time() - t0, "device": str(rate.device),
-        "per_class": [rate[test.labels == k].mean().item() * 100 for k in range(data.num_classes)],
-        "tile_rates": [rate[test.groups == g].mean().item() for g in torch.unique(test.groups).tolist()],
+        "noise": noise, "arm": arm, "seed": seed, "acc": acc * 100,
+        "train_acc": res.history[-1]["train_acc"], "seconds": time.time() - t0,
+        "device": str(test.images.device), "per_class": [100 * c for c in classes], "tile_rates": tiles,
     }  # fmt: skip
 
 

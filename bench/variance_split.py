@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from privbench.data import Dataset
+from privbench.data import Dataset, Split
 from privbench.errors import UserError
 from privbench.runs import Run
 from privbench.stats import sd, seed_tile_components
@@ -59,17 +59,25 @@ def runs_of(results_dir: Path, label: str) -> list[Run]:
     return [Run.open(found[s]) for s in sorted(found)]
 
 
-def per_tile(run: Run, data: Dataset) -> tuple[list[float], list[float], list[list[float]]]:
-    """(accuracy per test tile, in tile id order; accuracy per class; confusion rows: for each
-    true class, the fraction of its crops' predictions that went to each class) of one run."""
-    pred = predictions(run.load_model(data), data.test)  # [draws, N]
-    groups, labels = data.test.groups, data.test.labels
+def split_rates(
+    model: torch.nn.Module, split: Split, num_classes: int, *, amp: bool = True
+) -> tuple[float, list[float], list[float], list[list[float]]]:
+    """(accuracy; accuracy per test tile, in tile id order; accuracy per class; confusion rows: for
+    each true class, the fraction of its crops' predictions that went to each class) of a model on a
+    split, over the channel-noise draws the reported accuracy averages."""
+    pred = predictions(model, split, amp=amp)  # [draws, N]
+    groups, labels = split.groups, split.labels
     rate = (pred == labels).float().mean(0)
     tiles = [rate[groups == g].mean().item() for g in torch.unique(groups).tolist()]
-    k = len(data.classes)
-    counts = torch.bincount((labels * k + pred).flatten(), minlength=k * k).reshape(k, k).double()
+    counts = torch.bincount((labels * num_classes + pred).flatten(), minlength=num_classes**2)
+    counts = counts.reshape(num_classes, num_classes).double()
     confusion = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    return tiles, confusion.diagonal().tolist(), confusion.tolist()  # the diagonal: accuracy per class
+    return rate.mean().item(), tiles, confusion.diagonal().tolist(), confusion.tolist()  # diagonal: per class
+
+
+def per_tile(run: Run, data: Dataset) -> tuple[list[float], list[float], list[list[float]]]:
+    """(per test tile, per class, confusion rows) of one run on `data`: `split_rates` without the total."""
+    return split_rates(run.load_model(data), data.test, len(data.classes))[1:]
 
 
 def misreads(rows: list[tuple], names: list[str], top: int = 3) -> list[list[float]]:
