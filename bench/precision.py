@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from privbench.config import NON_IDENTITY, PRESETS, config_hash
+from privbench.config import PRESETS, TrainConfig, config_hash
 from privbench.errors import UserError
 from privbench.stats import mean, min_detectable_difference, paired_min_detectable_difference, sd, sd_ci95
 from privbench.storage import read_json
@@ -40,17 +40,22 @@ def _label(train: dict[str, Any]) -> str:
         f"C{train['bottleneck']}" if train.get("bottleneck") else "") + (
         f"+{train['noise']:g}" if train.get("noise") else "")  # fmt: skip
     # Settings that differ from the run's preset name it too: a folder holding runs of an older
-    # preset (15 epochs) beside the current one must not pool them under one label.
-    preset = PRESETS.get(train.get("preset", "quick"), {})
-    changed = {k: train[k] for k, v in preset.items() if k in train and json.dumps(train[k]) != json.dumps(v)}
+    # preset (15 epochs) beside the current one must not pool them under one label. They are read
+    # as the library reads the folder (a field it lacks has the value it trained with).
+    cfg = TrainConfig.from_dict(train)
+    values = cfg.to_dict()
+    if not cfg.noise:
+        del values["noise_warmup"]  # nothing to ramp: the same run whatever the preset says
+    preset = PRESETS.get(cfg.preset, {})
+    changed = {k: values[k] for k, v in preset.items() if k in values and json.dumps(values[k]) != json.dumps(v)}
     opts = {**(train.get("defense_options") or {}), **changed}
     text = ",".join(f"{k}={v}" for k, v in sorted(opts.items()))
     return f"{train['defense']}@{channel.lstrip('+')}" + (f" ({text})" if text else "")
 
 
 def configuration_key(train: dict[str, Any]) -> str:
-    """The hash of every identity setting but the seed: runs with one key are seeds of one configuration."""
-    return config_hash({k: v for k, v in train.items() if k not in (*NON_IDENTITY, "seed")})
+    """The run hash without the seed: runs with one key are seeds of one configuration."""
+    return config_hash({k: v for k, v in TrainConfig.from_dict(train).identity().items() if k != "seed"})
 
 
 def _budget(result: dict[str, Any]) -> str:

@@ -8,9 +8,11 @@ expectation over channel-noise draws, as the reported accuracy), and splits the 
 accuracy over seeds with `stats.seed_tile_components`: a model part (the whole model better or
 worse) and a test-set part (each model gets its own tiles right or wrong, which more test
 tiles would average out). Prints both, the seed sd projected to 2x, 4x and unlimited test
-tiles, the per-class accuracy per seed with its sd over seeds, and what each class's crops are
-misread as (pooled over seeds and noise draws): what a new version of the data set could gain,
-and what only better training can. Exit 2 with one line on bad input.
+tiles, the per-class accuracy per seed with its sd over seeds, what each class's crops are
+misread as (pooled over seeds and noise draws), and, on the embedded set, the test tiles grouped
+by how many of their grid neighbours are training tiles (does a test tile's luck depend on
+whether training saw its surroundings?): what a new version of the data set could gain, and
+what only better training can. Exit 2 with one line on bad input.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from privbench.data import Dataset, Split
+from privbench.config import TrainConfig
+from privbench.data import EMBEDDED_VERSIONS, Dataset, Split, embedded_crops
 from privbench.errors import UserError
 from privbench.runs import Run
 from privbench.stats import sd, seed_tile_components
@@ -93,6 +96,47 @@ def misreads(rows: list[tuple], names: list[str], top: int = 3) -> list[list[flo
     return pooled
 
 
+NEIGHBOURS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # a tile's 4 grid neighbours in its photograph
+COIN_FLIP_SD = 20.0  # points over seeds: a test tile that some seeds' models read and others do not
+
+
+def training_neighbours(cfg: TrainConfig) -> dict[int, int] | None:
+    """Embedded test tile id -> how many of its 4 grid neighbours (same photograph) hold training
+    crops. Rebuilds the run's crops to read each tile's place off its crops' boxes; None for a data
+    set without a tile grid."""
+    if cfg.dataset != "embedded":
+        return None
+    geo = EMBEDDED_VERSIONS[cfg.data_version]
+    counts = {"train": cfg.n_train or 5000, "aux": geo["n_aux"], "test": geo["n_test"]}  # load_dataset's sizes
+    place = {}  # tile id -> (split, photograph, column, row)
+    for split, (_, labels, boxes, tiles) in embedded_crops(cfg.data_seed, counts, version=cfg.data_version).items():
+        for label, box, tile in zip(labels.tolist(), boxes.tolist(), tiles.tolist()):
+            place[tile] = (split, label, box[0] // geo["tile"], box[1] // geo["tile"])
+    cell = {(label, col, row): split for split, label, col, row in place.values()}
+    return {
+        tile: sum(cell.get((label, col + dc, row + dr)) == "train" for dc, dr in NEIGHBOURS)
+        for tile, (split, label, col, row) in place.items()
+        if split == "test"
+    }
+
+
+def by_neighbours(rates: torch.Tensor, tile_ids: list[int], neighbours: dict[int, int]) -> list[dict]:
+    """Print and return, per count of training neighbours, the test tiles' mean accuracy, mean sd over
+    seeds and how many are coin flips. `rates` [seeds, tiles] in points, columns in `tile_ids` order."""
+    counts = torch.tensor([neighbours[t] for t in tile_ids])
+    tile_sd = rates.std(0) if len(rates) > 1 else torch.zeros(rates.shape[1])
+    print(f"\n| training neighbours (of 4) | test tiles | mean accuracy (%) | mean sd over seeds | "
+          f"tiles with sd > {COIN_FLIP_SD:g} |\n|---|---|---|---|---|")  # fmt: skip
+    out = []
+    for k in sorted(set(counts.tolist())):
+        own, sds = counts == k, tile_sd[counts == k]
+        row = {"neighbours": k, "tiles": int(own.sum()), "mean": rates[:, own].mean().item(),
+               "mean_sd": sds.mean().item(), "coin_flips": int((sds > COIN_FLIP_SD).sum())}  # fmt: skip
+        print(f"| {k} | {row['tiles']} | {row['mean']:.1f} | {row['mean_sd']:.1f} | {row['coin_flips']} |")
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results_dir", type=Path)
@@ -125,11 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     class_sd = [100 * sd([r[2][k] for r in rows]) for k in range(len(names))]
     print("| sd | " + " | ".join(f"{v:.1f}" for v in class_sd) + " |")
     confusion = misreads(rows, names)
+    neighbours = training_neighbours(runs[0].config())
+    layout = None
+    if neighbours is not None:
+        rates = 100 * torch.tensor([tiles for _, tiles, _, _ in rows], dtype=torch.float64)
+        layout = by_neighbours(rates, torch.unique(data.test.groups).tolist(), neighbours)
     if args.json:
         seeds = {str(seed): {"tiles": tiles, "classes": classes, "confusion": confusion_rows}
                  for seed, tiles, classes, confusion_rows in rows}  # fmt: skip
         out = {"configuration": args.configuration, "components_points2": pts, "tiles": g, "class_sd": class_sd,
-               "confusion": confusion, "seeds": seeds}  # fmt: skip
+               "confusion": confusion, "by_neighbours": layout, "seeds": seeds}  # fmt: skip
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

@@ -117,7 +117,7 @@ def preset_defaults(preset: str) -> str:
         f"  training: model {cfg.model}, width {cfg.width}, cut {cfg.cut}, epochs {cfg.epochs}, "
         f"batch size {cfg.batch_size}, lr {cfg.lr}, schedule {schedule}, momentum {cfg.momentum}, "
         f"weight decay {cfg.weight_decay}, warm-up {cfg.warmup_epochs:g} epochs, "
-        f"label smoothing {cfg.label_smoothing:g}, weight average {cfg.ema:g}",
+        f"label smoothing {cfg.label_smoothing:g}, weight average {cfg.ema:g}, noise ramp {cfg.noise_warmup:g}",
         f"  attacks: epochs {p['attack_epochs']} (learned), steps {p['attack_steps']} (optimization), "
         f"eval images {p['eval_images']}, attacker data train",
         f"  run grid: defenses {' '.join(grid.defense)}; attacks {' '.join(grid.attack)}; "

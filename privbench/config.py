@@ -78,6 +78,9 @@ class TrainConfig:
     label_smoothing: float = PRESETS["quick"]["label_smoothing"]  # of the cross-entropy, not the defense's loss
     warmup_epochs: float = PRESETS["quick"]["warmup_epochs"]  # linear lr warm-up from 0, per step
     ema: float = PRESETS["quick"]["ema"]  # per-step decay of the weight average kept as the model; 0: off
+    # Fraction of the training steps over which the channel noise (`noise`) ramps linearly from 0 to
+    # its value, in training only; evaluation and attacks always see the full noise. 0: off.
+    noise_warmup: float = PRESETS["quick"].get("noise_warmup", 0.0)
     seed: int = 0
     data_seed: int = 0  # the embedded crops; fixed so seeds vary the model, not the data
     data_version: int = EMBEDDED_VERSION  # the embedded set's version; run folders before it had 2
@@ -108,6 +111,8 @@ class TrainConfig:
             raise UserError(f"invalid seed {self.seed}: seeds are integers >= 0")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.ema < 1 or self.warmup_epochs < 0:
             raise UserError("label_smoothing and ema must lie in [0, 1) and warmup_epochs must be >= 0")
+        if not 0 <= self.noise_warmup < 1:
+            raise UserError(f"invalid noise_warmup {self.noise_warmup}: a fraction of training in [0, 1)")
         if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
             raise UserError(f"invalid compile mode {self.compile!r} (known: {', '.join(COMPILE_MODES)})")
 
@@ -149,7 +154,7 @@ class TrainConfig:
         values = {k: v for k, v in d.items() if k in names}
         # Run folders written before these fields existed trained without them, on embedded v2.
         values.setdefault("data_version", 2)
-        for k in ("label_smoothing", "warmup_epochs", "ema"):
+        for k in ("label_smoothing", "warmup_epochs", "ema", "noise_warmup"):
             values.setdefault(k, 0.0)
         return cls(**values)
 
@@ -159,6 +164,8 @@ class TrainConfig:
             d.pop(k, None)
         if d["data_fingerprint"] is None:  # keeps the hashes of runs made before the field existed
             del d["data_fingerprint"]
+        if d["noise_warmup"] == 0 or d["noise"] == 0:  # no ramp, or nothing to ramp: trains as before it existed
+            del d["noise_warmup"]
         return d
 
     def hash(self) -> str:

@@ -59,6 +59,13 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps: int = 1) -> float:
     return lr * min(1.0, (t + 1 / steps) / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else lr
 
 
+def noise_at(cfg: TrainConfig, epoch: int, step: int = 0, steps: int = 1) -> float:
+    """Channel-noise std of training step `step` of `steps` in 0-based `epoch`: a linear ramp from
+    0 over the first `noise_warmup` of all steps (its first step is above 0), then `cfg.noise`."""
+    ramp = cfg.noise_warmup * cfg.epochs * steps
+    return cfg.noise * min(1.0, (epoch * steps + step + 1) / ramp) if ramp > 0 else cfg.noise
+
+
 @dataclass
 class TrainResult:
     model: SplitModel
@@ -274,6 +281,7 @@ def train(
             step_lr = lr_at(cfg, epoch, step, steps)
             for group in opt.param_groups:
                 group["lr"] = step_lr * group.get("lr_scale", 1.0)
+            model.noise_std = noise_at(cfg, epoch, step, steps)
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = to_float(augment(data.train.images[idx], generator=dev_gen))
             y = data.train.labels[idx]
@@ -298,10 +306,13 @@ def train(
             if extra is not None:
                 extra_sum += extra.detach().float() * len(y)
             correct += (logits.argmax(1) == y).sum()
+        model.noise_std = cfg.noise  # evaluation, checkpoints and attacks see the deployed noise
         row: dict[str, float] = {
             "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / n,
             "defense_loss": extra_sum.item() / n, "train_acc": correct.item() / n,
         }  # fmt: skip
+        if cfg.noise_warmup > 0 and cfg.noise > 0:
+            row["channel_noise"] = noise_at(cfg, epoch, steps - 1, steps)  # at the epoch's last step
         bad = defense.nonfinite_part() if transforms else None
         if bad is not None:  # raised before anything of this epoch is saved: no half-written run
             raise UserError(f"defense {bad}: its transform produced NaN or Inf in epoch {epoch + 1}; training stopped")
