@@ -133,13 +133,14 @@ def summary(paths: list[Path]) -> str:
     for (noise, arm), rows in sorted(by_arm.items()):
         acc = [rows[s]["acc"] for s in sorted(rows)]
         lo, hi = stats.sd_ci95(acc)
+        spread = f"{stats.sd(acc):.2f} | {lo:.2f}..{hi:.2f}" if len(acc) > 1 else "n/a | n/a"  # one seed: no spread
         split = ["n/a", "n/a"]
         tiles = [rows[s]["tile_rates"] for s in sorted(rows) if "tile_rates" in rows[s]]
         if len(tiles) >= 2:
             c = stats.seed_tile_components([[100 * v for v in t] for t in tiles])
             split = [f"{c['model'] ** 0.5:.2f}", f"{(c['interaction'] / c['tiles']) ** 0.5:.2f} ({len(tiles)} seeds)"]
         lines.append(f"| {noise:g} | {arm} | {min(rows)}-{max(rows)} (n={len(acc)}) | {stats.mean(acc):.2f} | "
-                     f"{stats.sd(acc):.2f} | {lo:.2f}..{hi:.2f} | {split[0]} | {split[1]} | "
+                     f"{spread} | {split[0]} | {split[1]} | "
                      f"{stats.mean(r['seconds'] for r in rows.values()):.0f} |")  # fmt: skip
     return "\n".join(lines)
 

@@ -81,10 +81,12 @@ def test_lever_screen_augment_plan_and_summary(tmp_path):
         screen.parse_plan(["0.1=unknown-arm"])
     rows = [{"noise": 0.1, "arm": "preset", "seed": s, "acc": a, "seconds": 10.0, "tile_rates": t}
             for s, a, t in ((0, 90.0, [0.8, 1.0]), (1, 92.0, [0.9, 0.94]), (2, 94.0, [1.0, 0.88]))]  # fmt: skip
+    rows.append({"noise": 0.1, "arm": "ramp20", "seed": 0, "acc": 91.0, "seconds": 10.0})
     path = tmp_path / "screen.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = screen.summary([path])
     assert "| 0.1 | preset | 0-2 (n=3) | 92.00 | 2.00 | 1.04..12.57 |" in table  # sd 2, chi-square interval
+    assert "| 0.1 | ramp20 | 0-0 (n=1) | 91.00 | n/a | n/a |" in table  # one seed has no spread
 
 
 def test_lever_screen_trains_one_task(monkeypatch):
