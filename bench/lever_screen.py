@@ -47,6 +47,7 @@ ARMS: dict[str, tuple[dict[str, Any], str, int]] = {
     "ramp20": ({"noise_warmup": 0.2}, "constant", 4),  # channel noise ramped in over the first 20% of steps
     "noramp": ({"noise_warmup": 0.0}, "constant", 4),  # full channel noise from the first step
     "wd2e3": ({"weight_decay": 2e-3}, "constant", 4),  # 4x the weight decay
+    "w050": ({"width": 0.5}, "constant", 4),  # a half-width VGG11: twice the channels of the preset
 }
 V4_448 = dict(short_side=448, tile=40, fractions={"train": 0.6, "aux": 0.15, "test": 0.25}, n_aux=1000, n_test=4000)
 DEFAULT_PLAN = ["0.1=preset,reflect4,v4_448,ep40", "0.025=preset,v4_448"]
