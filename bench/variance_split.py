@@ -71,7 +71,8 @@ def split_rates(
     pred = predictions(model, split, amp=amp)  # [draws, N]
     groups, labels = split.groups, split.labels
     rate = (pred == labels).float().mean(0)
-    tiles = [rate[groups == g].mean().item() for g in torch.unique(groups).tolist()]
+    _, tile_of = torch.unique(groups, return_inverse=True)  # tiles numbered in id order
+    tiles = (torch.bincount(tile_of, weights=rate.double()) / torch.bincount(tile_of)).tolist()
     counts = torch.bincount((labels * num_classes + pred).flatten(), minlength=num_classes**2)
     counts = counts.reshape(num_classes, num_classes).double()
     confusion = counts / counts.sum(1, keepdim=True).clamp(min=1)
@@ -100,14 +101,14 @@ NEIGHBOURS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # a tile's 4 grid neighbours in
 COIN_FLIP_SD = 20.0  # points over seeds: a test tile that some seeds' models read and others do not
 
 
-def training_neighbours(cfg: TrainConfig) -> dict[int, int] | None:
+def training_neighbours(cfg: TrainConfig, data: Dataset) -> dict[int, int] | None:
     """Embedded test tile id -> how many of its 4 grid neighbours (same photograph) hold training
-    crops. Rebuilds the run's crops to read each tile's place off its crops' boxes; None for a data
-    set without a tile grid."""
-    if cfg.dataset != "embedded":
+    crops. Rebuilds the crops of `data` (the run's data set, for its split sizes) to read each
+    tile's place off its crops' boxes; None for a data set without a tile grid."""
+    if cfg.dataset != "embedded" or data.aux is None:
         return None
     geo = EMBEDDED_VERSIONS[cfg.data_version]
-    counts = {"train": cfg.n_train or 5000, "aux": geo["n_aux"], "test": geo["n_test"]}  # load_dataset's sizes
+    counts = {"train": len(data.train), "aux": len(data.aux), "test": len(data.test)}
     place = {}  # tile id -> (split, photograph, column, row)
     for split, (_, labels, boxes, tiles) in embedded_crops(cfg.data_seed, counts, version=cfg.data_version).items():
         for label, box, tile in zip(labels.tolist(), boxes.tolist(), tiles.tolist()):
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     class_sd = [100 * sd([r[2][k] for r in rows]) for k in range(len(names))]
     print("| sd | " + " | ".join(f"{v:.1f}" for v in class_sd) + " |")
     confusion = misreads(rows, names)
-    neighbours = training_neighbours(runs[0].config())
+    neighbours = training_neighbours(runs[0].config(), data)
     layout = None
     if neighbours is not None:
         rates = 100 * torch.tensor([tiles for _, tiles, _, _ in rows], dtype=torch.float64)

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_config
 
 from privbench import stats
 from privbench.config import TrainConfig
 from privbench.data import embedded_crops
+from privbench.train import load_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import precision  # noqa: E402
@@ -45,7 +47,7 @@ def test_variance_split_of_trained_runs(tmp_path, capsys):
     assert f"| astronaut | {100 * pooled[0, 0]:.1f} |" in out  # embedded's first class
     # Test tiles by training neighbours: every test tile counted once, each group's mean by hand.
     cfg = run.config()
-    nb = variance_split.training_neighbours(cfg)
+    nb = variance_split.training_neighbours(cfg, load_data(cfg, torch.device("cpu")))
     ids = sorted(nb)
     assert len(ids) == 192 and sum(r["tiles"] for r in split["by_neighbours"]) == 192
     rates = 100 * np.array(tiles)
