@@ -10,7 +10,9 @@ reused), then prints, per configuration (every training setting but the seed), t
 sample sd over seeds of the test accuracy and of each attack metric, and the minimum
 detectable difference (MDD) between two configurations at 3 and 5 seeds per arm: the smallest
 true difference a two-sided two-sample t test (alpha 0.05) finds with power 0.8, given that
-sd. A difference smaller than the MDD can read "indistinguishable" even when it is real.
+sd. A difference smaller than the MDD can read "indistinguishable" even when it is real. The
+last column turns that round: the seeds per arm needed to resolve a difference of a given size
+(default: 2 accuracy points, 0.02 SSIM; `--resolve QUANTITY=SIZE` for others).
 A configuration's label names its defense, channel and options, plus every setting that differs
 from its preset (`none@C8+0.025 (epochs=15)`: a run of an older quick preset), so runs of two
 presets in one folder are never pooled. Accuracy is in points (%), SSIM in [0, 1], PSNR in dB.
@@ -28,11 +30,21 @@ from typing import Any
 
 from privbench.config import PRESETS, TrainConfig, config_hash
 from privbench.errors import UserError
-from privbench.stats import mean, min_detectable_difference, paired_min_detectable_difference, sd, sd_ci95
+from privbench.stats import (
+    mean,
+    min_detectable_difference,
+    paired_min_detectable_difference,
+    sd,
+    sd_ci95,
+    seeds_needed,
+)
 from privbench.storage import read_json
 
 METRICS = ("ssim", "psnr")  # attack metrics reported; accuracy always comes first
 TARGETS = {"accuracy": 1.0, "ssim": 0.010}  # issue 18: the sd a stable preset must stay under
+# The differences a reader wants resolved: two accuracy points (issue 18's question), and for SSIM
+# the same multiple of its sd target.
+RESOLVE = {"accuracy": 2.0, "ssim": 0.02}
 
 
 def _label(train: dict[str, Any]) -> str:
@@ -91,14 +103,15 @@ def collect(results_dir: Path) -> dict[str, dict[str, Any]]:
     return dict(cells)
 
 
-def summarize(cells: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (configuration, quantity): n, mean, sd, MDD at 3 and 5 seeds, target met."""
+def summarize(cells: dict[str, dict[str, Any]], resolve: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """One row per (configuration, quantity): n, mean, sd, MDD at 3 and 5 seeds, target met, and
+    the seeds that resolve a difference of `resolve[metric]` (default RESOLVE)."""
     rows = []
     for cell in sorted(cells.values(), key=lambda c: c["label"]):
         for quantity, by_seed in cell["values"].items():
             values = [by_seed[s] for s in sorted(by_seed)]
             target = TARGETS.get(quantity.split()[-1])
-            row = _row(cell["label"], quantity, values, min_detectable_difference)
+            row = _row(cell["label"], quantity, values, min_detectable_difference, resolve)
             row.update(target_sd=target, meets=None if target is None or len(values) < 2 else row["sd"] <= target)
             # Whether the seeds settle the verdict: the sd's 95% interval lies wholly on one side.
             row["resolved"] = row["meets"] is not None and not row["sd_lo"] <= target <= row["sd_hi"]
@@ -106,16 +119,20 @@ def summarize(cells: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _row(label: str, quantity: str, values: list[float], mdd: Any) -> dict[str, Any]:
+def _row(label: str, quantity: str, values: list[float], mdd: Any, resolve: dict[str, float] | None) -> dict[str, Any]:
     spread = sd(values)
     lo, hi = sd_ci95(values)
+    size = (RESOLVE if resolve is None else resolve).get(quantity.split()[-1])
+    needed = None if size is None else seeds_needed(spread, size, paired=mdd is paired_min_detectable_difference)
     return {"configuration": label, "quantity": quantity, "n": len(values), "mean": mean(values), "sd": spread,
             "sd_lo": lo, "sd_hi": hi,
             "mdd3": mdd(spread, 3), "mdd5": mdd(spread, 5), "target_sd": None, "meets": None,
-            "values": values}  # fmt: skip
+            "resolve": size, "seeds_needed": needed, "values": values}  # fmt: skip
 
 
-def paired(cells: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+def paired(
+    cells: dict[str, dict[str, Any]], reference: str, resolve: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """Each configuration minus `reference` (a label), seed by seed over their common seeds: the
     mean and sd of the differences and the paired MDD at 3 and 5 seeds. A seed fixes the
     initialisation and batch order of every configuration, so the differences can cancel part of
@@ -135,7 +152,7 @@ def paired(cells: dict[str, dict[str, Any]], reference: str) -> list[dict[str, A
             common = sorted(set(by_seed) & set(base))
             diffs = [by_seed[s] - base[s] for s in common]
             label = f"{cell['label']} - {reference}"
-            rows.append(_row(label, quantity, diffs, paired_min_detectable_difference) | {"seeds": common})
+            rows.append(_row(label, quantity, diffs, paired_min_detectable_difference, resolve) | {"seeds": common})
     return rows
 
 
@@ -147,8 +164,9 @@ def render(rows: list[dict[str, Any]]) -> str:
         return "n/a" if v != v else f"{v:.{digits}f}"
 
     lines = [
-        "| configuration | quantity | n | mean | sd | sd 95% CI | MDD (3 seeds) | MDD (5 seeds) | sd target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| configuration | quantity | n | mean | sd | sd 95% CI | MDD (3 seeds) | MDD (5 seeds) | sd target "
+        "| seeds to resolve |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q = r["quantity"]
@@ -156,11 +174,29 @@ def render(rows: list[dict[str, Any]]) -> str:
         mark += " (CI spans it)" if r["meets"] is not None and not r.get("resolved") else ""
         ci = "n/a" if r["sd_lo"] != r["sd_lo"] else f"{num(r['sd_lo'], q)}..{num(r['sd_hi'], q)}"
         target = f"<= {r['target_sd']:g}{mark}" if r["target_sd"] is not None else ""
+        needed = ""
+        if r.get("resolve") is not None:
+            count = "n/a" if r["sd"] != r["sd"] else (str(r["seeds_needed"]) if r["seeds_needed"] else "> 1000")
+            needed = f"{count} for {r['resolve']:g}"
         lines.append(
             f"| {r['configuration']} | {q} | {r['n']} | {num(r['mean'], q)} | {num(r['sd'], q)} | {ci} | "
-            f"{num(r['mdd3'], q)} | {num(r['mdd5'], q)} | {target} |"
+            f"{num(r['mdd3'], q)} | {num(r['mdd5'], q)} | {target} | {needed} |"
         )
     return "\n".join(lines)
+
+
+def _resolve(pairs: list[str]) -> dict[str, float]:
+    out = dict(RESOLVE)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            size = float(value)
+        except ValueError:
+            size = float("nan")
+        if not sep or not key or not size > 0 or size == float("inf"):
+            raise UserError(f"invalid --resolve {pair!r}: expected QUANTITY=SIZE with a positive SIZE (accuracy=2)")
+        out[key] = size
+    return out
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -186,11 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field over the preset")
     ap.add_argument("--summarize", action="store_true", help="train nothing: report the run folders already there")
     ap.add_argument("--json", type=Path, help="write the rows (with per-seed values) to this file")
+    ap.add_argument("--resolve", action="append", default=[], metavar="QUANTITY=SIZE",
+                    help="the difference whose seeds to report, per metric (accuracy, ssim, psnr), "
+                         "repeatable [default: accuracy=2 ssim=0.02]")  # fmt: skip
     ap.add_argument("--paired-with", metavar="CONFIGURATION",
                     help="also report every configuration minus this one (its label, e.g. none@C8+0.025), "
                          "seed by seed: the paired sd and MDD")  # fmt: skip
     args = ap.parse_args(argv)
     try:
+        resolve = _resolve(args.resolve)
         if not args.summarize:
             if args.seeds < 2:
                 raise UserError(f"invalid --seeds {args.seeds}: a spread needs at least 2 seeds")
@@ -206,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.results_dir.is_dir():
             raise UserError(f"results folder {args.results_dir} does not exist")
         cells = collect(args.results_dir)
-        rows = summarize(cells)
-        pairs = paired(cells, args.paired_with) if args.paired_with else []
+        rows = summarize(cells, resolve)
+        pairs = paired(cells, args.paired_with, resolve) if args.paired_with else []
         if not rows:
             raise UserError(f"no finished run folders under {args.results_dir}")
         if all(r["n"] < 2 for r in rows):

@@ -1,4 +1,5 @@
-"""Small statistics over seeds: mean, sample sd, Student-t interval, minimum detectable difference.
+"""Small statistics over seeds: mean, sample sd, Student-t interval, minimum detectable difference
+and the seeds a difference needs.
 
 Tables and bench scripts summarise a handful of seeds per configuration, where a normal
 interval would be far too narrow, so every interval here is Student-t with n-1 degrees of
@@ -139,6 +140,25 @@ def paired_min_detectable_difference(sd_diff: float, n: int, *, alpha: float = A
     if n < 2 or sd_diff is None or math.isnan(sd_diff):
         return math.nan
     return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd_diff / math.sqrt(n)
+
+
+def seeds_needed(sd_value: float, difference: float, *, paired: bool = False, most: int = 1000) -> int | None:
+    """Fewest seeds per arm whose MDD (paired: the paired MDD, sd_value the sd of the within-seed
+    differences) is at most `difference`: how many seeds resolve a difference of that size.
+    None when the sd is unknown or more than `most` seeds would be needed."""
+    if difference <= 0:
+        raise ValueError(f"difference must be positive, got {difference}")
+    if sd_value is None or math.isnan(sd_value):
+        return None
+    mdd = paired_min_detectable_difference if paired else min_detectable_difference
+    # The MDD falls with n: a bisection over [2, most] finds the first n at or under `difference`.
+    if mdd(sd_value, most) > difference:
+        return None
+    lo, hi = 2, most
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if mdd(sd_value, mid) <= difference else (mid + 1, hi)
+    return lo
 
 
 def seed_tile_components(x: Sequence[Sequence[float]]) -> dict[str, float]:

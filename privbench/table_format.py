@@ -9,11 +9,13 @@ MAX_LATEX_COLUMNS are split into one table per metric.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import pandas as pd
 
+from privbench import stats
 from privbench.errors import UserError
 from privbench.table_rows import (
     ATTACKER_HIGHER,
@@ -187,6 +189,9 @@ def footnotes(table: pd.DataFrame, cols: list[Column]) -> list[str]:
     else:
         over = " over seeds (Student t, n-1 dof; rows with n=1: over test images)"
     notes = [f"± = 95% CI{over}. {UNITS_NOTE}"]
+    resolution = resolution_note(table)
+    if resolution:
+        notes.append(resolution)
     if any(DAGGER in cell for c in cols for cell in c.cells):
         notes.append(DAGGER_NOTE)
     if any(UNSATURATED in cell for c in cols for cell in c.cells):
@@ -203,6 +208,25 @@ def footnotes(table: pd.DataFrame, cols: list[Column]) -> list[str]:
     if env:
         notes.append(env)
     return notes
+
+
+def resolution_note(table: pd.DataFrame) -> str | None:
+    """With seeds: the smallest accuracy difference the table's seeds detect (two-sided t test,
+    alpha 0.05, power 0.8), from the seed sd pooled over its configurations; None without seeds."""
+    rows = table[(table.n_seeds > 1) & table.accuracy_ci95.notna()]
+    if rows.empty:
+        return None
+    # Each row's sd over its n seeds, back from its Student-t half width; pooled by degrees of freedom.
+    dofs = [int(n) - 1 for n in rows.n_seeds]
+    sds = [100 * ci * math.sqrt(k + 1) / stats.t_quantile(0.975, k) for ci, k in zip(rows.accuracy_ci95, dofs)]
+    pooled = math.sqrt(sum(k * v**2 for k, v in zip(dofs, sds)) / sum(dofs))
+    n = min(dofs) + 1
+    mdd = stats.min_detectable_difference(pooled, n)
+    return (
+        f"Resolution: at {n} seeds, accuracy differences under {mdd:.1f} points are not resolved "
+        f"(minimum detectable difference, power 0.8, from the seed sd pooled over {len(rows)} "
+        f"configuration{'s' if len(rows) > 1 else ''}: {pooled:.2f} points; docs/precision.md)."
+    )
 
 
 def semantic_note(table: pd.DataFrame) -> str | None:

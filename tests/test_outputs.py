@@ -167,6 +167,22 @@ def test_one_seed_keeps_the_interval_over_images(tmp_path):
     _, rows = md_header_and_rows(md)
     assert rows[0]["seeds"] == "n=1" and rows[0]["decoder SSIM [0,1]"] == "0.500 ± 0.010"
     assert "over test images (one seed)" in md and "1 seed per configuration (n=1)" in md
+    assert "Resolution" not in md  # one seed: no seed spread to resolve differences with
+
+
+def test_resolution_line_pools_the_seed_sd_by_hand(tmp_path):
+    # Two configurations over 3 seeds: accuracy sd 1 and 2 points; pooled sqrt((2*1 + 2*4) / 4).
+    for seed, (a, b) in enumerate([(0.80, 0.80), (0.81, 0.82), (0.82, 0.84)]):
+        write_run(tmp_path, seed=seed, acc=a, attacks={"decoder": {"ssim": 0.5}})
+        write_run(tmp_path, seed=seed, acc=b, noise=0.1, attacks={"decoder": {"ssim": 0.5}})
+    write_run(tmp_path, seed=0, acc=0.5, noise=0.2, attacks={"decoder": {"ssim": 0.5}})  # one seed: not pooled
+    md = tables.render(tables.results_table([tmp_path]), "md")
+    pooled = math.sqrt(2.5)
+    mdd = (T975[4] + T80_4) * pooled * math.sqrt(2 / 3)  # 4.80 points
+    assert (
+        f"Resolution: at 3 seeds, accuracy differences under {mdd:.1f} points are not resolved (minimum "
+        f"detectable difference, power 0.8, from the seed sd pooled over 2 configurations: {pooled:.2f} points"
+    ) in md
 
 
 ENV = {"torch_version": "2.4.0", "device_name": "x86_64", "deterministic": False}

@@ -325,3 +325,42 @@ def test_precision_labels_name_settings_off_the_preset(tmp_path):
     (old / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5}))
     labels = sorted(c["label"] for c in precision.collect(tmp_path).values())
     assert labels == ["none@C8+0.025", "none@C8+0.025 (epochs=7)"]  # not pooled into one configuration
+
+
+def test_seeds_needed_by_hand_and_against_the_exact_power():
+    # sd 1, a 2-point difference: MDD(5) = (2.306004 + 0.888889) * sqrt(2/5) = 2.02 > 2, MDD(6) =
+    # (2.228139 + 0.879058) * sqrt(2/6) = 1.79; paired: (3.182446 + 0.978472) / 2 = 2.08 at 4 seeds,
+    # (2.776445 + 0.940965) / sqrt(5) = 1.66 at 5.
+    assert stats.seeds_needed(1.0, 2.0) == 6 and stats.seeds_needed(1.0, 2.0, paired=True) == 5
+    assert stats.seeds_needed(float("nan"), 2.0) is None and stats.seeds_needed(100.0, 0.1) is None
+    with pytest.raises(ValueError, match="difference must be positive"):
+        stats.seeds_needed(1.0, 0.0)
+    # Independently: the exact power of the t test (noncentral t) reaches 0.8 at n seeds, not at n-1.
+    sps = pytest.importorskip("scipy.stats")
+
+    def power(sd_value, diff, n, paired):
+        dof, se = (n - 1, sd_value / math.sqrt(n)) if paired else (2 * n - 2, sd_value * math.sqrt(2 / n))
+        crit = sps.t.ppf(0.975, dof)
+        return sps.nct.sf(crit, dof, diff / se) + sps.nct.cdf(-crit, dof, diff / se)
+
+    for sd_value, diff in [(1.0, 2.0), (2.0, 2.0), (1.31, 2.0), (0.008, 0.02), (3.0, 1.0)]:
+        for paired in (False, True):
+            n = stats.seeds_needed(sd_value, diff, paired=paired)
+            assert power(sd_value, diff, n, paired) >= 0.8 > power(sd_value, diff, n - 1, paired)
+
+
+def test_precision_report_says_how_many_seeds_resolve_a_difference(tmp_path, capsys):
+    for seed, a in enumerate([0.80, 0.82, 0.84]):  # accuracy sd 2.0 points
+        _fake_run(tmp_path, f"none-{seed}", seed, a, 0.5 + 0.01 * seed)  # SSIM sd 0.01
+    assert precision.main([str(tmp_path), "--summarize", "--json", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    # sd 2 against 2 points needs 17 seeds; sd 0.01 against 0.02 SSIM is sd 1 against 2 points: 6
+    assert "| <= 1 **missed** | 17 for 2 |" in out and "| 6 for 0.02 |" in out
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert {(r["quantity"], r["resolve"], r["seeds_needed"]) for r in rows} >= {("accuracy", 2.0, 17)}
+    assert precision.main([str(tmp_path), "--summarize", "--resolve", "accuracy=4"]) == 0
+    assert "| 6 for 4 |" in capsys.readouterr().out  # sd 1 against 2 points, rescaled
+    for bad in ("accuracy", "accuracy=-1", "accuracy=x", "=2"):
+        assert precision.main([str(tmp_path), "--summarize", "--resolve", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: invalid --resolve {bad!r}") and err.count("\n") == 1
