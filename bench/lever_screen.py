@@ -48,6 +48,7 @@ ARMS: dict[str, tuple[dict[str, Any], str, int]] = {
     "noramp": ({"noise_warmup": 0.0}, "constant", 4),  # full channel noise from the first step
     "wd2e3": ({"weight_decay": 2e-3}, "constant", 4),  # 4x the weight decay
     "w050": ({"width": 0.5}, "constant", 4),  # a half-width VGG11: twice the channels of the preset
+    "w050plain": ({"width": 0.5, "bottleneck": 0}, "constant", 4),  # the same, no bottleneck (plan it at noise 0)
 }
 V4_448 = dict(short_side=448, tile=40, fractions={"train": 0.6, "aux": 0.15, "test": 0.25}, n_aux=1000, n_test=4000)
 DEFAULT_PLAN = ["0.1=preset,reflect4,v4_448,ep40", "0.025=preset,v4_448"]
@@ -85,8 +86,8 @@ def train_task(task: tuple[float, str, int], epochs: int | None = None) -> dict[
     T.augment = functools.partial(augment, pad=pad, mode=mode)  # this worker process only
     if epochs:
         overrides = {**overrides, "epochs": epochs}
-    cfg = TrainConfig.from_preset("quick", bottleneck=8, noise=noise, seed=seed, amp=False, channels_last=False,
-                                  progress=False, **overrides)  # fmt: skip
+    settings = {"bottleneck": 8, "noise": noise, "seed": seed, "amp": False, "channels_last": False, "progress": False}
+    cfg = TrainConfig.from_preset("quick", **{**settings, **overrides})  # an arm may change the bottleneck
     data = load_dataset("embedded", seed=cfg.data_seed, n_train=5000, version=cfg.data_version)
     t0 = time.time()
     res = T.train(cfg, data=data, log=lambda m: None)
