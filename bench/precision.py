@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -111,7 +112,7 @@ def summarize(cells: dict[str, dict[str, Any]], resolve: dict[str, float] | None
         for quantity, by_seed in cell["values"].items():
             values = [by_seed[s] for s in sorted(by_seed)]
             target = TARGETS.get(quantity.split()[-1])
-            row = _row(cell["label"], quantity, values, min_detectable_difference, resolve)
+            row = _row(cell["label"], quantity, values, resolve)
             row.update(target_sd=target, meets=None if target is None or len(values) < 2 else row["sd"] <= target)
             # Whether the seeds settle the verdict: the sd's 95% interval lies wholly on one side.
             row["resolved"] = row["meets"] is not None and not row["sd_lo"] <= target <= row["sd_hi"]
@@ -119,11 +120,15 @@ def summarize(cells: dict[str, dict[str, Any]], resolve: dict[str, float] | None
     return rows
 
 
-def _row(label: str, quantity: str, values: list[float], mdd: Any, resolve: dict[str, float] | None) -> dict[str, Any]:
+def _row(
+    label: str, quantity: str, values: list[float], resolve: dict[str, float] | None, *, paired: bool = False
+) -> dict[str, Any]:
+    """`values` per seed; paired: they are within-seed differences, so MDD and seeds are paired ones."""
     spread = sd(values)
     lo, hi = sd_ci95(values)
+    mdd = paired_min_detectable_difference if paired else min_detectable_difference
     size = (RESOLVE if resolve is None else resolve).get(quantity.split()[-1])
-    needed = None if size is None else seeds_needed(spread, size, paired=mdd is paired_min_detectable_difference)
+    needed = None if size is None else seeds_needed(spread, size, paired=paired)
     return {"configuration": label, "quantity": quantity, "n": len(values), "mean": mean(values), "sd": spread,
             "sd_lo": lo, "sd_hi": hi,
             "mdd3": mdd(spread, 3), "mdd5": mdd(spread, 5), "target_sd": None, "meets": None,
@@ -152,7 +157,7 @@ def paired(
             common = sorted(set(by_seed) & set(base))
             diffs = [by_seed[s] - base[s] for s in common]
             label = f"{cell['label']} - {reference}"
-            rows.append(_row(label, quantity, diffs, paired_min_detectable_difference, resolve) | {"seeds": common})
+            rows.append(_row(label, quantity, diffs, resolve, paired=True) | {"seeds": common})
     return rows
 
 
@@ -193,7 +198,7 @@ def _resolve(pairs: list[str]) -> dict[str, float]:
             size = float(value)
         except ValueError:
             size = float("nan")
-        if not sep or not key or not size > 0 or size == float("inf"):
+        if not sep or not key or not (size > 0 and math.isfinite(size)):
             raise UserError(f"invalid --resolve {pair!r}: expected QUANTITY=SIZE with a positive SIZE (accuracy=2)")
         out[key] = size
     return out

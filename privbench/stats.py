@@ -110,12 +110,17 @@ def t_ci95(values: Iterable[float]) -> float:
     return t_quantile(1 - ALPHA / 2, len(vals) - 1) * sd(vals) / math.sqrt(len(vals))
 
 
+def sd_from_t_ci95(ci: float, n: int) -> float:
+    """The sd over n values back from t_ci95's half width (tables keep the half width, not the sd)."""
+    return ci * math.sqrt(n) / t_quantile(1 - ALPHA / 2, n - 1)
+
+
 def welch_ci95(ci_a: float, n_a: int, ci_b: float, n_b: int) -> float:
     """Half width of the Welch 95% interval of mean_b - mean_a, from each mean's Student-t half
     width over n seeds (t_ci95); NaN unless both have two or more seeds."""
     if n_a < 2 or n_b < 2 or any(math.isnan(c) for c in (ci_a, ci_b)):
         return math.nan
-    var = [(c / t_quantile(1 - ALPHA / 2, n - 1)) ** 2 for c, n in ((ci_a, n_a), (ci_b, n_b))]  # se^2 each
+    var = [sd_from_t_ci95(c, n) ** 2 / n for c, n in ((ci_a, n_a), (ci_b, n_b))]  # se^2 each
     se2 = var[0] + var[1]
     if se2 == 0:
         return 0.0

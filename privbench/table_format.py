@@ -218,7 +218,7 @@ def resolution_note(table: pd.DataFrame) -> str | None:
         return None
     # Each row's sd over its n seeds, back from its Student-t half width; pooled by degrees of freedom.
     dofs = [int(n) - 1 for n in rows.n_seeds]
-    sds = [100 * ci * math.sqrt(k + 1) / stats.t_quantile(0.975, k) for ci, k in zip(rows.accuracy_ci95, dofs)]
+    sds = [100 * stats.sd_from_t_ci95(ci, k + 1) for ci, k in zip(rows.accuracy_ci95, dofs)]
     pooled = math.sqrt(sum(k * v**2 for k, v in zip(dofs, sds)) / sum(dofs))
     n = min(dofs) + 1
     mdd = stats.min_detectable_difference(pooled, n)
