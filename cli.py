@@ -4,7 +4,7 @@ The commands live in privbench/cli.py so that installing puts them inside the pr
 package rather than a generic top-level `cli` module in site-packages.
 """
 
-from privbench.cli import main
+from privbench.cli.commands import main
 
 if __name__ == "__main__":
     main()

@@ -24,110 +24,10 @@ Example:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
-from privbench.plugins import Attack, Target
-
-
-class ResBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a (1x1 when the width changes) shortcut."""
-
-    def __init__(self, cin: int, cout: int, *, last_relu: bool = True):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-        )  # fmt: skip
-        self.short = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
-        self.last_relu = last_relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.body(x) + self.short(x)
-        return F.relu(y) if self.last_relu else y
-
-
-def upsamplings(z_size: int, image_size: int) -> int:
-    """Number of stride-2 upsamplings from z to the image: floor(log2(image/z)), 0 when z >= image."""
-    return max(0, int(math.floor(math.log2(image_size / z_size) + 1e-9))) if z_size < image_size else 0
-
-
-class InverseNet(nn.Module):
-    """z [N,c,h,w] -> image [N,C,H,W] in (0,1), for any cut: 1x1 up to full-size activations.
-
-    Power-of-two ratios are reached by transposed convolutions alone; any remainder (or a z
-    larger than the image) is closed by a bilinear resize before the last block.
-    """
-
-    def __init__(self, z_shape: tuple[int, ...], image_shape: tuple[int, int, int], *, channels: int, blocks: int):
-        super().__init__()
-        if len(z_shape) == 1:  # a flat activation: treat it as channels at 1x1
-            z_shape = (z_shape[0], 1, 1)
-        self.z_shape, self.image_shape = tuple(z_shape), tuple(image_shape)
-        zc, zh, zw = z_shape
-        c, h, w = image_shape
-        ups = min(upsamplings(zh, h), upsamplings(zw, w))
-        layers: list[nn.Module] = [ResBlock(zc, channels)]
-        layers += [ResBlock(channels, channels) for _ in range(blocks)]
-        for _ in range(ups):
-            layers += [
-                nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1, bias=False),
-                nn.BatchNorm2d(channels),
-                nn.ReLU(inplace=True),
-            ]
-        self.body = nn.Sequential(*layers)
-        self.needs_resize = (zh << ups, zw << ups) != (h, w)
-        self.head = ResBlock(channels, c, last_relu=False)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.reshape(len(z), *self.z_shape) if z.ndim == 2 else z
-        y = self.body(z)
-        if self.needs_resize:
-            y = F.interpolate(y, size=self.image_shape[1:], mode="bilinear", align_corners=False)
-        return torch.sigmoid(self.head(y))
-
-
-def train_inverse(
-    net: nn.Module,
-    images: torch.Tensor,
-    query: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    min_lr: float,
-    weight_decay: float,
-    desc: str,
-    show: bool = True,
-) -> list[float]:
-    """Train `net` to map query(x) back to x (MSE; Adam, cosine to min_lr per step) and leave it in
-    eval mode. `query` draws fresh channel noise on every call. Returns the mean loss per epoch."""
-    net.train()
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(images) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=min_lr)
-    history: list[float] = []
-    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not show)
-    for _ in bar:
-        perm = torch.randperm(len(images), device=images.device)
-        total = torch.zeros((), device=images.device)
-        for i in range(0, len(images), batch_size):
-            x = images[perm[i : i + batch_size]]
-            loss = F.mse_loss(net(query(x)), x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach() * len(x)
-        history.append(total.item() / len(images))
-        bar.set_postfix(mse=f"{history[-1]:.4f}")
-    net.eval()
-    return history
+from privbench.engine.inverse import InverseNet, train_inverse
+from privbench.plugin.base import Attack, Target
 
 
 class DecoderAttack(Attack):
@@ -135,7 +35,7 @@ class DecoderAttack(Attack):
 
     name = "decoder"
     summary = "learned inverse network z -> x (noise-aware, white-box query access)"
-    identity_omits = ("ensemble",)  # added in session 8: one decoder keeps the older folders' hashes
+    identity_omits = ("ensemble",)  # at its default, runs keep the hashes they had before the option existed
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ sum squared error + beta * KL.
 
 The generator is trained once per (attacker images, torch seed, generator options) and cached
 as `gan-prior/vae-<hash>.pt` under privbench's cache folder (PRIVBENCH_CACHE, see
-privbench.data.cache_dir): the hash covers a digest of the attacker images (so data set and
+privbench.engine.data.cache_dir): the hash covers a digest of the attacker images (so data set and
 attacker split), `torch.initial_seed()` (the harness seeds torch with --seed before fit) and
 latent, width, epochs, gen_batch_size, gen_lr and beta. Sweeps over defenses, noise levels and
 seeds of the *target* therefore reuse it. Training runs on a forked RNG, so a cached and a
@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from privbench.config import config_hash
-from privbench.data import cache_dir
+from privbench.engine.config import config_hash
+from privbench.engine.data import cache_dir
 from privbench.errors import UserError
-from privbench.plugins import Attack, Target
-from privbench.storage import atomic_write_bytes, load_checkpoint, tensor_bytes
+from privbench.plugin.base import Attack, Target
+from privbench.util.storage import atomic_write_bytes, load_checkpoint, tensor_bytes
 
 CACHE_VERSION = 1  # bump when the generator's architecture or training changes
 

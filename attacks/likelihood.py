@@ -43,11 +43,10 @@ Example:
 from __future__ import annotations
 
 import torch
-from privbench.attacks.decoder import DecoderAttack
-from privbench.attacks.optimization import total_variation
 from tqdm.auto import tqdm
 
-from privbench.plugins import Attack, Target
+from privbench.engine.inverse import InverseNet, total_variation, train_inverse
+from privbench.plugin.base import Attack, Target
 
 INITS = ("mean", "decoder")
 
@@ -92,7 +91,7 @@ class LikelihoodAttack(Attack):
         self.decoder_channels, self.decoder_blocks = decoder_channels, decoder_blocks
         self.mean: torch.Tensor | None = None
         self.tv_scale, self.var = 0.1, 0.0625  # the prior's scales, fitted on the attacker's images in fit
-        self.decoder: DecoderAttack | None = None
+        self.decoder: InverseNet | None = None  # the warm start of init=decoder
         self.info: dict = {}
 
     def fit(self, target: Target, images: torch.Tensor) -> None:
@@ -105,9 +104,12 @@ class LikelihoodAttack(Attack):
         self.info = {"sigma": sigma, "init": self.init}
         self.info |= {"reduces_to": "rMLE"} if sigma == 0 else {"objective": "MAP under Gaussian channel noise"}
         if self.init == "decoder":
-            self.decoder = DecoderAttack(epochs=self.epochs, channels=self.decoder_channels, blocks=self.decoder_blocks)
-            self.decoder.progress = getattr(self, "progress", True)
-            self.decoder.fit(target, images)
+            # The decoder attack's network and reference training (Adam 1e-3, weight decay 1e-4, batch 256).
+            net = InverseNet(target.z_shape(), target.image_shape, channels=self.decoder_channels,
+                             blocks=self.decoder_blocks).to(target.device)  # fmt: skip
+            train_inverse(net, images, target.query, epochs=self.epochs, batch_size=256, lr=1e-3, min_lr=1e-5,
+                          weight_decay=1e-4, desc="decoder", show=getattr(self, "progress", True))  # fmt: skip
+            self.decoder = net
 
     def _sigma(self) -> float:
         return float(self.target.noise_std if self.sigma is None else self.sigma)
@@ -129,7 +131,8 @@ class LikelihoodAttack(Attack):
         grey = torch.full((1, *target.image_shape), 0.5, device=z.device)
         prior_mean = (self.mean if self.mean is not None else grey).to(z.device).expand(shape)
         if self.decoder is not None:
-            start = self.decoder.reconstruct(z)
+            with torch.no_grad():
+                start = torch.cat([self.decoder(z[i : i + 256]) for i in range(0, len(z), 256)])
         else:
             start = prior_mean
         w = torch.logit(start.clamp(0.02, 0.98)).clone().requires_grad_(True)

@@ -26,14 +26,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from privbench.plugins import Attack, Target
-
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic TV per image [N]: mean |horizontal| + mean |vertical| neighbour differences."""
-    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean(dim=(1, 2, 3))
-    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean(dim=(1, 2, 3))
-    return dh + dw
+from privbench.engine.inverse import total_variation
+from privbench.plugin.base import Attack, Target
 
 
 class OptimizationAttack(Attack):

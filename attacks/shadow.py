@@ -39,12 +39,12 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from privbench.attacks.decoder import InverseNet, train_inverse
 from torch import nn
 from tqdm.auto import tqdm
 
+from privbench.engine.inverse import InverseNet, train_inverse
 from privbench.errors import UserError
-from privbench.plugins import Attack, Target
+from privbench.plugin.base import Attack, Target
 
 THREAT_MODEL = (
     "query-free curious server: owns the frozen server half and the observed z, never queries, "
@@ -90,6 +90,7 @@ class ShadowAttack(Attack):
 
     name = "shadow"
     summary = "query-free: shadow encoder trained through the frozen server half, inverse net on it"
+    queries_encoder = False
 
     def __init__(
         self,

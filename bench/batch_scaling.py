@@ -18,9 +18,9 @@ import statistics
 import time
 from pathlib import Path
 
-from privbench.config import TrainConfig
-from privbench.tables import t_ci95
-from privbench.train import train
+from privbench.engine.config import TrainConfig
+from privbench.engine.train import train
+from privbench.util.stats import t_ci95
 
 OUT = Path(__file__).parent / "out"
 

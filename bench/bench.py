@@ -5,7 +5,7 @@
     python bench/bench.py --n-train 50000 --width 1 --levers   # bf16 / channels-last / compile on and off
 
 Every ratio is measured in this one process on this one machine. Training throughput comes
-from privbench's real training loop (`privbench.train.train`), timed per epoch; defenses run
+from privbench's real training loop (`privbench.engine.train.train`), timed per epoch; defenses run
 with warm-up 1, and their first two epochs (warm-up, then the first with the loss on, where a
 module is built or a hot path compiled) are excluded from their figures. The
 reference-style baseline trains the same model the way the reference code feeds it: a
@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from privbench import registry
-from privbench.config import TrainConfig
-from privbench.data import load_dataset, to_float
-from privbench.plugins import Target
-from privbench.runs import device_name
-from privbench.train import FAST_PATH_DEVICES, make_model, pick_device, train
+from privbench.engine.config import TrainConfig
+from privbench.engine.data import load_dataset, to_float
+from privbench.engine.train import FAST_PATH_DEVICES, make_model, pick_device, train
+from privbench.plugin import registry
+from privbench.plugin.base import Target
+from privbench.store.runs import device_name
 
 OUT = Path(__file__).parent / "out"
 
@@ -192,8 +192,8 @@ PACK = {"likelihood": {"steps": 50}, "gan-prior": {"epochs": 1, "steps": 50}, "s
 def bench_attack_pack(args, data, target: Target, images: torch.Tensor) -> list[dict]:
     import tempfile
 
-    from privbench.config import PRESETS
-    from privbench.plugins import takes_keyword
+    from privbench.engine.config import PRESETS
+    from privbench.plugin.base import takes_keyword
 
     rows, labels = [], data.train.labels[: len(images)]
     eval_x = to_float(data.test.images[:64])
@@ -227,7 +227,7 @@ def bench_metrics(args, data) -> list[dict]:
     import importlib
 
     try:
-        metrics = importlib.import_module("privbench.metrics")
+        metrics = importlib.import_module("privbench.attack.metrics")
     except ImportError:
         return []
     device = pick_device(args.device)

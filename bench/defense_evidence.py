@@ -16,10 +16,10 @@ import statistics
 import sys
 from collections import defaultdict
 
-from privbench import stats
-from privbench.runs import Run
-from privbench.storage import read_json
-from privbench.table_rows import channel_label, expand_run_dirs, options_label
+from privbench.store.rows import channel_label, expand_run_dirs, options_label
+from privbench.store.runs import Run
+from privbench.util import stats
+from privbench.util.storage import read_json
 
 
 def run_row(run: Run) -> dict:
@@ -27,8 +27,8 @@ def run_row(run: Run) -> dict:
     if "z_intra_class_var" not in m:
         import torch
 
-        from privbench.features import z_spread
-        from privbench.train import load_data
+        from privbench.engine.features import z_spread
+        from privbench.engine.train import load_data
 
         data = load_data(cfg, torch.device("cpu"))
         m |= z_spread(run.load_model(data).encoder, data.train.images, data.train.labels, data.num_classes)

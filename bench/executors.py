@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from privbench import sweep
+from privbench import job as sweep
 from privbench.errors import UserError
-from privbench.executors import open_executor
-from privbench.grid import Grid
+from privbench.executors.compute import open_executor
+from privbench.grid.spec import Grid
 
 EXECUTORS = {
     "local": {"kind": "local"},  # cpus_per_task is ignored

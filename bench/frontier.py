@@ -29,7 +29,7 @@ KNOB = {"none": None, "gmm-cem": "lam", "slot-cem": "lam", "dropout": "rate", "t
 def write_runs(root: Path, configs: int, seeds: int, images: int, rng: np.random.Generator) -> int:
     """`configs` configurations: families of 5 strengths (`none` sweeps the channel noise), the
     last one the undefended model (no bottleneck, no noise)."""
-    from privbench.config import TrainConfig
+    from privbench.engine.config import TrainConfig
 
     n_runs = 0
     for c in range(configs):
@@ -72,8 +72,8 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from privbench import frontier
-    from privbench.table_rows import collect
+    from privbench.analysis import frontier
+    from privbench.store.rows import collect
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -18,12 +18,14 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-from privbench import frontier, stats, tables
-from privbench.executor_remote import attack_folder
-from privbench.grid import Grid
-from privbench.plot_frontier import plot_frontier
-from privbench.runs import Run, find_run
-from privbench.storage import read_json
+from privbench.analysis import frontier
+from privbench.executors.remote import attack_folder
+from privbench.grid.spec import Grid
+from privbench.report.plot_frontier import plot_frontier
+from privbench.store import rows
+from privbench.store.runs import Run, find_run
+from privbench.util import stats
+from privbench.util.storage import read_json
 
 SWEEPS = ["none.noise=0,0.025,0.05,0.1,0.2,0.4", "gmm-cem.lam=4,16,64", "slot-cem.lam=4,16,64"]
 
@@ -47,7 +49,7 @@ def main() -> None:
         runs.append(run.path)
         attack_dirs.append(folder)
     print(f"{len(runs)} cells read; missing: {', '.join(missing) or 'none'}")
-    long = tables.collect(runs, attack_dirs=attack_dirs)
+    long = rows.collect(runs, attack_dirs=attack_dirs)
     comparison = frontier.compare(frontier.points(long), reference="none")
     cols = ["family", "strength", "n_seeds", "accuracy_mean", "accuracy_ci95", "privacy_mean", "privacy_ci95",
             "gain", "gain_lo", "gain_hi", "extrapolated"]  # fmt: skip

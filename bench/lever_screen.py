@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from privbench import stats
-from privbench.data import EMBEDDED_VERSIONS, augment
+from privbench.engine.data import EMBEDDED_VERSIONS, augment
+from privbench.util import stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from variance_split import split_rates  # noqa: E402  (per-tile and per-class rates)
@@ -75,9 +75,9 @@ def tasks(plan: list[tuple[float, list[str]]], seeds: range) -> list[tuple[float
 
 
 def train_task(task: tuple[float, str, int], epochs: int | None = None) -> dict[str, Any]:
-    import privbench.train as T
-    from privbench.config import TrainConfig
-    from privbench.data import load_dataset
+    import privbench.engine.train as T
+    from privbench.engine.config import TrainConfig
+    from privbench.engine.data import load_dataset
 
     torch.set_num_threads(1)
     register_candidates()
@@ -102,7 +102,7 @@ def train_task(task: tuple[float, str, int], epochs: int | None = None) -> dict[
 
 
 def screen(out: Path, todo: list[tuple[float, str, int]], workers: int, deadline: float, epochs: int | None) -> None:
-    from privbench.data import load_dataset
+    from privbench.engine.data import load_dataset
 
     register_candidates()
     for version in sorted({3, *(4 for _, arm, _ in todo if ARMS[arm][0].get("data_version") == 4)}):

@@ -6,7 +6,7 @@
 
 Whole runs one after another (bench/bench.py) are only comparable on a quiet machine: on a
 shared one the load drifts by tens of percent within a minute. Here every defense trains in
-its own thread with the real loop (`privbench.train.train`, quick preset, the same options as
+its own thread with the real loop (`privbench.engine.train.train`, quick preset, the same options as
 bench/bench.py), and a baton lets exactly one of them run at a time, passing on at each
 training step (the defense's loss() call). A turn is thus one step of one run (its backward,
 optimizer and weight-average update, the next batch and forward) and the runs take turns
@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from privbench import registry
-from privbench.config import TrainConfig
-from privbench.data import load_dataset
-from privbench.train import train
+from privbench.engine.config import TrainConfig
+from privbench.engine.data import load_dataset
+from privbench.engine.train import train
+from privbench.plugin import registry
 
 
 class Baton:

@@ -29,9 +29,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from privbench.config import PRESETS, TrainConfig, config_hash
+from privbench.engine.config import PRESETS, TrainConfig, config_hash
 from privbench.errors import UserError
-from privbench.stats import (
+from privbench.util.stats import (
     mean,
     min_detectable_difference,
     paired_min_detectable_difference,
@@ -39,7 +39,7 @@ from privbench.stats import (
     sd_ci95,
     seeds_needed,
 )
-from privbench.storage import read_json
+from privbench.util.storage import read_json
 
 METRICS = ("ssim", "psnr")  # attack metrics reported; accuracy always comes first
 TARGETS = {"accuracy": 1.0, "ssim": 0.010}  # issue 18: the sd a stable preset must stay under

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from privbench.config import TrainConfig
-from privbench.train import load_data, pick_device, train
+from privbench.engine.config import TrainConfig
+from privbench.engine.train import load_data, pick_device, train
 
 ARMS = {
     "wave1": dict(epochs=10, batch_size=128, warmup_epochs=0.0, label_smoothing=0.0, ema=0.0, data_version=2),

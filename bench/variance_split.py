@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from privbench.config import TrainConfig
-from privbench.data import EMBEDDED_VERSIONS, Dataset, Split, embedded_crops
+from privbench.engine.config import TrainConfig
+from privbench.engine.data import EMBEDDED_VERSIONS, Dataset, Split, embedded_crops
+from privbench.engine.train import load_data, predictions
 from privbench.errors import UserError
-from privbench.runs import Run
-from privbench.stats import sd, seed_tile_components
-from privbench.storage import read_json
-from privbench.train import load_data, predictions
+from privbench.store.runs import Run
+from privbench.util.stats import sd, seed_tile_components
+from privbench.util.storage import read_json
 
 sys.path.insert(0, str(Path(__file__).parent))
 from precision import _label, configuration_key  # noqa: E402  (precision.py's labels and grouping)

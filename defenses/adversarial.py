@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from privbench.attacks.decoder import InverseNet
 
+from privbench.attack.metrics import SSIM_K1, SSIM_K2, SSIM_WINDOW, valid_filter_matrix
+from privbench.engine.inverse import InverseNet
 from privbench.errors import UserError
-from privbench.metrics import SSIM_K1, SSIM_K2, SSIM_WINDOW, valid_filter_matrix
-from privbench.plugins import Defense, TrainContext
+from privbench.plugin.base import Defense, TrainContext
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -34,7 +34,7 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def ssim_mean(x: torch.Tensor, y: torch.Tensor, gh: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM of two image batches, differentiable: privbench.metrics.ssim's formula with its
+    """Mean SSIM of two image batches, differentiable: privbench.attack.metrics.ssim's formula with its
     filter matrices gh, gw built once (building them per call would copy host to device per step)."""
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     mx, my, mxx, myy, mxy = gh @ torch.stack([x, y, x * x, y * y, x * y]) @ gw.T
@@ -86,6 +86,7 @@ class Adversarial(Defense):
     name = "adversarial"
     summary = "encoder trained against an alternating inversion decoder (ResSFL / DeepObfuscator)"
     strength_grid = (0.1, 0.3, 1.0)
+    knob = "weight"
 
     def __init__(
         self,
@@ -193,9 +194,6 @@ class Adversarial(Defense):
         self._sums.zero_()
         self._steps = 0
         return {"adv_fit_loss": fit, "adv_ssim": s}
-
-    def strength(self) -> tuple[str, float]:
-        return ("weight", self.weight)
 
     def state_dict(self) -> dict[str, Any]:
         if self.decoder is None or self.optimizer is None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from privbench.errors import UserError
-from privbench.plugins import Defense, TrainContext
+from privbench.plugin.base import Defense, TrainContext
 
 
 class ChannelScorer(nn.Module):
@@ -61,6 +61,9 @@ class Disco(Defense):
     name = "disco"
     summary = "learned per-sample channel pruning by a filter network (Singh et al. CVPR'21)"
     strength_grid = (0.25, 0.5, 0.75)
+    knob = "ratio"
+    knob_range = (0.0, 1.0)
+    knob_scale = "logit"
 
     def __init__(self, *, ratio: float = 0.5, hidden: int = 16):
         if not 0 < ratio <= 1:
@@ -112,9 +115,6 @@ class Disco(Defense):
         self._usage.zero_()
         self._seen = 0
         return {"kept_channels": float(self.keep), "channel_usage_min": lo, "channel_usage_max": hi}
-
-    def strength(self) -> tuple[str, float]:
-        return ("ratio", self.ratio)
 
     def state_dict(self) -> dict[str, Any]:
         if self.scorer is None:

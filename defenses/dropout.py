@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from privbench.plugins import Defense
+from privbench.plugin.base import Defense
 
 
 class Dropout(Defense):
@@ -40,6 +40,9 @@ class Dropout(Defense):
     name = "dropout"
     summary = "random dropout of z's elements, kept on at inference as in the CEM code"
     strength_grid = (0.1, 0.2, 0.4)
+    knob = "rate"
+    knob_range = (0.0, 1.0)
+    knob_scale = "logit"
 
     def __init__(self, *, rate: float = 0.2, at_inference: bool = True):
         if not 0 <= rate < 1:
@@ -55,5 +58,3 @@ class Dropout(Defense):
             return z.masked_fill(torch.rand(z.shape, device=z.device) < self.rate, 0)  # fp32 draw, any z dtype
         return F.dropout(z, self.rate, training=training)
 
-    def strength(self) -> tuple[str, float]:
-        return ("rate", self.rate)

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from privbench.diagnostics import mixture_information
+from privbench.engine.diagnostics import mixture_information
+from privbench.engine.features import encoder_features
+from privbench.engine.kmeans import kmeans_per_class, kmeans_responsibilities, own_class_sq_dist
 from privbench.errors import UserError
-from privbench.features import encoder_features
-from privbench.kmeans import kmeans_per_class, kmeans_responsibilities, own_class_sq_dist
-from privbench.plugins import Defense, TrainContext
+from privbench.plugin.base import Defense, TrainContext
 
 LR_PIVOT = 4.1e-4  # below this learning rate the reference stops rescaling the CEM gradient
 GAMMA = 0.01  # the reference's smoothing inside log(v + gamma)
@@ -90,6 +90,7 @@ class GmmCem(Defense):
     name = "gmm-cem"
     summary = "conditional entropy maximization, per-class k-means mixture (Xia et al. CVPR'25)"
     strength_grid = (4.0, 16.0, 64.0)
+    knob = "lam"
 
     def __init__(
         self,
@@ -153,9 +154,6 @@ class GmmCem(Defense):
     def compile_hot_path(self, compile) -> None:
         # rob_loss is plain tensor code over (z, y) and the fitted mixture: one graph, no syncs.
         self.rob_loss = compile(self.rob_loss)
-
-    def strength(self) -> tuple[str, float]:
-        return ("lam", self.lam)
 
     def loss(self, z: torch.Tensor, y: torch.Tensor, *, epoch: int, lr: float) -> torch.Tensor | None:
         if self.lam == 0 or epoch < self.warmup or self.centroids is None:
@@ -280,7 +278,7 @@ class GmmCem(Defense):
         I_mix = H(J) + sum_j w_j 1/2 sum_d log(1 + v_jd / sigma^2) over the clusters j of every
         class (`responsibilities`), w_j their share of the N samples, v_jd the variance of z in
         cluster j per dimension, summed over all D dimensions of z, sigma = noise_std or the
-        channel noise given at setup (privbench.diagnostics.mixture_information). It is the
+        channel noise given at setup (privbench.engine.diagnostics.mixture_information). It is the
         paper's L_C for the whole activation, without the reference loss's threshold and
         per-dimension mean: an upper bound on I(x; z + noise) for any distribution of z when w
         and v are exact; here a plug-in estimate on the z given (diagonal covariances). Pure.

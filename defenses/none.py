@@ -1,6 +1,6 @@
 """No defense: the plain split model (channel options such as bottleneck and noise still apply)."""
 
-from privbench.plugins import Defense
+from privbench.plugin.base import Defense
 
 
 class NoDefense(Defense):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from privbench.plugins import Defense, TrainContext
+from privbench.plugin.base import Defense, TrainContext
 
 EPS = 1e-12  # floor under squared distances and under dCor^2: sqrt has an infinite slope at 0
 
@@ -73,6 +73,7 @@ class NoPeek(Defense):
     name = "nopeek"
     summary = "distance-correlation loss between x and z (Vepakomma et al. 2020)"
     strength_grid = (0.1, 0.3, 1.0)
+    knob = "weight"
 
     def __init__(self, *, weight: float = 0.3):
         if not weight >= 0:
@@ -107,5 +108,3 @@ class NoPeek(Defense):
         self._steps = 0
         return {"dcor": mean}
 
-    def strength(self) -> tuple[str, float]:
-        return ("weight", self.weight)

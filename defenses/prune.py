@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from privbench.errors import UserError
-from privbench.plugins import Defense, TrainContext
+from privbench.plugin.base import Defense, TrainContext
 
 SELECTS = ("magnitude", "random")
 
@@ -55,6 +55,10 @@ class Prune(Defense):
     name = "prune"
     summary = "fixed channel pruning of z at a ratio (PATROL-style, as in the CEM code)"
     strength_grid = (0.75, 0.5, 0.25)
+    knob = "ratio"
+    knob_range = (0.0, 1.0)
+    knob_scale = "logit"
+    knob_lowers_accuracy = False  # the fraction kept
 
     def __init__(self, *, ratio: float = 0.5, select: str = "magnitude", warmup: int = 1):
         if not 0 < ratio <= 1:
@@ -122,5 +126,3 @@ class Prune(Defense):
         device = self._sums.device if self._sums is not None else mask.device
         self.mask = mask.to(device)
 
-    def strength(self) -> tuple[str, float]:
-        return ("ratio", self.ratio)

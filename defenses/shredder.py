@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from privbench.errors import UserError
-from privbench.plugins import Defense, TrainContext
+from privbench.plugin.base import Defense, TrainContext
 
 MIN_SCALE, MAX_SCALE = 1e-4, 10.0  # the learned std is clamped here: it can neither vanish nor run away
 UNIFORM_EPS = 1e-7  # keeps log1p(-|u|) finite: |Laplace draw| <= 11.4 std
@@ -59,6 +59,8 @@ class Shredder(Defense):
     name = "shredder"
     summary = "learned additive noise whose magnitude the loss grows (Mireshghallah et al. ASPLOS'20)"
     strength_grid = (0.03, 0.1, 0.3)
+    knob = "weight"
+    knob_zero_is_off = False  # its noise is sampled whatever the weight of its loss
 
     def __init__(self, *, weight: float = 0.1, init_scale: float = 0.025, distribution: str = "laplace"):
         if not weight >= 0:
@@ -102,9 +104,6 @@ class Shredder(Defense):
         s = self.scale()
         mean, top = torch.stack([s.mean(), s.max()]).tolist()  # one sync per epoch
         return {"noise_scale": mean, "noise_scale_max": top}
-
-    def strength(self) -> tuple[str, float]:
-        return ("weight", self.weight)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.log_scale is None else {"log_scale": self.log_scale.detach().cpu().clone()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from privbench.plugins import Defense
+from privbench.plugin.base import Defense
 
 
 class TopK(Defense):
@@ -39,6 +39,10 @@ class TopK(Defense):
     name = "topk"
     summary = "keep the largest-magnitude fraction of z per sample (top-k pruning, CEM code)"
     strength_grid = (0.75, 0.5, 0.25)
+    knob = "ratio"
+    knob_range = (0.0, 1.0)
+    knob_scale = "logit"
+    knob_lowers_accuracy = False  # the fraction kept
 
     def __init__(self, *, ratio: float = 0.5):
         if not 0 < ratio <= 1:
@@ -55,5 +59,3 @@ class TopK(Defense):
         keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
         return z * keep.view(z.shape)  # in z's own layout (channels-last stays channels-last)
 
-    def strength(self) -> tuple[str, float]:
-        return ("ratio", self.ratio)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from privbench.errors import UserError
-from privbench.plugins import Defense, TrainContext
+from privbench.plugin.base import Defense, TrainContext
 
 INFERENCE = ("sample", "mean")
 LOGVAR_INIT = -10.0  # initial sigma ~ 0.0067: the reference's softplus(s - 5) for s near 0
@@ -55,6 +55,8 @@ class Vib(Defense):
     name = "vib"
     summary = "variational information bottleneck on z (stochastic code + KL, Alemi et al.)"
     strength_grid = (3e-4, 1e-3, 3e-3)
+    knob = "beta"
+    knob_zero_is_off = False  # its noise is sampled whatever the weight of its loss
 
     def __init__(self, *, beta: float = 1e-3, inference: str = "sample"):
         if not beta >= 0:
@@ -153,5 +155,3 @@ class Vib(Defense):
         except RuntimeError as exc:
             raise UserError(f"vib state does not fit z: {str(exc).splitlines()[0]}") from None
 
-    def strength(self) -> tuple[str, float]:
-        return ("beta", self.beta)

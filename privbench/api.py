@@ -1,6 +1,5 @@
 """The Python API: what the command line does, from a script or a notebook.
 
-    import privbench.api as pb
     run = pb.train(defense="gmm-cem", bottleneck=8, noise=0.025, epochs=10)
     pb.attack(run, ["decoder"])
     df = pb.results([run])
@@ -21,8 +20,18 @@ from typing import Any
 
 import pandas as pd
 
-from privbench.runs import DEFAULT_RESULTS, Run
-from privbench.sweep import Grid, GridResult, run_grid
+from privbench import job
+from privbench.analysis import tables
+from privbench.engine.config import TrainConfig
+from privbench.engine.models import parse_bottleneck
+from privbench.grid.spec import Grid
+from privbench.job import GridResult
+from privbench.plugin import stack
+from privbench.report import table_format
+from privbench.store import rows
+from privbench.store.attacks import attack_run
+from privbench.store.outputs import resolve_inputs
+from privbench.store.runs import DEFAULT_RESULTS, Run, train_run
 
 
 def train(
@@ -44,11 +53,6 @@ def train(
     """Train a split model under `defense` (options in `options`) on the channel given by
     `bottleneck` (C<c> channels, e.g. 8) and `noise` (std); reuses a finished identical run.
     Other TrainConfig fields (width, cut, lr, n_train, model, device, ...) go in `settings`."""
-    from privbench import stack
-    from privbench.config import TrainConfig
-    from privbench.models import parse_bottleneck
-    from privbench.runs import train_run
-
     stack.parts(defense)
     cfg = TrainConfig.from_preset(
         preset, defense=defense, defense_options=dict(options or {}), bottleneck=parse_bottleneck(bottleneck),
@@ -74,8 +78,6 @@ def attack(
 ) -> list[dict[str, Any]]:
     """Attack a trained run with each named attack; returns each attack's metrics.json content
     plus "path" (its folder) and "reused". `options` maps attack name -> {option: value}."""
-    from privbench.attack import attack_run
-
     return attack_run(
         _path(run), list(attacks), attacker_data=attacker_data, epochs=epochs, steps=steps,
         eval_images=eval_images, options=options, device=device, seed=seed, progress=progress,
@@ -92,33 +94,33 @@ def results(runs: Iterable[RunLike] | RunLike = DEFAULT_RESULTS, *, long: bool =
     configuration, raw numbers (`<attack>_<metric>_mean` / `_ci95`, `accuracy_mean`,
     `worst_attack`, ...). With long=True, the long-form rows it is pivoted from (run, defense,
     channel, seed, attack, metric, value, ...)."""
-    from privbench import tables
-    from privbench.outputs import resolve_inputs
-
     if isinstance(runs, RunLike):
         runs = [runs]
     paths, attack_dirs = resolve_inputs([_path(r) for r in runs])
-    frame = tables.collect(paths, attack_dirs=attack_dirs)
+    frame = rows.collect(paths, attack_dirs=attack_dirs)
     return frame if long else tables.aggregate(frame, paths)
 
 
 def table(df: pd.DataFrame, fmt: str = "md") -> str:
     """Render a `results()` table as Markdown, CSV (raw numbers) or LaTeX."""
-    from privbench import tables
 
-    return tables.render(df, fmt)
+    return table_format.render(df, fmt)
 
 
 def run(
-    *, executor: str | dict[str, Any] | None = None, log: Callable[[str], None] | None = print, **grid: Any
-) -> GridResult:
+    grid: Grid | None = None, *, executor: str | dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = print, **fields: Any,
+) -> GridResult:  # fmt: skip
     """`privbench run` as a function: keyword arguments are the Grid fields (defense=[...],
     attack=[...], seeds, bottleneck=[...], noise=[...], epochs, model, eval_images,
     attacker_data, option=["gmm-cem.lam=16"], train={...}, attacks={...}, defenses={...}, ...);
     docs/config.md describes each. `executor` is "local" (default), "ray", "slurm" or the
     [executor] table as a dict (docs/executors.md); if cells fail, the others are still computed
-    and privbench.executors.CellsFailed names the failed ones."""
-    return run_grid(Grid(executor=executor, **grid), log=log or (lambda _msg: None))
+    and privbench.executors.base.CellsFailed names the failed ones. A ready `grid` (a Grid, e.g.
+    from privbench.grid.spec.grid_from_options) is run as it is."""
+    if grid is None:
+        grid = Grid(executor=executor, **fields)
+    return job.run_grid(grid, log=log or (lambda _msg: None))
 
 
 def _path(run: Run | str | Path) -> Path:

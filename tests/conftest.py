@@ -5,8 +5,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threa
 import pytest
 import torch
 
-from privbench.cli import main
-from privbench.config import TrainConfig
+from privbench.cli.commands import main
+from privbench.engine.config import TrainConfig
 
 torch.set_num_threads(2)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from privbench.defenses.slot_cem import GATE_FLOOR, SOFTPLUS_SHARPNESS
 from torch import nn
 
-from privbench.features import intra_class_mse
+from privbench.engine.features import intra_class_mse
 
 GAMMA, KAPPA, GATE_INIT_BIAS = 0.01, 1.0, 3.0
 

@@ -1,5 +1,4 @@
 import csv
-import importlib
 import json
 import re
 from pathlib import Path
@@ -9,26 +8,27 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
-from privbench import registry
-from privbench.attack import (
-    attack_run,
+from privbench.attack.harness import (
     check_disjoint,
     folder_key,
     make_target,
     pick_eval,
     resolve_attack,
     split_attacker_eval,
-    split_options,
 )
-from privbench.config import config_hash
-from privbench.data import Dataset, Split, load_dataset, to_float
+from privbench.attack.metrics import ssim
+from privbench.cli.commands import attack_options
+from privbench.engine.config import config_hash
+from privbench.engine.data import Dataset, Split, load_dataset, to_float
+from privbench.engine.inverse import InverseNet
+from privbench.engine.models import vgg11
 from privbench.errors import UserError
-from privbench.metrics import ssim
-from privbench.models import vgg11
-from privbench.runs import train_run
+from privbench.plugin import registry
+from privbench.store.attacks import attack_run
+from privbench.store.runs import train_run
 
 # (imported by name: ruff's import sorter takes the package-dir mapped folder for a third party)
-InverseNet = importlib.import_module("privbench.attacks.decoder").InverseNet
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DECODER = {"channels": 8, "blocks": 1, "batch_size": 64}
 
@@ -49,7 +49,7 @@ def shallow_target(noise_std: float = 0.0, cut: int = 1, bottleneck=None) -> tor
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from privbench.config import TrainConfig
+    from privbench.engine.config import TrainConfig
 
     cfg = TrainConfig.from_preset("quick", epochs=1, n_train=300, width=0.125, progress=False, bottleneck=8)
     run, _ = train_run(cfg, tmp_path_factory.mktemp("runs"), log=lambda m: None)
@@ -199,16 +199,17 @@ def test_aux_without_aux_split_uses_disjoint_test_halves():
         split_attacker_eval(data, "test")
 
 
-def test_split_options():
-    assert split_options({"decoder.epochs": 3, "optimization.tv-weight": 0.1}, ["decoder", "optimization"]) == {
+def test_attack_options_per_attack():
+    both = ["decoder", "optimization"]
+    assert attack_options(("decoder.epochs=3", "optimization.tv-weight=0.1"), both) == {
         "decoder": {"epochs": 3},
         "optimization": {"tv_weight": 0.1},
     }
-    assert split_options({"steps": 3}, ["optimization"]) == {"optimization": {"steps": 3}}
+    assert attack_options(("steps=3",), ["optimization"]) == {"optimization": {"steps": 3}}
     with pytest.raises(UserError, match="ambiguous"):
-        split_options({"steps": 3}, ["decoder", "optimization"])
-    with pytest.raises(UserError, match="not among"):
-        split_options({"ridge.x": 3}, ["decoder"])
+        attack_options(("steps=3",), both)
+    with pytest.raises(UserError, match="names 'ridge', which is not in the attacks run"):
+        attack_options(("ridge.x=3",), ["decoder"])
 
 
 # ------------------------------------------------------------------ harness and CLI

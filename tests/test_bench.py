@@ -64,7 +64,7 @@ def test_tiny_bench_run_writes_its_report(tmp_path, capsys):
 def test_lever_screen_augment_plan_and_summary(tmp_path):
     import torch
 
-    from privbench.data import augment
+    from privbench.engine.data import augment
 
     screen = load("lever_screen")
     x = torch.randint(1, 256, (16, 3, 32, 32), dtype=torch.uint8)
@@ -90,7 +90,7 @@ def test_lever_screen_augment_plan_and_summary(tmp_path):
 
 
 def test_lever_screen_trains_one_task(monkeypatch):
-    import privbench.train as T
+    import privbench.engine.train as T
 
     screen = load("lever_screen")
     monkeypatch.setattr(T, "augment", T.augment)  # the task swaps it in its own process; restore it here

@@ -25,7 +25,7 @@ def test_train_prints_accuracy_and_run_folder_last(tmp_path, capsys):
 def test_compile_flag_takes_an_optional_mode_and_keeps_the_run_folder(tmp_path, capsys, monkeypatch):
     import json
 
-    import privbench.train as train_mod
+    import privbench.engine.train as train_mod
 
     monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "aot_eager")  # inductor's C++ builds take minutes
     args = ["train", "--epochs", "1", "--n-train", "300", "--width", "0.125", "--results-dir", str(tmp_path)]

@@ -13,11 +13,11 @@ import pytest
 from conftest import run_cli, tiny_config
 
 import privbench.api as pb
-from privbench import sweep
-from privbench.config import PRESETS
-from privbench.grid import TOP_KEYS, Grid, grid_from_options
-from privbench.progress import Progress
-from privbench.runs import Run, run_name
+from privbench import job as sweep
+from privbench.engine.config import PRESETS
+from privbench.grid.spec import TOP_KEYS, Grid, grid_from_options
+from privbench.store.runs import Run, run_name
+from privbench.util.progress import Progress
 from tests.test_sweep import TINY_TOML, FakeWork, fake_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_run_options_reach_training_and_attacks(captured, tmp_path, capsys):
 @pytest.mark.parametrize(
     "option,message",
     [("lam=16", "option 'lam': no defense in the grid (none) has it"),
-     ("gmm-cem.lam=16", "option 'gmm-cem.lam' names 'gmm-cem', which this grid does not run"),
+     ("gmm-cem.lam=16", "option 'gmm-cem.lam' names 'gmm-cem', which is not in the grid"),
      ("lam", "invalid option 'lam'")],
 )  # fmt: skip
 def test_run_option_no_defense_has_exits_2(option, message, tmp_path, capsys):
@@ -205,14 +205,14 @@ def test_docs_config_example_is_a_valid_grid(tmp_path):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if anything loads data or trains."""
-    import privbench.data
-    import privbench.runs
+    import privbench.engine.data
+    import privbench.store.runs
 
     def boom(*a, **k):
         raise AssertionError("work started before the output paths were checked")
 
-    monkeypatch.setattr(privbench.data, "load_dataset", boom)
-    monkeypatch.setattr(privbench.runs, "train_run", boom)
+    monkeypatch.setattr(privbench.engine.data, "load_dataset", boom)
+    monkeypatch.setattr(privbench.store.runs, "train_run", boom)
 
 
 def test_file_as_results_dir_exits_2_at_once_and_trains_nothing(no_work, tmp_path, capsys):
@@ -229,10 +229,10 @@ def test_file_as_results_dir_exits_2_at_once_and_trains_nothing(no_work, tmp_pat
 
 
 def test_unwritable_folder_exits_2_at_once(no_work, tmp_path, capsys, monkeypatch):
-    import privbench.outputs
+    import privbench.store.outputs
 
     # os.access is what the check asks; faking it works under root too, where chmod does not.
-    monkeypatch.setattr(privbench.outputs.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(privbench.store.outputs.os, "access", lambda path, mode: Path(path) != tmp_path)
     code, _, err = run_cli(["run", "--results-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "is not writable" in err and err.count("\n") == 1
 
@@ -298,9 +298,9 @@ def test_run_prints_cell_counts_and_a_running_count(tmp_path):
 
 
 def test_real_run_says_a_repeated_warning_once(tmp_path, capsys, monkeypatch):
-    import privbench.attack
+    import privbench.attack.harness
 
-    monkeypatch.setattr(privbench.attack, "load_lpips", lambda dev: (None, "AlexNet weights not found (test)"))
+    monkeypatch.setattr(privbench.store.attacks, "load_lpips", lambda dev: (None, "AlexNet weights not found (test)"))
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_TOML.replace('["decoder", "optimization"]', '["optimization"]'))
     code, out, err = run_cli(["run", "--config", str(path), "--results-dir", str(tmp_path / "r"), "--quiet"], capsys)
@@ -310,7 +310,7 @@ def test_real_run_says_a_repeated_warning_once(tmp_path, capsys, monkeypatch):
 
 
 def test_each_line_of_a_defense_log_is_printed_once(tmp_path):
-    from privbench.runs import train_run
+    from privbench.store.runs import train_run
 
     cfg = tiny_config(n_train=128, batch_size=64, defense="slot-cem", bottleneck=8, noise=0.025,
                       defense_options={"warmup": 0, "num_slots": 2, "num_iterations": 1, "hidden": 8})  # fmt: skip

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from privbench.data import (
+from privbench.engine.data import (
     EMBEDDED_PHOTOS,
     augment,
     cifar,

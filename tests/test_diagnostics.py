@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from privbench import registry, stack
-from privbench.diagnostics import (
+from privbench.engine.diagnostics import (
     CURVE_COLUMNS,
     curves_frame,
     entropy_bound,
@@ -22,8 +21,9 @@ from privbench.diagnostics import (
     write_curves_csv,
 )
 from privbench.errors import UserError
-from privbench.plot_diagnostics import curves_figure, plot_curves, plot_slots
-from privbench.plugins import TrainContext
+from privbench.plugin import registry, stack
+from privbench.plugin.base import TrainContext
+from privbench.report.plot_diagnostics import curves_figure, plot_curves, plot_slots
 
 LOG_2PIE = math.log(2 * math.pi * math.e)
 
@@ -248,7 +248,7 @@ def test_slot_stats_rows_sum_to_one():
     C, D = 4, 16
     z, y, _ = clusters(3, 1, D, n=300)  # class 3 absent from y
     d = slot_defense(C, D)
-    st = slot_stats(d, z, y, noise_std=0.1)
+    st = slot_stats(d, z, y, noise_std=0.1, num_classes=C)
     json.dumps(st, allow_nan=False)
     K = d.num_slots
     assert st["num_classes"] == C and st["num_slots"] == K and st["class_counts"] == [100, 100, 100, 0]

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from privbench import sweep
+from privbench import job as sweep
 from privbench.errors import UserError
-from privbench.executors import CellsFailed, parse_executor
-from privbench.grid import Grid, grid_from_options
+from privbench.executors.base import CellsFailed
+from privbench.grid.executor import parse_executor
+from privbench.grid.spec import Grid, grid_from_options
 from tests.test_cli import run_cli
 from tests.test_sweep import TINY_TOML, FakeWork
 
@@ -54,7 +55,7 @@ def test_bad_executor_tables(value, message):
 
 
 def test_slurm_time_limits():
-    from privbench.executor_slurm import slurm_minutes
+    from privbench.grid.executor import slurm_minutes
 
     assert [slurm_minutes(v) for v in (90, "90", "01:30:00", "1-00:00", "00:00:30")] == [90, 90, 90, 1440, 1]
 
@@ -154,7 +155,7 @@ class StandInEngine:
         return "stand-in"
 
     def submit(self, cells):
-        from privbench.executors import compute
+        from privbench.executors.base import compute
 
         handles = []
         for cell in cells:
@@ -183,9 +184,9 @@ class StandInEngine:
 def test_scheduler_orders_cells_isolates_failures_and_waits_for_another_runs_lock(tmp_path):
     import threading
 
-    from privbench.executor_remote import Scheduler
-    from privbench.runs import run_name
-    from privbench.storage import lock_owner
+    from privbench.executors.remote import Scheduler
+    from privbench.store.runs import run_name
+    from privbench.util.storage import lock_owner
 
     work = FailingWork()
     grid = Grid(defense=["none@plain", "gmm-cem", "none"], attack=["decoder"], results_dir=str(tmp_path),
@@ -195,7 +196,7 @@ def test_scheduler_orders_cells_isolates_failures_and_waits_for_another_runs_loc
     busy.write_text(__import__("json").dumps(lock_owner()))
 
     def other_run_finishes():
-        from privbench.runs import RUN_FILES
+        from privbench.store.runs import RUN_FILES
 
         folder = tmp_path / run_name(configs[2])
         folder.mkdir()
@@ -247,7 +248,7 @@ def run_on(executor: dict, root: Path, **grid) -> sweep.GridResult:
 KILLER = """
 import os, signal
 from pathlib import Path
-from privbench.plugins import Attack
+from privbench.plugin.base import Attack
 
 class KilledOnce(Attack):
     name = "killed-once"
@@ -270,8 +271,8 @@ def test_slurm_local_runner_gives_the_local_results_and_survives_a_killed_worker
     """Through submitit's local runner: one attack cell's worker is killed mid-cell (as by the OOM
     killer); the other cells finish, the killed one leaves no folder and no lock, the rerun
     submits only that cell, and the numbers are the local executor's."""
-    from privbench import registry
-    from privbench.runs import Run
+    from privbench.plugin import registry
+    from privbench.store.runs import Run
 
     pytest.importorskip("submitit")
     plugin = tmp_path / "killed_once.py"

@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from privbench.features import encoder_features, intra_class_mse, z_spread
-from privbench.runs import train_run
+from privbench.engine.features import encoder_features, intra_class_mse, z_spread
+from privbench.store.runs import train_run
 
 
 def test_intra_class_mse_by_hand():

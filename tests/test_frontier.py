@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from privbench import frontier
-from privbench import frontier_stats as fs
-from privbench.config import TrainConfig
+from privbench.analysis import frontier
+from privbench.analysis import frontier_stats as fs
+from privbench.engine.config import TrainConfig
 from privbench.errors import UserError
-from privbench.plot_frontier import plot_frontier
-from privbench.storage import current_umask
-from privbench.table_rows import collect
+from privbench.report.plot_frontier import plot_frontier
+from privbench.store.rows import collect
+from privbench.util.storage import current_umask
 
 ACCS = (0.80, 0.85, 0.90)  # the reference sweep: SSIM = 2 * accuracy - 1.2, i.e. 0.40, 0.50, 0.60
 SHIFT = 0.05
@@ -135,7 +135,8 @@ def test_points_outside_the_reference_range_are_extrapolated(world):
     row = fam(cmp, "topk")
     assert row.verdict == "extrapolation only" and row.n_in_range == 0 and math.isnan(row.mean_gain)
     line = next(v for v in frontier.verdict_lines(cmp) if v.startswith("topk:"))
-    assert "extrapolation only against none (0 of 2 points" in line and "80.0-90.0%" in line
+    assert "no verdict: no none point at its accuracy" in line and "none spans 80.0-90.0%" in line
+    assert "the reference was not swept" in line
 
 
 def test_verdict_lines(world):
@@ -143,12 +144,12 @@ def test_verdict_lines(world):
     lines = frontier.verdict_lines(cmp)
     assert len(lines) == 4  # one per family but the reference
     gmm = next(v for v in lines if v.startswith("gmm-cem:"))
-    assert gmm.startswith("gmm-cem: better than none at matched accuracy (mean gain 0.050 SSIM, 95% CI 0.")
-    assert "3 of 3 points in range" in gmm and "DCS" in gmm
-    assert any(v.startswith("dropout: worse than none") for v in lines)
-    copy = next(v for v in lines if v.startswith("slot-cem: indistinguishable from none"))
+    assert gmm.startswith("gmm-cem: leaks less than none at the same accuracy (gain 0.050 SSIM, 95% CI 0.")
+    assert gmm.endswith("[3 of 3 points at matched accuracy]")
+    assert any(v.startswith("dropout: leaks more than none at the same accuracy") for v in lines)
+    copy = next(v for v in lines if v.startswith("slot-cem: no difference from none that these seeds can resolve"))
     row = fam(cmp, "slot-cem")  # power 0.8, alpha 0.05: 2.80 standard errors, the CI being 3.92 of them
-    assert f"detectable with power 0.8: {2.801585 / 3.919928 * (row.gain_hi - row.gain_lo):.3f} SSIM" in copy
+    assert f"could detect is {2.801585 / 3.919928 * (row.gain_hi - row.gain_lo):.3f}" in copy
     assert "detectable" not in gmm
     # the undefended model was scored by the decoder only: the worst cases cover different attack sets
     assert any("not all scored by the same attacks (configurations per attack, of 15: decoder: 15, "
@@ -302,7 +303,7 @@ def test_lower_is_leakier_metric_inverts_the_direction(world):
     row = fam(cmp, "gmm-cem")  # leaks less: its MSE is 0.005 higher, a positive gain in MSE units
     assert row.verdict == "better" and row.mean_gain == pytest.approx(SHIFT / 10)
     assert fam(cmp, "dropout").verdict == "worse"
-    assert "mean gain 0.0050 MSE" in next(v for v in frontier.verdict_lines(cmp) if v.startswith("gmm-cem"))
+    assert "(gain 0.0050 MSE, 95% CI" in next(v for v in frontier.verdict_lines(cmp) if v.startswith("gmm-cem"))
 
 
 def test_plot_writes_png_and_pdf(world, tmp_path):
@@ -325,7 +326,7 @@ def test_comparison_frames_are_plain(world):
 def test_configurations_of_the_same_seeds_are_resampled_together():
     # B = A + 0.05 at every seed, with a large seed-to-seed spread: drawn together, every resample
     # sees the 0.05; drawn apart (another seed set), the spread leaks into the difference.
-    from privbench.frontier_stats import Seed, draw, paired_picks
+    from privbench.analysis.frontier_stats import Seed, draw, paired_picks
 
     rng = np.random.default_rng(0)
     base = [0.3, 0.5, 0.7]

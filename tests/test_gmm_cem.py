@@ -8,11 +8,11 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from privbench import registry
+from privbench.engine.models import SplitModel, build_model
+from privbench.engine.train import load_data, train
 from privbench.errors import UserError
-from privbench.models import SplitModel, build_model
-from privbench.plugins import TrainContext
-from privbench.train import load_data, train
+from privbench.plugin import registry
+from privbench.plugin.base import TrainContext
 
 # A fixed mixture: 2 classes x 2 clusters in 2 dimensions, and a batch of 5 features.
 MU = [[[0.0, 0.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 2.0]]]

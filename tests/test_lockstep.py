@@ -5,7 +5,7 @@ import sys
 import threading
 from pathlib import Path
 
-from privbench import registry
+from privbench.plugin import registry
 
 
 def load_lockstep():

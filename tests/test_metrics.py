@@ -6,7 +6,8 @@ import torch
 from scipy import stats
 from skimage.metrics import structural_similarity
 
-from privbench import metrics
+from privbench.attack import metrics
+from privbench.util.stats import mean_ci
 
 
 def skimage_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -71,13 +72,13 @@ def test_mse_and_psnr_by_hand():
 
 def test_mean_ci_against_scipy():
     values = [0.1, 0.4, 0.35, 0.8, 0.55, 0.2, 0.9]
-    got = metrics.mean_ci(values)
+    got = mean_ci(values)
     lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
     assert got["mean"] == pytest.approx(np.mean(values))
     assert got["ci95"] == pytest.approx((hi - lo) / 2)
     assert got["std"] == pytest.approx(np.std(values, ddof=1))
     assert got["n"] == 7
-    assert metrics.mean_ci([0.5]) == {"mean": 0.5, "ci95": None, "std": None, "n": 1}
+    assert mean_ci([0.5]) == {"mean": 0.5, "ci95": None, "std": None, "n": 1}
 
 
 def test_lpips_code_path_with_random_backbone():

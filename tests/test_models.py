@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from privbench.engine.models import VGG11_CFG, build_model, parse_bottleneck
 from privbench.errors import UserError
-from privbench.models import VGG11_CFG, build_model, parse_bottleneck
 
 
 def expected_vgg_shape(cut: int, width: float, bottleneck: int | None) -> tuple[int, int, int]:

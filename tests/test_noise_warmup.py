@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from privbench.config import PRESETS, TrainConfig
+from privbench.engine.config import PRESETS, TrainConfig
+from privbench.engine.models import SplitModel
+from privbench.engine.train import noise_at, train
 from privbench.errors import UserError
-from privbench.models import SplitModel
-from privbench.train import noise_at, train
 
 
 def test_noise_ramps_linearly_over_its_fraction_of_the_steps():

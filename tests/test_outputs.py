@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from privbench import plots, stats, tables
-from privbench.config import TrainConfig
+from privbench.analysis import tables
+from privbench.attack.images import GRID_TENSORS
+from privbench.engine.config import TrainConfig
+from privbench.report import plots, table_format
+from privbench.store import rows
+from privbench.util import stats
 
 T975 = {2: 4.302652729749464, 4: 2.7764451051977987}  # Student t quantiles 0.975, by dof
 T80_4 = 0.9409645929528873  # Student t quantile 0.8 with 4 dof
@@ -97,7 +101,7 @@ def seeds3(tmp_path):
 
 def test_headers_units_caption_and_seed_statistics(seeds3):
     table = tables.results_table([seeds3])
-    md = tables.render(table, "md")
+    md = table_format.render(table, "md")
     header, rows = md_header_and_rows(md)
     assert {"decoder SSIM [0,1]", "decoder PSNR (dB)", "optimization SSIM [0,1]", "seeds", "accuracy (%)"} <= set(
         header
@@ -115,7 +119,7 @@ def test_headers_units_caption_and_seed_statistics(seeds3):
 
 
 def test_dagger_marks_cells_at_or_below_the_mean_image(seeds3):
-    md = tables.render(tables.results_table([seeds3]), "md")
+    md = table_format.render(tables.results_table([seeds3]), "md")
     _, rows = md_header_and_rows(md)
     assert rows[0]["optimization SSIM [0,1]"].endswith("†")  # 0.25 <= 0.30
     assert rows[0]["optimization PSNR (dB)"].endswith("†")  # 11 dB <= 12 dB
@@ -125,7 +129,7 @@ def test_dagger_marks_cells_at_or_below_the_mean_image(seeds3):
 
 def test_dagger_absent_when_every_attack_beats_the_baseline(tmp_path):
     write_run(tmp_path, attacks={"decoder": {"ssim": 0.6}}, baseline_ssim=0.3)
-    md = tables.render(tables.results_table([tmp_path]), "md")
+    md = table_format.render(tables.results_table([tmp_path]), "md")
     assert "†" not in md
 
 
@@ -133,7 +137,7 @@ def test_two_variants_of_one_attack_are_named_by_the_option_that_differs(tmp_pat
     write_run(tmp_path, attacks={"decoder#a": {"ssim": 0.5}, "decoder#b": {"ssim": 0.6}},
               options={"decoder#a": {"blocks": 2, "lr": 0.003}, "decoder#b": {"blocks": 4, "lr": 0.003}})  # fmt: skip
     table = tables.results_table([tmp_path])
-    header, rows = md_header_and_rows(tables.render(table, "md"))
+    header, rows = md_header_and_rows(table_format.render(table, "md"))
     assert "decoder (blocks=2) SSIM [0,1]" in header and "decoder (blocks=4) SSIM [0,1]" in header
     assert rows[0]["decoder (blocks=4) SSIM [0,1]"].startswith("0.600")
     assert table.worst_attack[0] == "decoder (blocks=4)"
@@ -142,7 +146,7 @@ def test_two_variants_of_one_attack_are_named_by_the_option_that_differs(tmp_pat
 def test_latex_splits_wide_tables_and_has_no_local_paths(seeds3):
     table = tables.results_table([seeds3])
     table.loc[:, "notes"] = "lpips missing: weights not found at /home/someone/.cache/torch/hub/alexnet.pth"
-    latex = tables.render(table, "latex")
+    latex = table_format.render(table, "latex")
     tabulars = latex.split(r"\begin{tabular}")[1:]
     assert len(tabulars) > 1  # 11 display columns: one table per metric
     for t in tabulars:
@@ -157,13 +161,13 @@ def test_latex_splits_wide_tables_and_has_no_local_paths(seeds3):
 
 def test_narrow_latex_stays_one_table(tmp_path):
     write_run(tmp_path, attacks={"decoder": {"ssim": 0.5}})
-    latex = tables.render(tables.results_table([tmp_path]), "latex")
+    latex = table_format.render(tables.results_table([tmp_path]), "latex")
     assert latex.count(r"\begin{tabular}") == 1
 
 
 def test_one_seed_keeps_the_interval_over_images(tmp_path):
     write_run(tmp_path, attacks={"decoder": {"ssim": 0.5}})
-    md = tables.render(tables.results_table([tmp_path]), "md")
+    md = table_format.render(tables.results_table([tmp_path]), "md")
     _, rows = md_header_and_rows(md)
     assert rows[0]["seeds"] == "n=1" and rows[0]["decoder SSIM [0,1]"] == "0.500 ± 0.010"
     assert "over test images (one seed)" in md and "1 seed per configuration (n=1)" in md
@@ -176,7 +180,7 @@ def test_resolution_line_pools_the_seed_sd_by_hand(tmp_path):
         write_run(tmp_path, seed=seed, acc=a, attacks={"decoder": {"ssim": 0.5}})
         write_run(tmp_path, seed=seed, acc=b, noise=0.1, attacks={"decoder": {"ssim": 0.5}})
     write_run(tmp_path, seed=0, acc=0.5, noise=0.2, attacks={"decoder": {"ssim": 0.5}})  # one seed: not pooled
-    md = tables.render(tables.results_table([tmp_path]), "md")
+    md = table_format.render(tables.results_table([tmp_path]), "md")
     pooled = math.sqrt(2.5)
     mdd = (T975[4] + T80_4) * pooled * math.sqrt(2 / 3)  # 4.80 points
     assert (
@@ -198,15 +202,15 @@ def test_mixed_environment_line_only_when_threads_differ(tmp_path, threads, expe
         write_run(tmp_path, defense="gmm-cem", seed=seed, prov=prov, attacks={"decoder": {"ssim": 0.5}})
     write_run(tmp_path, defense="none", prov=ENV | {"num_threads": 4}, attacks={"decoder": {"ssim": 0.6}})
     table = tables.results_table([tmp_path])
-    note = tables.environment_note(table)
-    md = tables.render(table, "md")
+    note = table_format.environment_note(table)
+    md = table_format.render(table, "md")
     lines = [line for line in md.splitlines() if "different environments" in line]
     if expected is None:
         assert note is None and not lines
     else:
         assert note == f"note: cells of gmm-cem@C8+0.025 come from different environments ({expected})"
         assert lines == [note]
-        assert note in tables.render(table, "latex").replace(r"\_", "_")
+        assert note in table_format.render(table, "latex").replace(r"\_", "_")
 
 
 # ------------------------------------------------------------------------------- plots
@@ -244,7 +248,6 @@ def test_privacy_utility_plot_clips_bars_and_labels_panels(tmp_path):
 
 
 def test_reconstruction_grid_has_row_labels_column_headers_and_tile_ssim(tmp_path):
-    from privbench.attack import GRID_TENSORS
 
     gen = torch.Generator().manual_seed(0)
     originals = torch.rand(4, 3, 16, 16, generator=gen)
@@ -255,10 +258,10 @@ def test_reconstruction_grid_has_row_labels_column_headers_and_tile_ssim(tmp_pat
         tiles = {"original": originals, "reconstruction": recon, "mean_image": originals.mean(0, keepdim=True)}
         torch.save(tiles, folder / GRID_TENSORS)
         ssim = [0.11, 0.22, 0.33, 0.44] if defense == "none" else [0.55, 0.66, 0.77, 0.88]
-        rows = "".join(f"{i},{s},20.0,0.01,\n" for i, s in enumerate(ssim))
-        (folder / "per_image.csv").write_text("index,ssim,psnr,mse,lpips\n" + rows)
-    long = tables.collect([tmp_path])
-    table = tables.aggregate(long, tables.expand_run_dirs([tmp_path]))
+        lines = "".join(f"{i},{s},20.0,0.01,\n" for i, s in enumerate(ssim))
+        (folder / "per_image.csv").write_text("index,ssim,psnr,mse,lpips\n" + lines)
+    long = rows.collect([tmp_path])
+    table = tables.aggregate(long, rows.expand_run_dirs([tmp_path]))
     fig = plots.reconstruction_figure(table, long, images=4)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert {"image 1", "image 4", "original", "mean image"} <= set(texts)

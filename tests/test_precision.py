@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from privbench import stats
-from privbench.config import TrainConfig
-from privbench.data import EMBEDDED_VERSIONS, Split, embedded, embedded_crops
+from privbench.engine.config import TrainConfig
+from privbench.engine.data import EMBEDDED_VERSIONS, Split, embedded, embedded_crops
+from privbench.engine.models import build_model
+from privbench.engine.train import NOISE_DRAWS, WeightAverage, accuracy_stats, correct_rate, lr_at, predictions
 from privbench.errors import UserError
-from privbench.metrics import grouped_mean_ci, mean_ci
-from privbench.models import build_model
-from privbench.train import NOISE_DRAWS, WeightAverage, accuracy_stats, correct_rate, lr_at, predictions
+from privbench.util import stats
+from privbench.util.stats import grouped_mean_ci, mean_ci
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import precision  # noqa: E402
@@ -112,7 +112,7 @@ def test_weight_average_follows_the_formula():
 
 def test_training_with_ema_keeps_the_averaged_model():
     cfg = tiny_config(ema=0.5, warmup_epochs=0.5, label_smoothing=0.1)
-    from privbench.train import train
+    from privbench.engine.train import train
 
     result = train(cfg, log=lambda m: None)
     assert result.accuracy["test_accuracy"] == result.test_accuracy
@@ -259,7 +259,7 @@ def test_precision_report_needs_two_seeds(tmp_path, capsys):
 
 @pytest.mark.parametrize("defense", ["none", "gmm-cem", "slot-cem"])
 def test_interrupted_training_resumes_to_the_same_numbers(tmp_path, defense):
-    from privbench.runs import run_name, train_run
+    from privbench.store.runs import run_name, train_run
 
     cfg = tiny_config(epochs=3, ema=0.9, warmup_epochs=0.5, defense=defense, bottleneck=4, noise=0.05)
     whole, _ = train_run(cfg, tmp_path / "a", log=lambda m: None)
@@ -285,7 +285,7 @@ def test_interrupted_training_resumes_to_the_same_numbers(tmp_path, defense):
 
 
 def test_a_damaged_epoch_checkpoint_is_ignored(tmp_path):
-    from privbench.runs import run_name, train_run
+    from privbench.store.runs import run_name, train_run
 
     cfg = tiny_config()
     (tmp_path / f".{run_name(cfg)}.epoch.pt").write_bytes(b"not a checkpoint")

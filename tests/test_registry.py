@@ -3,13 +3,13 @@ import textwrap
 
 import pytest
 
-from privbench import registry
 from privbench.errors import UserError
-from privbench.plugins import Defense
+from privbench.plugin import registry
+from privbench.plugin.base import Defense
 
 PLUGIN = textwrap.dedent(
     """
-    from privbench.plugins import Defense
+    from privbench.plugin.base import Defense
 
     class Shrink(Defense):
         name = "{name}"

@@ -1,16 +1,19 @@
 import json
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from conftest import tiny_config
 
-from privbench.diagnostics import read_curves_csv, reconstruction_bound
+from privbench.engine.diagnostics import read_curves_csv, reconstruction_bound
+from privbench.engine.train import load_data, pick_device
 from privbench.errors import UserError
-from privbench.runs import Run, run_name, train_run
-from privbench.storage import atomic_write_text, build_dir_once, load_checkpoint
-from privbench.train import load_data, pick_device
+from privbench.store.runs import Run, provenance, run_name, train_run
+from privbench.util.storage import atomic_write_text, build_dir_once, load_checkpoint
 
 
 def test_run_folder_round_trip(tmp_path):
@@ -108,7 +111,7 @@ def test_interrupted_build_leaves_no_folder(tmp_path):
 
 
 def test_tensor_bytes_writes_detached_cpu_tensors_that_load_with_weights_only(tmp_path):
-    from privbench.storage import tensor_bytes
+    from privbench.util.storage import tensor_bytes
 
     w = torch.ones(2, requires_grad=True) * 3
     blob = {"a": w, "nested": {"b": [torch.zeros(1), (torch.arange(3), 7)]}, "note": "x"}
@@ -117,3 +120,27 @@ def test_tensor_bytes_writes_detached_cpu_tensors_that_load_with_weights_only(tm
     assert torch.equal(back["a"], torch.full((2,), 3.0)) and not back["a"].requires_grad
     assert back["a"].device.type == "cpu" and back["note"] == "x"
     assert torch.equal(back["nested"]["b"][1][0], torch.arange(3)) and back["nested"]["b"][1][1] == 7
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run, _ = train_run(tiny_config(epochs=1, n_train=200), tmp_path_factory.mktemp("prov"), log=lambda _: None)
+    return run
+
+
+def test_provenance_records_threads_determinism_cpus_platform(trained_run):
+    prov = trained_run.provenance()
+    assert prov["num_threads"] == torch.get_num_threads() and prov["cpu_count"] == os.cpu_count()
+    assert prov["deterministic"] is torch.are_deterministic_algorithms_enabled()
+    assert isinstance(prov["platform"], str) and prov["platform"]
+    assert provenance("cpu", 0).keys() >= {"num_threads", "deterministic", "cpu_count", "platform", "omp_wait_policy"}
+    assert prov["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"]
+
+
+@pytest.mark.parametrize("given,expect", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_privbench_chooses_a_passive_wait_policy_unless_the_user_chose_one(given, expect):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env |= {"OMP_WAIT_POLICY": given} if given else {}
+    code = "import privbench, os; print(os.environ['OMP_WAIT_POLICY'], privbench.WAIT_POLICY_GIVEN)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [expect, str(given is not None)]

@@ -4,10 +4,13 @@ import pytest
 import torch
 from conftest import run_cli, tiny_config
 
-from privbench import registry, saturation, tables
-from privbench.attack import attack_run
-from privbench.plugins import Attack
-from privbench.runs import train_run
+from privbench.analysis import tables
+from privbench.attack import saturation
+from privbench.plugin import registry
+from privbench.plugin.base import Attack
+from privbench.report import table_format
+from privbench.store.attacks import attack_run
+from privbench.store.runs import train_run
 
 QUIET = dict(log=lambda m: None, progress=False)
 
@@ -67,7 +70,7 @@ def test_a_budget_too_small_is_flagged_and_a_saturated_one_is_not(run):
     assert not flat["unsaturated"] and flat["ssim_doubled"] == pytest.approx(flat["ssim"])
     assert "saturation" not in by_name["optimization"]  # not a learned attack: no epochs
     # Both figures are in the first folder's metrics.json; the doubled folder names what it checks.
-    from privbench.storage import read_json
+    from privbench.util.storage import read_json
 
     first = read_json(run.path / "attacks" / by_name["test-blend"]["path"].split("/")[-1] / "metrics.json")
     assert first["saturation"]["ssim_doubled"] == grow["ssim_doubled"]
@@ -76,7 +79,7 @@ def test_a_budget_too_small_is_flagged_and_a_saturated_one_is_not(run):
     # The table marks the cell, explains the mark, and leaves the check folder out.
     table = tables.results_table([run.path])
     assert sorted(table.attrs["attacks"]) == ["optimization", "test-blend", "test-flat"]  # no doubled variants
-    md = tables.render(table, "md")
+    md = table_format.render(table, "md")
     assert "(unsaturated)" in md and "the attack had not converged" in md
     lines = md.splitlines()
     header, cells = [h.strip() for h in lines[0].split("|")], [c.strip() for c in lines[2].split("|")]

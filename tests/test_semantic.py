@@ -7,11 +7,14 @@ import pytest
 import torch
 from conftest import run_cli, tiny_config
 
-from privbench import semantic, tables
-from privbench import train as training
-from privbench.attack import attack_run, eval_indices, split_attacker_eval
-from privbench.data import to_float
-from privbench.runs import train_run
+from privbench.analysis import tables
+from privbench.attack import semantic
+from privbench.attack.harness import eval_indices, split_attacker_eval
+from privbench.engine import train as training
+from privbench.engine.data import to_float
+from privbench.report import table_format
+from privbench.store.attacks import attack_run
+from privbench.store.runs import train_run
 
 QUIET = dict(log=lambda m: None, progress=False)
 TINY = {"quick": dict(width=0.125, epochs=1)}  # the classifier at a tiny budget: about a second
@@ -101,7 +104,7 @@ def test_sem_acc_in_metrics_json_table_and_plot(run, tmp_path, capsys):
     png = tmp_path / "p.png"
     code, out, _ = run_cli(["plot", str(run.path), "--privacy-metric", "sem_acc", "--out", str(png)], capsys)
     assert code == 0 and png.stat().st_size > 0
-    from privbench import plots
+    from privbench.report import plots
 
     table = tables.results_table([run.path], privacy_metric="sem_acc")
     ax = plots.privacy_utility_figure(table).axes[0]
@@ -115,7 +118,7 @@ def test_bad_privacy_metric_exits_2_with_one_line(run, capsys):
 
 
 def _fake_run(root, attacks):
-    from privbench.config import TrainConfig
+    from privbench.engine.config import TrainConfig
 
     cfg = TrainConfig(progress=False)
     run = root / f"none-{cfg.hash()}"
@@ -145,7 +148,7 @@ def test_worst_case_per_metric_names_the_attack(tmp_path):
     assert row.worst_attack == "alpha" and row.clean_sem_acc_mean == 0.875
     by_sem = tables.results_table([tmp_path], privacy_metric="sem_acc")
     assert by_sem.worst_attack[0] == "beta" and by_sem.worst_sem_acc_mean[0] == 0.7
-    md = tables.render(by_sem, "md")
+    md = table_format.render(by_sem, "md")
     header, _, cells = (line.strip("|").split("|") for line in md.splitlines()[:3])
     shown = {h.strip(): c.strip() for h, c in zip(header, cells)}
     assert shown["worst case sem_acc [0,1]"] == "beta 0.700 ± 0.010"

@@ -3,17 +3,16 @@ import math
 import pytest
 import torch
 from conftest import tiny_config
-from privbench.defenses._slot_estimator import KAPPA, SlotEstimator, loo_statistics
-from privbench.defenses.slot_cem import GATE_FLOOR
+from privbench.defenses.slot_cem import GATE_FLOOR, KAPPA, SlotEstimator, loo_statistics
 from slot_cem_reference import ReferenceEstimator, reference_forward
 
-from privbench import registry
-from privbench.data import to_float
+from privbench.engine.data import to_float
+from privbench.engine.features import intra_class_mse
+from privbench.engine.models import vgg11
+from privbench.engine.train import load_data, pick_device, train
 from privbench.errors import UserError
-from privbench.features import intra_class_mse
-from privbench.models import vgg11
-from privbench.plugins import TrainContext
-from privbench.train import load_data, pick_device, train
+from privbench.plugin import registry
+from privbench.plugin.base import TrainContext
 
 
 def make_defense(num_classes: int, noise: float = 0.025, params: list | None = None, **options):

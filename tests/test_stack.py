@@ -1,4 +1,4 @@
-"""Defense stacks (privbench.stack) and the transform hook: routing, identity, order, checkpoints."""
+"""Defense stacks (privbench.plugin.stack) and the transform hook: routing, identity, order, checkpoints."""
 
 import json
 
@@ -6,14 +6,15 @@ import pytest
 import torch
 from conftest import run_cli, tiny_config
 
-from privbench import registry, stack
-from privbench.attack import attack_run, make_target
-from privbench.config import TrainConfig
+from privbench.attack.harness import make_target
+from privbench.engine.config import TrainConfig
+from privbench.engine.train import load_data, train
 from privbench.errors import UserError
-from privbench.plugins import Defense
-from privbench.runs import Run, train_run
-from privbench.storage import load_checkpoint
-from privbench.train import load_data, train
+from privbench.plugin import registry, stack
+from privbench.plugin.base import Defense
+from privbench.store.attacks import attack_run
+from privbench.store.runs import Run, train_run
+from privbench.util.storage import load_checkpoint
 
 QUIET = dict(log=lambda m: None)
 
@@ -120,9 +121,9 @@ def test_option_routing():
     assert stack.route_options(names, {"lam": 4}) == {"test-scale": {}, "gmm-cem": {"lam": 4}}
     assert stack.route_options(names, {"test-scale.start": 2}) == {"test-scale": {"start": 2}, "gmm-cem": {}}
     assert stack.route_options(names, {"gmm-cem": {"lam": 4}})["gmm-cem"] == {"lam": 4}
-    with pytest.raises(UserError, match="'lam' is ambiguous: test-shift and gmm-cem both have it"):
+    with pytest.raises(UserError, match="'lam' is ambiguous in 'test-shift.gmm-cem': test-shift and gmm-cem both"):
         stack.route_options(["test-shift", "gmm-cem"], {"lam": 4})
-    with pytest.raises(UserError, match="names defense 'slot-cem', which is not in the stack"):
+    with pytest.raises(UserError, match="names 'slot-cem', which is not in the stack"):
         stack.route_options(names, {"slot-cem.lam": 4})
     with pytest.raises(UserError, match="no defense in the stack"):
         stack.route_options(names, {"nonsense": 1})
@@ -264,7 +265,7 @@ def test_run_folder_from_before_stacks_still_attacks(tmp_path):
 def test_cem_layout_puts_bases_in_rows_and_tops_in_column_groups():
     import pandas as pd
 
-    from privbench import table_cem
+    from privbench.report import table_cem
 
     def row(defense, options, acc, ssim):
         return {"defense": defense, "options": options, "channel": "C8 + noise 0.025", "accuracy_mean": acc,

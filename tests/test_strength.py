@@ -1,4 +1,4 @@
-"""Strength sweeps (privbench.strength): parsing, expansion into cells, defaults, errors, and
+"""Strength sweeps (privbench.plugin.strength): parsing, expansion into cells, defaults, errors, and
 the default run's verdict lines."""
 
 import json
@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from privbench import registry, strength
 from privbench.errors import UserError
-from privbench.grid import DEFAULT_DEFENSES, Grid, grid_from_options
+from privbench.grid.spec import DEFAULT_DEFENSES, Grid, grid_from_options
+from privbench.plugin import registry, strength
 
 
 def cells(grid):
@@ -107,8 +107,8 @@ class Frontier:
         return (0.90, 0.40) if cfg.defense == "gmm-cem" else (0.90, 0.75)
 
     def train(self, cfg, results_dir, log=print):
-        from privbench.runs import Run, run_name
-        from privbench.storage import build_dir_once, write_json
+        from privbench.store.runs import Run, run_name
+        from privbench.util.storage import build_dir_once, write_json
 
         final = Path(results_dir) / run_name(cfg)
 
@@ -121,8 +121,8 @@ class Frontier:
         return Run(final), build_dir_once(final, build)
 
     def attack(self, run_dir, attacks, *, options=None, log=print, **settings):
-        from privbench.runs import Run
-        from privbench.storage import build_dir_once, write_json
+        from privbench.store.runs import Run
+        from privbench.util.storage import build_dir_once, write_json
 
         out = []
         for name in attacks:
@@ -140,7 +140,7 @@ class Frontier:
 
 
 def test_default_run_ends_with_one_verdict_line_per_defense(tmp_path, capsys, monkeypatch):
-    from privbench import sweep
+    from privbench import job as sweep
 
     work, real = Frontier(), sweep.run_grid
     monkeypatch.setattr(sweep, "run_grid", lambda grid, log=print, **kw: real(
@@ -148,8 +148,8 @@ def test_default_run_ends_with_one_verdict_line_per_defense(tmp_path, capsys, mo
     code, out, err = run_cli(["run", "--attack", "decoder", "--results-dir", str(tmp_path)], capsys)
     assert code == 0, err
     tail = out[out.index("verdicts at matched accuracy") :]
-    assert "gmm-cem: better than none at matched accuracy (mean gain 0.200 SSIM" in tail
-    assert "slot-cem: worse than none at matched accuracy (mean gain -0.150 SSIM" in tail
+    assert "gmm-cem: leaks less than none at the same accuracy (gain 0.200 SSIM" in tail
+    assert "slot-cem: leaks more than none at the same accuracy (gain -0.150 SSIM" in tail
     out_dir = Path(out.strip().splitlines()[-1])
     verdicts = pd.read_csv(out_dir / "verdicts.csv").set_index("family")
     assert verdicts.loc["gmm-cem", "verdict"] == "better" and verdicts.loc["gmm-cem", "mean_gain"] == pytest.approx(0.2)

@@ -6,11 +6,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from privbench.config import config_hash
+from privbench.engine.config import config_hash
 from privbench.errors import UserError
-from privbench.runs import Run, run_name
-from privbench.strength import NOISE_GRID
-from privbench.sweep import Channel, Grid, grid_from_options, run_grid
+from privbench.grid.spec import Channel, Grid, grid_from_options
+from privbench.job import run_grid
+from privbench.plugin.strength import NOISE_GRID
+from privbench.store.runs import Run, run_name
 from tests.test_cli import run_cli
 
 TINY_TOML = """
@@ -79,7 +80,7 @@ class FakeWork:
         self.trained, self.attacked = [], []
 
     def train(self, cfg, results_dir, log=print):
-        from privbench.storage import build_dir_once, write_json
+        from privbench.util.storage import build_dir_once, write_json
 
         final = Path(results_dir) / run_name(cfg)
 
@@ -92,7 +93,7 @@ class FakeWork:
         return Run(final), built
 
     def attack(self, run_dir, attacks, *, options=None, log=print, **settings):
-        from privbench.storage import build_dir_once, write_json
+        from privbench.util.storage import build_dir_once, write_json
 
         out = []
         for name in attacks:

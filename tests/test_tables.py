@@ -9,9 +9,11 @@ import pytest
 from conftest import run_cli
 from scipy import stats
 
-from privbench import tables
-from privbench.config import TrainConfig
+from privbench.analysis import tables
+from privbench.engine.config import TrainConfig
 from privbench.errors import UserError
+from privbench.report import table_format
+from privbench.store import rows
 
 T975_2 = 4.302652729749464  # Student t quantile 0.975 with 2 degrees of freedom
 
@@ -102,7 +104,7 @@ def test_worst_case_picks_highest_ssim_per_configuration(three_seeds):
 
 def test_long_form_rows(three_seeds):
     root, _, _ = three_seeds
-    long = tables.collect([root])
+    long = rows.collect([root])
     assert {"run", "defense", "bottleneck", "noise", "options", "seed", "attack", "metric", "value"} <= set(long)
     acc = long[(long.metric == "accuracy")]
     assert len(acc) == 4 and set(acc.attack) == {""}
@@ -118,11 +120,11 @@ def test_chance_flag_and_warning(tmp_path):
     table = tables.results_table([tmp_path])
     flags = dict(zip(table.defense, table.near_chance))
     assert flags == {"gmm-cem": True, "none": False}
-    md = tables.render(table, "md")
+    md = table_format.render(table, "md")
     gmm_line = next(line for line in md.splitlines() if line.startswith("| gmm-cem"))
-    assert tables.CHANCE_MARK in gmm_line
+    assert rows.CHANCE_MARK in gmm_line
     none_line = next(line for line in md.splitlines() if line.startswith("| none"))
-    assert tables.CHANCE_MARK not in none_line
+    assert rows.CHANCE_MARK not in none_line
     warnings = tables.chance_warnings(table)
     assert len(warnings) == 1 and "gmm-cem" in warnings[0]
 
@@ -130,7 +132,7 @@ def test_chance_flag_and_warning(tmp_path):
 def test_markdown_csv_latex_read_back(three_seeds):
     root, ssims, _ = three_seeds
     table = tables.results_table([root])
-    md = tables.render(table, "md")
+    md = table_format.render(table, "md")
     lines = [line for line in md.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert len(lines) == 2 + len(table) and all(line.count("|") == lines[0].count("|") for line in lines)
@@ -141,12 +143,12 @@ def test_markdown_csv_latex_read_back(three_seeds):
     sd = stats.tstd(ssims)
     assert gmm["decoder SSIM [0,1]"] == f"{0.6:.3f} ± {stats.t.ppf(0.975, 2) * sd / math.sqrt(3):.3f}"
     assert "lpips missing" in md.lower() or "LPIPS missing" in md  # baseline footnote
-    back = pd.read_csv(io.StringIO(tables.render(table, "csv")))
+    back = pd.read_csv(io.StringIO(table_format.render(table, "csv")))
     assert len(back) == 2
     gb = back[back.defense == "gmm-cem"].iloc[0]
     assert gb.decoder_ssim_mean == pytest.approx(0.6) and gb.accuracy_mean == pytest.approx((0.80 + 0.82 + 0.87) / 3)
     assert back.decoder_ssim_mean.dtype.kind == "f"  # raw numbers, not formatted strings
-    latex = tables.render(table, "latex")
+    latex = table_format.render(table, "latex")
     assert latex.startswith(r"\begin{table}") and r"\end{tabular}" in latex
     for tabular in latex.split(r"\begin{tabular}")[1:]:  # one table per metric: 14 columns are too many
         body = [line for line in tabular.split(r"\end{tabular}")[0].splitlines() if line.endswith(r"\\")]
@@ -157,7 +159,7 @@ def test_markdown_csv_latex_read_back(three_seeds):
 def test_lpips_missing_says_missing(tmp_path):
     write_run(tmp_path, attacks={"decoder": {**attack_values(0.5), "lpips": {"missing": "no AlexNet weights offline"}}})
     table = tables.results_table([tmp_path])
-    md = tables.render(table, "md")
+    md = table_format.render(table, "md")
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
     cells = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
     assert dict(zip(header, cells))["decoder LPIPS"] == "missing"
@@ -169,7 +171,7 @@ def test_settings_that_differ_get_a_column(tmp_path):
     write_run(tmp_path, epochs=3, acc=0.7, attacks={"decoder": attack_values(0.6)})
     table = tables.results_table([tmp_path])
     assert len(table) == 2 and sorted(table.epochs) == [1, 3]  # not averaged together as seeds
-    header = [c.strip() for c in tables.render(table, "md").splitlines()[0].strip("|").split("|")]
+    header = [c.strip() for c in table_format.render(table, "md").splitlines()[0].strip("|").split("|")]
     assert "epochs" in header and "width" not in header
 
 

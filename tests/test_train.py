@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from privbench.config import TrainConfig
-from privbench.train import lr_at, train
+from privbench.engine.config import TrainConfig
+from privbench.engine.train import lr_at, train
 
 
 def test_tiny_training_ends_well_above_chance():
@@ -37,7 +37,7 @@ def test_paper_preset_is_reference_schedule():
 
 
 def test_defense_parameter_group_gets_its_lr_scale():
-    from privbench.plugins import Defense
+    from privbench.plugin.base import Defense
 
     class Probe(Defense):
         name = "probe-lr"
@@ -49,7 +49,7 @@ def test_defense_parameter_group_gets_its_lr_scale():
         def loss(self, z, y, *, epoch, lr):
             return (self.w - 1).pow(2)
 
-    from privbench import registry
+    from privbench.plugin import registry
 
     registry.register(Probe)
     cfg = tiny_config(defense="probe-lr", lr=0.01, epochs=1)
@@ -64,8 +64,8 @@ class _LayoutProbe:
 
     @staticmethod
     def register():
-        from privbench import registry
-        from privbench.plugins import Defense
+        from privbench.plugin import registry
+        from privbench.plugin.base import Defense
 
         class Probe(Defense):
             name = "probe-layout"
@@ -81,7 +81,7 @@ class _LayoutProbe:
 
 def test_gpu_fast_path_runs_on_cpu_when_enabled(monkeypatch):
     # The bf16 + channels-last branches are CUDA-only in use; forcing them on CPU runs that exact code.
-    import privbench.train as train_mod
+    import privbench.engine.train as train_mod
 
     probe = _LayoutProbe.register()
     train(tiny_config(defense="probe-layout", device="cpu"), log=lambda m: None)
@@ -101,7 +101,7 @@ def test_gpu_fast_path_runs_on_cpu_when_enabled(monkeypatch):
 def test_defenses_train_under_bf16_channels_last(monkeypatch, defense):
     import math
 
-    import privbench.train as train_mod
+    import privbench.engine.train as train_mod
 
     monkeypatch.setattr(train_mod, "FAST_PATH_DEVICES", ("cuda", "cpu"))
     cfg = tiny_config(defense=defense, defense_options={"warmup": 1}, epochs=2, bottleneck=8, noise=0.025)
@@ -116,7 +116,7 @@ def test_compiled_loop_trains_the_same_parameters(monkeypatch, defense, graphs):
     # compiled loop must reproduce the eager one; inductor itself needs minutes of C++ builds on CPU.
     from torch._dynamo.utils import counters
 
-    import privbench.train as train_mod
+    import privbench.engine.train as train_mod
 
     monkeypatch.setattr(train_mod, "COMPILE_BACKEND", "aot_eager")
     kw = dict(epochs=2, bottleneck=8, noise=0.025, defense=defense)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from privbench import stats
-from privbench.config import TrainConfig
-from privbench.data import embedded_crops
-from privbench.train import load_data
+from privbench.engine.config import TrainConfig
+from privbench.engine.data import embedded_crops
+from privbench.engine.train import load_data
+from privbench.util import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import precision  # noqa: E402
@@ -21,7 +21,7 @@ import variance_split  # noqa: E402
 
 
 def test_variance_split_of_trained_runs(tmp_path, capsys):
-    from privbench.runs import train_run
+    from privbench.store.runs import train_run
 
     for seed in (0, 1):
         run, _ = train_run(tiny_config(bottleneck=8, noise=0.05, seed=seed), tmp_path, log=lambda m: None)

@@ -1,0 +1,158 @@
+"""The commands that read finished runs: `privbench table` and `privbench plot` (added to the
+group in privbench.cli.commands)."""
+
+from __future__ import annotations
+
+import click
+import pandas as pd
+
+from privbench.analysis import frontier, tables
+from privbench.errors import UserError
+from privbench.report import plots, table_cem, table_format
+from privbench.report.plot_frontier import plot_frontier
+from privbench.report.run_diagnostics import write_run_diagnostics
+from privbench.store import rows
+from privbench.store.outputs import check_output_file, resolve_inputs
+from privbench.store.rows import METRICS, expand_run_dirs
+from privbench.util.storage import atomic_write_text
+
+# click.Choice: a bad value is a usage error, printed by privbench.cli.commands.main as one line, exit 2.
+privacy_metric_option = click.option(
+    "--privacy-metric", type=click.Choice(METRICS), default="ssim", show_default=True,
+    help="The metric of the worst case (worst_attack) and of the plot's privacy axis; sem_acc: the fraction of "
+         "reconstructions an independent classifier labels with the true class.",
+)  # fmt: skip
+
+
+reference_option = click.option(
+    "--reference", default="none", show_default=True, metavar="FAMILY",
+    help="--layout frontier / --frontier: the family whose frontier the others are compared with at matched "
+         "accuracy (a defense name, e.g. none: the base channel's noise sweep).",
+)  # fmt: skip
+
+
+def comparison_of(run_dirs: tuple[str, ...], reference: str, privacy_metric: str):  # -> frontier.Comparison
+    runs, attack_dirs = resolve_inputs(run_dirs or ("results",))
+    long = rows.collect(runs, attack_dirs=attack_dirs)
+    return frontier.compare(frontier.points(long, privacy_metric=privacy_metric), reference=reference)
+
+
+@click.command("table")
+@click.argument("run_dirs", nargs=-1)
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex"]), default="md", show_default=True)
+@click.option("--out", default=None, help="Write the table to this file instead of printing it.")
+@click.option("--layout", type=click.Choice(["rows", "cem", "frontier"]), default="rows", show_default=True,
+              help="rows: one row per configuration; cem: base defenses as rows and {alone, + gmm-cem, "
+                   "+ slot-cem} as column groups (the CEM paper's Table 1; md or csv); frontier: every "
+                   "point with its privacy gain over --reference at matched accuracy, then the verdicts.")  # fmt: skip
+@click.option(
+    "--tops",
+    default="gmm-cem,slot-cem",
+    show_default=True,
+    help="--layout cem: the defenses stacked on top of the bases, comma-separated.",
+)
+@privacy_metric_option
+@reference_option
+def table_cmd(run_dirs, fmt, out, layout, tops, privacy_metric, reference) -> None:
+    """Privacy-utility table of RUN_DIRS: run folders, results folders, or the output folder
+    that `privbench run` prints (that grid's cells only), in any mix; default: results.
+
+    One row per defense configuration (defense + channel + options) over seeds: accuracy and,
+    per attack, SSIM / PSNR / LPIPS / MSE / sem_acc as mean ± 95% CI (over seeds, or over test
+    images with one seed), per metric the worst case over attacks with the attack that reached it
+    (the --privacy-metric's first) and the mean-image baseline.
+    The csv format holds raw numbers (mean and ci95 in separate columns).
+    """
+    if out:
+        check_output_file(out, "--out")
+    if layout == "frontier":
+        comparison = comparison_of(run_dirs, reference, privacy_metric)
+        text = frontier_text(comparison, fmt)
+        if out:
+            atomic_write_text(out, text)
+            click.echo(out)
+        else:
+            click.echo(text, nl=False)
+        for line in frontier.verdict_lines(comparison) + comparison.notes:
+            click.echo(line, err=bool(out))
+        return
+    runs, attack_dirs = resolve_inputs(run_dirs or ("results",))
+    table = tables.results_table(runs, attack_dirs=attack_dirs, privacy_metric=privacy_metric)
+    if layout == "cem":
+        if fmt == "latex":
+            raise UserError("--layout cem writes md or csv")
+        top_names = tuple(t.strip() for t in tops.split(",") if t.strip())
+        text = (table_cem.to_csv if fmt == "csv" else table_cem.to_markdown)(table, top_names)
+    else:
+        text = table_format.render(table, fmt)
+    for line in tables.chance_warnings(table):
+        click.echo(line, err=True)
+    if out:
+        atomic_write_text(out, text)
+        click.echo(out)
+    else:
+        click.echo(text, nl=False)
+
+
+FRONTIER_COLUMNS = ["group", "family", "strength", "accuracy_mean", "accuracy_ci95", "privacy_mean", "privacy_ci95",
+                    "privacy_attack", "n_seeds", "on_frontier", "ref_value", "gain", "gain_lo", "gain_hi",
+                    "extrapolated"]  # fmt: skip
+
+
+def frontier_text(comparison, fmt: str) -> str:
+    """The points of a comparison as md / csv / latex (csv: every column, raw)."""
+
+    frame = comparison.points
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    shown = frame[[c for c in FRONTIER_COLUMNS if c in frame.columns]].round(4)
+    if fmt == "latex":
+        return shown.to_latex(index=False)
+    cells = [[str(c) for c in shown.columns]] + [["" if pd.isna(v) else str(v) for v in row] for row in shown.values]
+    lines = ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join([lines[0], "|" + "---|" * len(shown.columns), *lines[1:]]) + "\n"
+
+
+@click.command("plot")
+@click.argument("run_dirs", nargs=-1)
+@click.option("--out", default="privacy_utility.png", show_default=True, help="PNG file of the plot.")
+@click.option("--grid", "grid_out", default=None, help="Also write the cross-defense reconstruction grid here.")
+@click.option("--curves", is_flag=True,
+              help="Per run folder given: RUN/curves.png (each loss term, z's spread, accuracy per epoch), "
+                   "the Eq. 3 bound beside the attacks' MSE, and RUN/slots.png for slot-cem / gmm-cem.")  # fmt: skip
+@click.option("--frontier", "frontier_plot", is_flag=True,
+              help="The frontier plot instead: accuracy vs the worst-case privacy metric per family, the "
+                   "--reference's frontier, the undefended point, the mean-image baseline; --out's stem gets "
+                   ".png and .pdf.")  # fmt: skip
+@privacy_metric_option
+@reference_option
+def plot_cmd(run_dirs, out, grid_out, curves, frontier_plot, privacy_metric, reference) -> None:
+    """Accuracy against the worst-case attack's SSIM (or --privacy-metric), one point per
+    configuration, 95% CI bars; with sem_acc, the classifier's clean accuracy as a reference line.
+    RUN_DIRS are read as by `privbench table` (default: results). --curves: each run's diagnostics
+    instead (docs/diagnostics.md)."""
+    if curves:
+        for run_dir in expand_run_dirs(run_dirs or ("results",)):
+            for path in write_run_diagnostics(run_dir, log=click.echo):
+                click.echo(str(path))
+        return
+    check_output_file(out, "--out")
+    if frontier_plot:
+        comparison = comparison_of(run_dirs, reference, privacy_metric)
+        for line in frontier.verdict_lines(comparison) + comparison.notes:
+            click.echo(line)
+        for path in plot_frontier(comparison, str(out).removesuffix(".png").removesuffix(".pdf")):
+            click.echo(str(path))
+        return
+    if grid_out:
+        check_output_file(grid_out, "--grid")
+    run_paths, attack_dirs = resolve_inputs(run_dirs or ("results",))
+    long = rows.collect(run_paths, attack_dirs=attack_dirs)
+    table = tables.aggregate(long, run_paths, privacy_metric=privacy_metric)
+    for line in tables.chance_warnings(table):
+        click.echo(line, err=True)
+    if grid_out and plots.reconstruction_grid(table, long, grid_out) is None:
+        click.echo("no stored reconstructions in these runs: no grid written", err=True)
+    elif grid_out:
+        click.echo(grid_out)
+    click.echo(str(plots.privacy_utility_plot(table, out)))

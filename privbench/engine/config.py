@@ -1,0 +1,203 @@
+"""Training configuration and presets.
+
+One dict per preset holds the hyperparameters; `TrainConfig` defaults come from `quick`, so the
+API and the command line cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from privbench.engine.data import EMBEDDED_VERSION, folder_fingerprint
+from privbench.errors import UserError
+from privbench.plugin import stack
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU minutes: a quarter-width VGG11 (z is still 8x8x8 with C8), 5,000 images, cosine lr per step.
+    # Tuned for precision, not only speed (docs/precision.md): batch 64 (twice the steps of 128
+    # for about the same CPU time; lr 0.05 at batch 128 was far worse), a 1-epoch warm-up, label
+    # smoothing 0.1 and a weight average (decay 0.99 per step) as the kept model; 25 epochs, chosen
+    # on seeds 20-23 (not the evaluation seeds): at 15 the model had not converged (training
+    # accuracy 0.88-0.94) and accuracy moved 1.4 points sd over 15 fresh seeds.
+    "quick": dict(
+        width=0.25, epochs=25, batch_size=64, lr=0.02, schedule="cosine",
+        warmup_epochs=1.0, label_smoothing=0.1, ema=0.99,
+        # Learned attacks train 6 epochs: at 3 the decoder had not converged (SSIM 0.03 to 0.07 lower)
+        # and its own training randomness was slot-cem's whole SSIM spread over seeds (docs/precision.md).
+        attack_epochs=6, attack_steps=200, eval_images=256, check_saturation=False,
+        # sem_acc (privbench.attack.semantic): its ResNet-20 trains once per data set (~1 CPU minute), then is cached.
+        semantic=True,
+        # A narrower, shallower decoder with small batches leaks clearly within ~20 CPU seconds
+        # (5,000 images); the reference decoder needs ~20 s per epoch on 2 cores.
+        # gan-prior: 15 generator epochs (3 leave its VAE below the mean image on C8 + noise);
+        # shadow: the decoder's quick inverse network (the reference size takes ~6 CPU minutes).
+        attack_options={
+            "decoder": {"channels": 32, "blocks": 2, "batch_size": 64, "lr": 3e-3},
+            "gan-prior": {"epochs": 15},
+            "shadow": {"channels": 32, "blocks": 2, "lr": 3e-3, "decoder_batch_size": 64},
+        },
+    ),
+    # The reference protocol (CEM paper / official code): full width, 240 epochs, MultiStep, and
+    # none of the quick preset's stabilisers.
+    "paper": dict(
+        width=1.0, epochs=240, batch_size=128, lr=0.05, schedule="multistep",
+        milestones=(60, 120, 180, 210), gamma=0.2, warmup_epochs=0.0, label_smoothing=0.0, ema=0.0,
+        attack_epochs=50, attack_steps=1000, eval_images=1000, check_saturation=True, semantic=True,
+        attack_options={},  # every attack at its reference defaults
+    ),
+}  # fmt: skip
+
+# Fields that say where or how a run executes, not what it computes: left out of its identity.
+NON_IDENTITY = ("device", "data_dir", "progress", "compile", "channels_last")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "embedded"
+    data_dir: str | None = None
+    model: str = "vgg11"
+    width: float = PRESETS["quick"]["width"]
+    cut: int = 4
+    bottleneck: int | None = None  # channels of the C<c> bottleneck
+    noise: float = 0.0  # std of Gaussian noise on z, at train, test and attack time
+    defense: str = "none"
+    defense_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = PRESETS["quick"]["epochs"]
+    batch_size: int = PRESETS["quick"]["batch_size"]
+    lr: float = PRESETS["quick"]["lr"]
+    schedule: str = PRESETS["quick"]["schedule"]  # "cosine" | "multistep"
+    milestones: tuple[int, ...] = (60, 120, 180, 210)
+    gamma: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = PRESETS["quick"]["label_smoothing"]  # of the cross-entropy, not the defense's loss
+    warmup_epochs: float = PRESETS["quick"]["warmup_epochs"]  # linear lr warm-up from 0, per step
+    ema: float = PRESETS["quick"]["ema"]  # per-step decay of the weight average kept as the model; 0: off
+    # Fraction of the training steps over which the channel noise (`noise`) ramps linearly from 0 to
+    # its value, in training only; evaluation and attacks always see the full noise. 0: off.
+    noise_warmup: float = PRESETS["quick"].get("noise_warmup", 0.0)
+    seed: int = 0
+    data_seed: int = 0  # the embedded crops; fixed so seeds vary the model, not the data
+    data_version: int = EMBEDDED_VERSION  # the embedded set's version; run folders before it had 2
+    n_train: int | None = None  # embedded only: number of training crops (default 5,000)
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # channels-last memory format on CUDA; ignored on CPU
+    # torch.compile the two halves: False, True (mode "default") or a mode of COMPILE_MODES.
+    compile: bool | str = False
+    preset: str = "quick"
+    device: str = "auto"
+    progress: bool = True
+    # folder: data sets only: a fingerprint of the folder's content (set by from_preset), so
+    # changed images make a new run instead of reusing a stale one. None: left out of identity.
+    data_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        self.milestones = tuple(self.milestones)
+        if self.schedule not in ("cosine", "multistep"):
+            raise UserError(f"invalid schedule {self.schedule!r}: cosine or multistep")
+        if self.epochs < 1:
+            raise UserError(f"invalid epochs {self.epochs}: must be >= 1")
+        if self.noise < 0:
+            raise UserError(f"invalid noise {self.noise}: the noise std must be >= 0")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise UserError("batch size and learning rate must be positive")
+        if self.seed < 0:
+            raise UserError(f"invalid seed {self.seed}: seeds are integers >= 0")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.ema < 1 or self.warmup_epochs < 0:
+            raise UserError("label_smoothing and ema must lie in [0, 1) and warmup_epochs must be >= 0")
+        if not 0 <= self.noise_warmup < 1:
+            raise UserError(f"invalid noise_warmup {self.noise_warmup}: a fraction of training in [0, 1)")
+        if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
+            raise UserError(f"invalid compile mode {self.compile!r} (known: {', '.join(COMPILE_MODES)})")
+
+    @property
+    def compile_mode(self) -> str | None:
+        if self.compile is True:
+            return "default"
+        return self.compile or None
+
+    @classmethod
+    def from_preset(cls, preset: str = "quick", **overrides: Any) -> TrainConfig:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in PRESETS[preset].items() if k in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(f"unknown training option {unknown[0]!r}")
+        if values.get("defense_options") or "+" in str(values.get("defense", "")):
+            values["defense_options"] = stack.canonical(values.get("defense", "none"), values.get("defense_options"))
+        dataset = values.get("dataset", "embedded")
+        if isinstance(dataset, str) and dataset.startswith("folder:") and not values.get("data_fingerprint"):
+            values["data_fingerprint"] = folder_fingerprint(dataset[len("folder:") :])
+        return cls(preset=preset, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        # Run folders written before these fields existed trained without them, on embedded v2.
+        values.setdefault("data_version", 2)
+        for k in ("label_smoothing", "warmup_epochs", "ema", "noise_warmup"):
+            values.setdefault(k, 0.0)
+        return cls(**values)
+
+    def identity(self) -> dict[str, Any]:
+        d = self.to_dict()
+        for k in NON_IDENTITY:
+            d.pop(k, None)
+        if d["data_fingerprint"] is None:  # keeps the hashes of runs made before the field existed
+            del d["data_fingerprint"]
+        if d["noise_warmup"] == 0 or d["noise"] == 0:  # no ramp, or nothing to ramp: trains as before it existed
+            del d["noise_warmup"]
+        return d
+
+    def hash(self) -> str:
+        return config_hash(self.identity())
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Refuse values of the wrong type (a damaged config.json, a TOML typo) with one line.
+    Numbers are cast to the field's type (1 -> 1.0 for a float), so equal values hash equally."""
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), [t.strip() for t in str(f.type).split("|")]
+        if value is None:
+            ok = "None" in allowed
+        elif isinstance(value, bool):
+            ok = "bool" in allowed
+        elif isinstance(value, numbers.Real) and "float" in allowed:
+            value, ok = float(value), True
+        elif isinstance(value, numbers.Real) and "int" in allowed:
+            ok = isinstance(value, numbers.Integral) or float(value).is_integer()
+            value = int(value) if ok else value
+        elif isinstance(value, str):
+            ok = "str" in allowed
+        else:
+            ok = isinstance(value, list | tuple) if f.type.startswith("tuple") else isinstance(value, dict)
+            ok = ok and f.type.startswith(("tuple", "dict"))
+        if not ok:
+            want = " or ".join("none" if t == "None" else t.split("[")[0] for t in allowed)
+            raise UserError(f"invalid {f.name} {value!r}: expected {want}")
+        setattr(cfg, f.name, value)
+
+
+def config_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def preset_value(preset: str, key: str) -> Any:
+    return PRESETS.get(preset, PRESETS["quick"]).get(key)

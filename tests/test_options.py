@@ -1,0 +1,109 @@
+"""Options `[NAME.]key=value`: one parser and one router for the command line, TOML, sweeps and the API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from privbench.engine.config import TrainConfig
+from privbench.errors import UserError
+from privbench.grid.spec import Grid
+from privbench.plugin import options, registry, stack
+from privbench.plugin.base import Defense
+
+
+def test_parse_keeps_the_plugin_name_and_normalises_the_key():
+    assert options.parse("gmm-cem.lam=8") == options.Option("gmm-cem", "lam", 8)
+    assert options.parse("warm-up=0.5") == options.Option(None, "warm_up", 0.5)
+    assert options.parse("my.pkg-def.start-at=2") == options.Option("my.pkg-def", "start_at", 2)
+    assert options.parse("decoder.mode=fast").value == "fast"  # not JSON: the string itself
+    assert options.parse("x.flags=[1, 2]").value == [1, 2]
+    assert options.parse(("gmm-cem.lam", 16)) == options.Option("gmm-cem", "lam", 16)
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [("lam", "expected [NAME.]key=value"), ("=3", "expected [NAME.]key=value"), (".lam=3", "expected NAME.key=value"),
+     ("gmm-cem.=3", "no key after")],
+)  # fmt: skip
+def test_parse_errors_are_one_line(bad, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        options.parse(bad)
+
+
+def test_parse_all_takes_every_mapping_form():
+    got = options.parse_all({"gmm-cem": {"warm-up": 1}, "dropout.rate": 0.3, "lam": 4})
+    assert got == [options.Option("gmm-cem", "warm_up", 1), options.Option("dropout", "rate", 0.3),
+                   options.Option(None, "lam", 4)]  # fmt: skip
+
+
+def test_route_named_and_bare_options():
+    d, a = options.route(options.parse_all(["gmm-cem.lam=8", "warmup=0", "decoder.epochs=2"]),
+                         defenses=["none@plain", "gmm-cem", "slot-cem"], attacks=["decoder"])  # fmt: skip
+    assert d == {"gmm-cem": {"lam": 8, "warmup": 0}, "slot-cem": {"warmup": 0}}
+    assert a == {"decoder": {"epochs": 2}}
+
+
+def test_route_refuses_an_ambiguous_bare_key_within_one_stack():
+    with pytest.raises(UserError, match="'lam' is ambiguous in 'gmm-cem.slot-cem'"):
+        options.route([options.Option(None, "lam", 4)], defenses=["gmm-cem+slot-cem"])
+
+
+def numeric_option(name: str) -> tuple[str, float] | None:
+    found = [(k, v) for k, v in registry.option_defaults(registry.get("defense", name)).items()
+             if isinstance(v, int | float) and not isinstance(v, bool)]  # fmt: skip
+    return found[0] if found else None
+
+
+DEFENSES_WITH_OPTIONS = [n for n in registry.names("defense") if numeric_option(n)]
+
+
+@pytest.mark.parametrize("name", DEFENSES_WITH_OPTIONS)
+def test_every_defense_takes_a_per_part_option_in_a_stack(name):
+    """`-o NAME.key=value` reaches its part whatever the name (hyphens included), on train
+    (stack routing), run (the grid) and TOML ([defenses.NAME])."""
+    key, value = numeric_option(name)  # its default: a value the plugin accepts; the route is under test
+    spec = f"none+{name}"
+    pair = f"{name}.{key.replace('_', '-')}={value}"
+    routed = stack.route_options(stack.parts(spec), options.as_dict(options.parse_all([pair])))
+    assert routed[name] == {key: value}
+    grid = Grid(defense=[spec], option=[pair], attack=["decoder"])
+    assert grid.defenses[name] == {key: value}
+    toml = Grid(defense=[spec], defenses={name: {key: value}}, attack=["decoder"])
+    assert toml.defenses[name] == {key: value}
+
+
+class HyphenatedDefense(Defense):
+    name = "my-test-def"
+    knob = "start_at"
+
+    def __init__(self, *, start_at: float = 1.0):
+        self.start_at = start_at
+
+
+def test_a_hyphenated_plugin_registered_later_takes_per_part_options():
+    registry.register(HyphenatedDefense)
+    given = options.as_dict(options.parse_all(["my-test-def.start-at=2"]))
+    cfg = TrainConfig.from_preset("quick", defense="dropout+my-test-def", defense_options=given)
+    assert cfg.defense_options == {"my-test-def": {"start_at": 2.0}}
+    assert stack.create(cfg.defense, cfg.defense_options).members[1][1].start_at == 2.0
+
+
+def test_train_takes_a_per_part_option_of_a_hyphenated_defense(tmp_path, capsys):
+    """The README's stack example: `train --defense dropout+gmm-cem -o gmm-cem.lam=8`."""
+    args = ["train", "--defense", "dropout+gmm-cem", "-o", "gmm-cem.lam=8", "--epochs", "1", "--n-train", "200",
+            "--width", "0.125", "--quiet", "--results-dir", str(tmp_path)]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    run = out.strip().splitlines()[-1]
+    saved = json.loads((tmp_path / run.rsplit("/", 1)[-1] / "config.json").read_text())
+    assert saved["train"]["defense_options"] == {"gmm-cem": {"lam": 8.0}}
+
+
+def test_train_option_naming_a_defense_outside_the_stack_exits_2(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--defense", "dropout", "-o", "gmm-cem.lam=8", "--results-dir", str(tmp_path)],
+                           capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "names 'gmm-cem', which is not in the stack (defenses: dropout)" in err
