@@ -1,7 +1,7 @@
 """`python cli.py ...` from a checkout: the same command line as the installed `privbench`.
 
-The commands live in privbench/cli.py so that installing puts them inside the privbench
-package rather than a generic top-level `cli` module in site-packages.
+The commands live in privbench/cli/commands.py, inside the privbench package, so that installing
+puts no generic top-level `cli` module into site-packages.
 """
 
 from privbench.cli.commands import main

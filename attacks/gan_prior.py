@@ -53,12 +53,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from privbench.engine.config import config_hash
 from privbench.engine.data import cache_dir
 from privbench.errors import UserError
 from privbench.plugin.base import Attack, Target
+from privbench.util.progress import bar as progress_bar
 from privbench.util.storage import atomic_write_bytes, load_checkpoint, tensor_bytes
 
 CACHE_VERSION = 1  # bump when the generator's architecture or training changes
@@ -186,8 +186,7 @@ class GanPriorAttack(Attack):
             opt = torch.optim.Adam(vae.parameters(), lr=self.gen_lr)
             steps = self.epochs * (len(images) // self.gen_batch_size)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=self.gen_lr / 20)
-            bar = tqdm(range(self.epochs), desc="gan-prior VAE", leave=False,
-                       disable=not getattr(self, "progress", True))  # fmt: skip
+            bar = progress_bar(range(self.epochs), desc="gan-prior VAE", show=getattr(self, "progress", True))
             for _ in bar:
                 perm = torch.randperm(len(images), device=images.device)
                 total = torch.zeros((), device=images.device)
@@ -221,7 +220,7 @@ class GanPriorAttack(Attack):
         last = None
         scale = z.flatten(1).pow(2).sum(1).clamp_min(1e-12)
         tune_from = math.ceil(self.steps / 2) if self.tune_last else self.steps
-        bar = tqdm(range(self.steps), desc="gan-prior", leave=False, disable=not getattr(self, "progress", True))
+        bar = progress_bar(range(self.steps), desc="gan-prior", show=getattr(self, "progress", True))
         for step in bar:
             if step == tune_from:  # GLASS++: the latent is roughly placed, now let the last block move too
                 last = copy.deepcopy(vae.last).requires_grad_(True)

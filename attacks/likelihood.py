@@ -43,10 +43,10 @@ Example:
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from privbench.engine.inverse import InverseNet, total_variation, train_inverse
 from privbench.plugin.base import Attack, Target
+from privbench.util.progress import bar as progress_bar
 
 INITS = ("mean", "decoder")
 
@@ -142,7 +142,7 @@ class LikelihoodAttack(Attack):
             scale, prior_scale = 2 * sigma**2, pixels
         else:  # rMLE: ||z||^2 makes the data term unit-free, so one rmle_weight suits every cut
             scale, prior_scale = z.flatten(1).pow(2).sum(1).clamp_min(1e-12), self.rmle_weight
-        bar = tqdm(range(self.steps), desc="likelihood", leave=False, disable=not getattr(self, "progress", True))
+        bar = progress_bar(range(self.steps), desc="likelihood", show=getattr(self, "progress", True))
         for _ in bar:
             x = torch.sigmoid(w)
             data = (self._clean(x) - z).flatten(1).pow(2).sum(1) / scale

@@ -24,10 +24,10 @@ Example:
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from privbench.engine.inverse import total_variation
 from privbench.plugin.base import Attack, Target
+from privbench.util.progress import bar as progress_bar
 
 
 class OptimizationAttack(Attack):
@@ -62,7 +62,7 @@ class OptimizationAttack(Attack):
         w = torch.logit(start).clone().requires_grad_(True)
         opt = torch.optim.Adam([w], lr=self.lr)
         scale = z.flatten(1).pow(2).sum(1).clamp_min(1e-12)
-        bar = tqdm(range(self.steps), desc="optimization", leave=False, disable=not getattr(self, "progress", True))
+        bar = progress_bar(range(self.steps), desc="optimization", show=getattr(self, "progress", True))
         for _ in bar:
             x = torch.sigmoid(w)
             data = (target.forward(x) - z).flatten(1).pow(2).sum(1) / scale

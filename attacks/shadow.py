@@ -40,11 +40,11 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from privbench.engine.inverse import InverseNet, train_inverse
 from privbench.errors import UserError
 from privbench.plugin.base import Attack, Target
+from privbench.util.progress import bar as progress_bar
 
 THREAT_MODEL = (
     "query-free curious server: owns the frozen server half and the observed z, never queries, "
@@ -159,7 +159,7 @@ class ShadowAttack(Attack):
                  and m.running_mean is not None] if self.bn_weight > 0 else []  # fmt: skip
         hooks = [m.register_forward_hook(_stat_gap(gaps)) for m in norms]
         self._bn_layers = len(hooks)
-        bar = tqdm(range(epochs), desc="shadow encoder", leave=False, disable=not show)
+        bar = progress_bar(range(epochs), desc="shadow encoder", show=show)
         try:
             self._shadow_epochs(server, shadow, opt, images, labels, gaps, bar)
         finally:

@@ -1,4 +1,4 @@
-"""Issue 14's evidence: gmm-cem and slot-cem over their lam grids against the noise-only frontier.
+"""Evidence: gmm-cem and slot-cem over their lam grids against the noise-only frontier.
 
     python bench/frontier_evidence.py [RESULTS] [--seeds 3] [--out DIR]
 

@@ -6,7 +6,7 @@ Each task trains the base channel (C8, channel noise from `--plan`) under one ar
 and appends a JSON line: accuracy (expectation over the channel noise), per-class and per-tile
 accuracy, final training accuracy, seconds. Tasks are dealt seed by seed, every arm of a seed
 before the next seed, so wherever `--deadline` stops new starts the arms have equal seeds. Made
-for a GPU (docs/precision.md, "Session 8: the floor"; one H200 ran 10 workers): on a 2-core CPU
+for a GPU (docs/precision.md, "The floor"; one H200 ran 10 workers): on a 2-core CPU
 use --workers 2 and expect ~3.6 minutes per training. `python bench/lever_screen.py --summary
 OUT.jsonl ...` prints each arm's mean, sd with its 95% interval, and the seed x tile split.
 

@@ -42,9 +42,9 @@ from privbench.util.stats import (
 from privbench.util.storage import read_json
 
 METRICS = ("ssim", "psnr")  # attack metrics reported; accuracy always comes first
-TARGETS = {"accuracy": 1.0, "ssim": 0.010}  # issue 18: the sd a stable preset must stay under
-# The differences a reader wants resolved: two accuracy points (issue 18's question), and for SSIM
-# the same multiple of its sd target.
+TARGETS = {"accuracy": 1.0, "ssim": 0.010}  # the sd a stable preset must stay under
+# The differences a reader wants resolved: two accuracy points, and for SSIM the same multiple of
+# its sd target.
 RESOLVE = {"accuracy": 2.0, "ssim": 0.02}
 
 

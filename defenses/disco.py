@@ -64,6 +64,7 @@ class Disco(Defense):
     knob = "ratio"
     knob_range = (0.0, 1.0)
     knob_scale = "logit"
+    z_kinds = ("map", "vector")  # the scorer convolves channels of a map (a vector: channels at 1x1)
 
     def __init__(self, *, ratio: float = 0.5, hidden: int = 16):
         if not 0 < ratio <= 1:

@@ -59,6 +59,7 @@ class Prune(Defense):
     knob_range = (0.0, 1.0)
     knob_scale = "logit"
     knob_lowers_accuracy = False  # the fraction kept
+    z_kinds = ("map", "vector")  # dim 1 is the channel; on tokens [N,D] it would be the token
 
     def __init__(self, *, ratio: float = 0.5, select: str = "magnitude", warmup: int = 1):
         if not 0 < ratio <= 1:

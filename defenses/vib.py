@@ -57,6 +57,7 @@ class Vib(Defense):
     strength_grid = (3e-4, 1e-3, 3e-3)
     knob = "beta"
     knob_zero_is_off = False  # its noise is sampled whatever the weight of its loss
+    z_kinds = ("map", "vector")  # the heads mix dim 1, the channels; on tokens [N,D] that is the token
 
     def __init__(self, *, beta: float = 1e-3, inference: str = "sample"):
         if not beta >= 0:

@@ -22,8 +22,11 @@ import pandas as pd
 
 from privbench import job
 from privbench.analysis import tables
-from privbench.engine.config import TrainConfig
-from privbench.engine.models import parse_bottleneck
+from privbench.engine import zoo
+from privbench.engine.config import PRESETS, TrainConfig
+from privbench.engine.cuts import CutInfo, list_cuts
+from privbench.engine.models import MODELS, builtin_cuts, parse_bottleneck
+from privbench.errors import UserError
 from privbench.grid.spec import Grid
 from privbench.job import GridResult
 from privbench.plugin import stack
@@ -121,6 +124,35 @@ def run(
     if grid is None:
         grid = Grid(executor=executor, **fields)
     return job.run_grid(grid, log=log or (lambda _msg: None))
+
+
+def cuts(
+    model: str,
+    *,
+    image_size: int = 32,
+    options: dict[str, Any] | None = None,
+    width: float | None = None,
+    num_classes: int = 10,
+) -> list[CutInfo]:
+    """Every cut point of `model` (a built-in name or torchvision:NAME, timm:NAME,
+    pkg.module:callable built with `options`) for square images of `image_size` pixels, in the
+    order the cuts fall: name, valid or why not, z's shape and kind, the client's share of the
+    parameters and FLOPs (privbench.engine.cuts.list_cuts). A built-in model's cuts are its entry
+    counts, at `width` (default: the quick preset's)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise UserError(f"invalid image size {image_size!r}: a positive number of pixels")
+    if model in MODELS:
+        if options:
+            raise UserError(f"model options apply to torchvision, timm and user models, not the built-in {model}")
+        width = PRESETS["quick"]["width"] if width is None else width
+        return builtin_cuts(model, width=width, image_shape=(3, image_size, image_size), num_classes=num_classes)
+    if not zoo.is_model_spec(model):
+        raise UserError(f"unknown model {model!r}: expected {', '.join(MODELS)}, torchvision:NAME, timm:NAME or "
+                        "pkg.module:callable")  # fmt: skip
+    if width is not None:
+        raise UserError("width applies to the built-in models; give a model's own options with -o model.KEY=VALUE")
+    net = zoo.build_model(model, num_classes=num_classes, options=options)
+    return list_cuts(net, image_size)
 
 
 def _path(run: Run | str | Path) -> Path:

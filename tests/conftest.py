@@ -7,6 +7,8 @@ import torch
 
 from privbench.cli.commands import main
 from privbench.engine.config import TrainConfig
+from privbench.engine.train import load_data
+from privbench.store.runs import train_run
 
 torch.set_num_threads(2)
 
@@ -41,3 +43,23 @@ def run_cli(args, capsys):
         code = exc.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+# Shared by the defense tests: tiny runs trained once per test module, by defense and options.
+@pytest.fixture(scope="module")
+def data():
+    return load_data(tiny_config(), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    cache = {}
+
+    def get(defense, **kw):
+        key = repr((defense, sorted(kw.items())))
+        if key not in cache:
+            cache[key] = train_run(tiny_config(defense=defense, **kw), root, log=lambda m: None)[0]
+        return cache[key]
+
+    return get

@@ -285,6 +285,19 @@ def test_docs_example_is_the_tested_plugin_and_runs_in_the_harness(tiny_run):
     assert (Path(result["path"]) / "grid.png").is_file()
 
 
+def test_readme_attack_runs_as_a_plugin_through_the_command_line(tiny_run, tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(import torch\nfrom privbench.plugins import Attack, Target\n.*?)```", readme, re.S)
+    plugin = tmp_path / "my_attack.py"
+    plugin.write_text(code.group(1))
+    args = ["attack", str(tiny_run.path), "--plugin", str(plugin), "--attack", "nearest", "--eval-images", "32"]
+    exit_code, out, err = run_cli(args, capsys)
+    assert exit_code == 0, err
+    folder = next(tiny_run.path.glob("attacks/nearest-*"))
+    result = json.loads((folder / "metrics.json").read_text())
+    assert result["metrics"]["mse"]["mean"] < result["baseline"]["mse"]["mean"]  # it beats the mean image
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

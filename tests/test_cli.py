@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from privbench.cli.commands import cli as cli_group
+
 
 def test_list(capsys):
     code, out, _ = run_cli(["list"], capsys)
@@ -66,3 +68,14 @@ def test_installed_command():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "cli.py"), "list"], capture_output=True, text=True)
     assert out.returncode == 0 and "defenses:" in out.stdout
+
+
+def test_every_help_ends_with_two_examples_and_run_groups_its_options(capsys):
+    for args in ([], *([name] for name in cli_group.commands)):
+        code, out, _ = run_cli([*args, "--help"], capsys)
+        assert code == 0
+        tail = out[out.index("Examples:") :]
+        assert tail.count("privbench ") >= 2, args
+    code, out, _ = run_cli(["run", "--help"], capsys)
+    headings = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings[:5] == ["Grid:", "Data and model:", "Attacks:", "Execution:", "Output:"]

@@ -6,14 +6,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
 from privbench.attack.harness import make_target
-from privbench.engine.train import load_data
 from privbench.errors import UserError
 from privbench.plugin import registry, stack
 from privbench.store.attacks import attack_run
-from privbench.store.runs import Run, train_run
+from privbench.store.runs import Run
 
 QUIET = dict(log=lambda m: None)
 TINY_DECODER = {"channels": 8, "blocks": 1, "batch_size": 64}
@@ -210,23 +208,6 @@ def test_adversarial_alternates_and_its_state_round_trips():
 # --------------------------------------------------------------------------- train, attack, round trip
 
 
-@pytest.fixture(scope="module")
-def data():
-    return load_data(tiny_config(), CPU)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    cache = {}
-
-    def get(defense, **kw):
-        key = repr((defense, sorted(kw.items())))
-        if key not in cache:
-            cache[key] = train_run(tiny_config(defense=defense, **kw), root, **QUIET)[0]
-        return cache[key]
-
-    return get
 
 
 LOGGED = {"nopeek": "dcor", "adversarial": "adv_ssim", "shredder": "noise_scale", "disco": "channel_usage_max"}

@@ -119,8 +119,10 @@ def test_seeds_auto_adds_seeds_until_resolved_or_the_cap(monkeypatch, tmp_path, 
     assert seeds["slot-cem"] == 4 and seeds["gmm-cem"] == 4  # every configuration got the seeds
 
 
-@pytest.mark.parametrize("args,message", [(["--seeds", "many"], "invalid seeds 'many'"),
-                                          (["--seeds", "auto", "--seeds-cap", "1"], "invalid seeds cap 1")])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--seeds", "many"], "invalid seeds 'many'"), (["--seeds", "auto", "--seeds-cap", "1"], "invalid seeds cap 1")],
+)
 def test_bad_seeds_exit_2(args, message, tmp_path, capsys):
     code, _, err = run_cli(["run", "--results-dir", str(tmp_path / "r"), *args], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err

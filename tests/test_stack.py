@@ -255,7 +255,7 @@ def test_run_folder_from_before_stacks_still_attacks(tmp_path):
     run, _ = train_run(cfg, tmp_path, **QUIET)
     conf = json.loads((run.path / "config.json").read_text())
     for key in ("data_version", "label_smoothing", "warmup_epochs", "ema", "data_fingerprint"):
-        conf["train"].pop(key)  # the wave-1 config.json had none of these
+        conf["train"].pop(key)  # the earliest config.json files had none of these
     (run.path / "config.json").write_text(json.dumps(conf))
     results = attack_run(run.path, ["decoder"], epochs=1, eval_images=8, progress=False,
                          options={"decoder": {"channels": 8, "blocks": 1}}, **QUIET)  # fmt: skip

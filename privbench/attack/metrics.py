@@ -107,8 +107,23 @@ def load_lpips(device: torch.device | str = "cpu") -> tuple[torch.nn.Module | No
     """(lpips model, None), or (None, one-line reason) when the AlexNet weights are not cached.
 
     Only the local torch hub cache is consulted: torchvision would otherwise try to download
-    the weights, which hangs or fails on machines without internet.
+    the weights, which hangs or fails on machines without internet. The model is built once per
+    process and device (it costs about a second per attack cell otherwise); it is frozen, so
+    sharing it changes no number.
     """
+    key = (str(device), str(alexnet_checkpoint()))
+    if key in _LPIPS:
+        return _LPIPS[key], None
+    model, missing = _build_lpips(device)
+    if model is not None:  # a missing file is looked for again: it may be put there meanwhile
+        _LPIPS[key] = model
+    return model, missing
+
+
+_LPIPS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def _build_lpips(device: torch.device | str) -> tuple[torch.nn.Module | None, str | None]:
     ckpt = alexnet_checkpoint()
     if not ckpt.is_file():
         return None, f"LPIPS needs torchvision's ImageNet AlexNet weights, not found at {ckpt} (no download here)"

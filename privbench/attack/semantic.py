@@ -35,7 +35,7 @@ from privbench.util.storage import atomic_write_bytes, build_dir_once, load_chec
 MODEL = "resnet20"
 SEED = 7919  # targets use seeds 0, 1, 2, ...: a prime far from them keeps the classifier independent
 # Data fields shared with the target: the classifier learns the same training split.
-DATA_FIELDS = ("dataset", "data_dir", "data_seed", "data_version", "n_train", "data_fingerprint")
+DATA_FIELDS = ("dataset", "data_dir", "data_seed", "data_version", "n_train", "data_fingerprint", "image_size")
 # Training budget per preset, on top of that preset's TrainConfig defaults.
 # quick: half width and 8 epochs with the quick preset's stabilisers (warm-up, label smoothing,
 #        weight average): about 6 s per epoch of 5,000 images on 2 CPU cores.

@@ -10,21 +10,25 @@ import time
 from typing import Any
 
 import click
+import pandas as pd
+import torch
 
 from privbench import api
 from privbench.analysis import tables
 from privbench.attack.harness import format_table
-from privbench.cli.outputs import plot_cmd, table_cmd
+from privbench.cli.help import GroupedCommand, examples
+from privbench.cli.outputs import plot_cmd, report_cmd, table_cmd
 from privbench.engine.config import PRESETS, TrainConfig
+from privbench.engine.cuts import CutInfo
 from privbench.engine.data import DATASETS, load_dataset
 from privbench.engine.models import MODELS, parse_bottleneck
-from privbench.engine.train import make_model
+from privbench.engine.train import attach_defense, make_model
 from privbench.errors import UserError
 from privbench.executors.base import CellsFailed
 from privbench.grid.spec import Grid, grid_from_options
 from privbench.plugin import options as options_mod
 from privbench.plugin import registry, stack, strength
-from privbench.report import table_format
+from privbench.report.summary import summary_markdown
 from privbench.store.attacks import attack_run
 from privbench.store.outputs import check_output_dir
 from privbench.store.runs import train_run
@@ -51,6 +55,27 @@ def compile_option(f):
     )(f)  # fmt: skip
 
 
+MODEL_HELP = ("vgg11 | resnet20 (built in), torchvision:NAME (e.g. torchvision:resnet18), timm:NAME (e.g. "
+              "timm:vit_tiny_patch16_224) or pkg.module:callable (a function returning a torch.nn.Module); "
+              "docs/models.md [default: vgg11]")  # fmt: skip
+CUT_HELP = ("Where the model is cut: for vgg11 / resnet20 the number of entries on the client; for any other "
+            "model a module name (the cut falls after it, e.g. layer2 or blocks.3) or K, the K-th valid cut "
+            "from 0. `privbench cuts MODEL` lists them [default: 4].")  # fmt: skip
+
+
+def model_options(f):
+    """--image-size, --pretrained and --weights, shared by train and run."""
+    f = click.option("--weights", default=None, metavar="FILE",
+                     help="A state dict of the whole model (torch.save(model.state_dict(), FILE)) loaded before "
+                          "training; its sha256, not its path, is part of the run's identity.")(f)  # fmt: skip
+    f = click.option("--pretrained", is_flag=True, default=None,
+                     help="torchvision / timm models: start from the default pretrained weights (downloaded, or "
+                          "from the local cache offline; docs/models.md).")(f)  # fmt: skip
+    return click.option("--image-size", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Resize every image of the data set to N x N pixels (antialiased bilinear) "
+                             "[default: the data set's own size, 32 for embedded and CIFAR].")(f)  # fmt: skip
+
+
 def attack_options(pairs: tuple[str, ...], attacks: list[str]) -> dict[str, dict[str, Any]]:
     """`-o [ATTACK.]key=value` pairs per attack."""
     return options_mod.route(options_mod.parse_all(pairs), attacks=attacks, where="the attacks run")[1]
@@ -61,13 +86,17 @@ def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return options_mod.as_dict(options_mod.parse_all(pairs))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=examples(
+    "privbench run                      # the main job: every default defense, attacked, with verdicts",
+    "privbench train --defense gmm-cem --bottleneck C8 --noise 0.025 && privbench attack RUN_FOLDER",
+))
 @click.version_option(package_name="privbench")
 def cli() -> None:
-    """privbench: train split models under defenses, attack them, report privacy vs utility."""
+    """Train split models under defenses, attack them by model inversion, and report how much
+    each leaks next to its accuracy (docs/getting-started.md)."""
 
 
-@cli.command("list")
+@cli.command("list", epilog=examples("privbench list", "privbench list --preset paper --plugin my_defense.py"))
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="quick", show_default=True,
               help="Whose defaults to show.")  # fmt: skip
 @plugin_option
@@ -82,6 +111,7 @@ def list_cmd(preset: str, plugins: tuple[str, ...]) -> None:
             click.echo(f"  {name:<14} {cls.summary}" + (f"  [{opts}]" if opts else "") + sweep_note(kind, name))
     click.echo("datasets:\n" + "".join(f"  {d}\n" for d in DATASETS), nl=False)
     click.echo("models:\n" + "".join(f"  {m}\n" for m in MODELS), nl=False)
+    click.echo("  torchvision:NAME | timm:NAME | pkg.module:callable  (cut by module name: privbench cuts MODEL)")
     click.echo("channel options (compose with every defense):\n  --bottleneck C<c>\n  --noise SIGMA")
     click.echo("defense stacks: --defense dropout+gmm-cem (parts left to right; -o PART.key=value)")
     click.echo("strength sweeps: --sweep gmm-cem.lam=4,16,64 | --sweep NAME (its knob over its default grid)")
@@ -130,24 +160,32 @@ def preset_defaults(preset: str) -> str:
     ])  # fmt: skip
 
 
-@cli.command()
+@cli.command(epilog=examples(
+    "privbench train --defense gmm-cem --bottleneck C8 --noise 0.025 --epochs 10",
+    "privbench train --model torchvision:resnet18 --cut layer2 --defense dropout+gmm-cem -o gmm-cem.lam=8",
+))
 @click.option("--dataset", default="embedded", show_default=True, help="embedded | cifar10 | cifar100 | folder:PATH")
 @click.option("--data-dir", default=None, help="Folder holding the CIFAR python-pickle folder.")
 @click.option("--download", is_flag=True, help="Download CIFAR into --data-dir when absent (needs internet).")
 @click.option("--defense", default="none", show_default=True)
-@click.option("-o", "--option", "options", multiple=True, help="Defense option key=value (repeatable).")
+@click.option("-o", "--option", "options", multiple=True, metavar="[DEFENSE.]KEY=VALUE",
+              help="Defense option key=value, or model.KEY=VALUE: a keyword argument of the model factory "
+                   "(e.g. -o model.img_size=32) (repeatable).")  # fmt: skip
 @click.option("--preset", default="quick", show_default=True, help="quick (CPU minutes) | paper (240 epochs)")
-@click.option("--model", default=None, help="vgg11 | resnet20")
-@click.option("--width", type=float, default=None, help="Channel width multiplier.")
-@click.option("--epochs", type=int, default=None)
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--width", type=float, default=None, help="Channel width multiplier (vgg11 and resnet20).")
+@click.option("--epochs", type=click.IntRange(min=0), default=None,
+              help="Training epochs; 0 evaluates the model as it is (pretrained or --weights) and writes its "
+                   "run folder, ready for attacks [default: the preset's].")  # fmt: skip
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--schedule", default=None, help="cosine | multistep")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cut", type=int, default=None, help="Cut layer k: the first k VGG entries run on the client.")
+@click.option("--cut", default=None, metavar="NAME|K", help=CUT_HELP)
 @click.option("--bottleneck", default=None, help="C<c>: client conv to c channels + Sigmoid.")
 @click.option("--noise", type=float, default=None, help="Std of Gaussian noise on the activation.")
 @click.option("--n-train", type=int, default=None, help="embedded: number of training crops.")
+@model_options
 @click.option("--device", default="auto", show_default=True)
 @compile_option
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA (fp32 with --no-amp).")
@@ -159,22 +197,33 @@ def preset_defaults(preset: str) -> str:
 @plugin_option
 def train(
     dataset, data_dir, download, defense, options, preset, model, width, epochs, batch_size, lr,
-    schedule, seed, cut, bottleneck, noise, n_train, device, compile_mode, amp, channels_last, results_dir,
-    force, quiet, plugins,
+    schedule, seed, cut, bottleneck, noise, n_train, image_size, pretrained, weights, device, compile_mode, amp,
+    channels_last, results_dir, force, quiet, plugins,
 ) -> None:  # fmt: skip
-    """Train a split model under a defense; the last line printed is the run folder."""
+    """Train a split model under a defense; the last line printed is the run folder.
+
+    \b
+    privbench train --defense gmm-cem --bottleneck C8 --noise 0.025
+    privbench train --model torchvision:resnet18 --cut layer2 --epochs 1 --n-train 200
+    """
     load_plugins(plugins)
     check_output_dir(results_dir, "results folder")
+    model_opts, rest = options_mod.split_model(options_mod.parse_all(options))
+    if width is not None and model is not None and model not in MODELS:
+        raise UserError(f"--width applies to {' and '.join(MODELS)}; give {model} options with -o model.KEY=VALUE")
     cfg = TrainConfig.from_preset(
-        preset, dataset=dataset, data_dir=data_dir, defense=defense, defense_options=parse_options(options),
+        preset, dataset=dataset, data_dir=data_dir, defense=defense, defense_options=options_mod.as_dict(rest),
         model=model, width=width, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
         cut=cut, bottleneck=parse_bottleneck(bottleneck), noise=noise, n_train=n_train, device=device,
         compile=compile_mode or False, amp=amp, channels_last=channels_last, progress=not quiet,
+        image_size=image_size, pretrained=pretrained, weights=weights, model_options=model_opts or None,
     )  # fmt: skip
-    # Validate everything that can be checked cheaply before any training starts.
-    stack.create(cfg.defense, cfg.defense_options)
-    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=download, seed=cfg.data_seed, n_train=cfg.n_train)
-    make_model(cfg, data)
+    # Validate everything that can be checked cheaply before any training starts: names, the data,
+    # the model and its cut, and whether the defense takes the cut's z.
+    defense_ = stack.create(cfg.defense, cfg.defense_options)
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=download, seed=cfg.data_seed, n_train=cfg.n_train,
+                        image_size=cfg.image_size)  # fmt: skip
+    attach_defense(make_model(cfg, data), defense_, data.image_shape, torch.device("cpu"))
     run, trained = train_run(cfg, results_dir, force=force, log=click.echo)
     acc = run.metrics()["test_accuracy"]
     if not trained:
@@ -183,7 +232,10 @@ def train(
     click.echo(str(run.path))
 
 
-@cli.command()
+@cli.command(epilog=examples(
+    "privbench attack RUN_FOLDER --attack decoder --attack optimization",
+    "privbench attack RUN_FOLDER --attack shadow --attacker-data aux -o shadow.epochs=12",
+))
 @click.argument("run_dir")
 @click.option("--attack", "attacks", multiple=True, help="Attack name (repeatable; default: decoder, optimization).")
 @click.option(
@@ -224,25 +276,39 @@ def attack(
     click.echo(format_table(results))
 
 
+RUN_GROUPS = {
+    "Grid": ["defenses", "options", "attacks", "sweeps", "no_sweep", "reference", "bracket", "privacy_metric",
+             "seeds", "seeds_cap", "config_file", "preset"],
+    "Data and model": ["dataset", "data_dir", "model", "cut", "image_size", "pretrained", "weights", "bottlenecks",
+                       "noises", "epochs"],
+    "Attacks": ["attacker_data", "eval_images", "check_saturation", "semantic"],
+    "Execution": ["device", "compile_mode", "executor", "ray_address", "plugins"],
+    "Output": ["results_dir", "out", "quiet"],
+}
 RUN_EPILOG = """\b
 TOML file (--config FILE.toml; the full schema with types, defaults and an example is in
 docs/config.md). Top-level keys are the options above, lists for repeatable ones:
   preset, dataset, data_dir, defense, attack, seeds, cut, bottleneck, noise, device,
-  results_dir, out, epochs, model, eval_images, attacker_data, option (-o pairs),
-  executor (local | ray | slurm)
+  results_dir, out, epochs, model, image_size, pretrained, weights, eval_images,
+  attacker_data, option (-o pairs; model.KEY=VALUE for the model), executor (local | ray | slurm),
+  sweep, reference, bracket, privacy_metric, seeds_cap
 Tables:
   [train]             TrainConfig fields over the preset: epochs, lr, width, n_train,
-                      batch_size, schedule, amp, model, ...
+                      batch_size, schedule, amp, model, model_options, ...
   [attacks]           epochs, steps, eval_images, attacker_data (train | aux)
   [attacks.<name>]    one attack's options, e.g. [attacks.decoder] channels = 32
   [defenses.<name>]   one defense's options, e.g. [defenses.gmm-cem] lam = 16
   [executor]          kind, and the Ray or SLURM settings (docs/executors.md), e.g.
                       kind = "slurm", partition = "gpu", gpus_per_task = 1, time = "12:00:00"
 Top-level keys win over table entries; options on the command line win over the file.
-"""
+
+""" + examples(
+    "privbench run --seeds 3                     # the main job at three seeds: verdicts worth citing",
+    "privbench run --defense none --defense nopeek --sweep nopeek --seeds auto --executor ray",
+)
 
 
-@cli.command("run", epilog=RUN_EPILOG)
+@cli.command("run", cls=GroupedCommand, option_groups=RUN_GROUPS, epilog=RUN_EPILOG)
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help="Budgets [default: quick].")
 @click.option("--dataset", default=None, help="embedded | cifar10 | cifar100 | folder:PATH [default: embedded]")
 @click.option("--data-dir", default=None, help="Folder holding the CIFAR python-pickle folder.")
@@ -278,9 +344,11 @@ Top-level keys win over table entries; options on the command line win over the 
               help="Train seeds 0..N-1 of every configuration; auto: add seeds until every verdict is resolved or "
                    "--seeds-cap is reached, keeping the overall false-verdict rate at 5% [default: 1].")
 @click.option("--seeds-cap", type=int, default=None, help="The most seeds --seeds auto trains [default: 5].")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [default: the preset's].")
-@click.option("--model", default=None, help="vgg11 | resnet20 [default: vgg11]")
-@click.option("--cut", type=int, default=None, help="Cut layer k: the first k VGG entries run on the client.")
+@click.option("--epochs", type=click.IntRange(min=0), default=None,
+              help="Training epochs; 0 evaluates each model as it is [default: the preset's].")  # fmt: skip
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--cut", default=None, metavar="NAME|K", help=CUT_HELP)
+@model_options
 @click.option("--bottleneck", "bottlenecks", multiple=True, metavar="C<c>|none",
               help="Base channel bottleneck; repeat to sweep [default: C8].")  # fmt: skip
 @click.option("--noise", "noises", multiple=True, type=float, metavar="SIGMA",
@@ -310,31 +378,32 @@ Top-level keys win over table entries; options on the command line win over the 
 @plugin_option
 def run(
     preset, dataset, data_dir, defenses, options, attacks, sweeps, no_sweep, reference, bracket, privacy_metric,
-    seeds, seeds_cap, epochs, model, cut, bottlenecks, noises, attacker_data, eval_images, device, compile_mode,
+    seeds, seeds_cap, epochs, model, cut, image_size, pretrained, weights, bottlenecks, noises, attacker_data,
+    eval_images, device, compile_mode,
     results_dir, out, config_file, executor, ray_address, check_saturation, semantic, quiet, plugins,
 ) -> None:  # fmt: skip
-    """The main job: train every defense configuration, attack each, print the privacy-utility
-    table and write table.md, table.csv, results.csv, privacy_utility.png and reconstructions.png.
+    """The main job: train every defense, attack each, and judge each against adding noise alone.
 
     \b
     The channel is what the client sends: bottleneck C<c> and/or Gaussian noise. The base
     channel (--bottleneck x --noise, default C8 + noise 0.025) applies to every --defense
     given without @; NAME@plain is the undefended model. The default grid is the plain model,
-    the base channel alone with its noise swept (0.025, 0.05, 0.1), and gmm-cem and slot-cem on
-    the base channel; the run ends with one verdict per defense: better, worse or
-    indistinguishable from the reference (none) at matched accuracy (docs/frontier.md).
-    Finished cells (a run folder per training config, an attack folder per attack) are reused:
-    rerunning computes only what is missing. The last line printed is the output folder;
-    `privbench table` and `privbench plot` accept it. --executor ray / slurm computes the cells
-    in parallel on a Ray or SLURM cluster; a failed cell does not stop the others, and the
-    command then exits 1 naming the failed cells (docs/executors.md).
+    the base channel alone with its noise swept (0.025, 0.05, 0.1: the reference), and gmm-cem
+    and slot-cem on the base channel. Where a defense's accuracy lies outside the reference's
+    range, the run adds reference points (--bracket, default 3 strengths); it ends with one
+    verdict per defense at matched accuracy (docs/frontier.md). It prints a summary and writes
+    table.md, table.csv, results.csv, frontier.csv, verdicts.csv, frontier.png/.pdf,
+    privacy_utility.png and reconstructions.png into the folder named by its last line.
+    Finished cells are reused: rerunning computes only what is missing. --executor ray / slurm
+    computes the cells in parallel on a cluster (docs/executors.md).
     """
 
     t0 = time.perf_counter()
     load_plugins(plugins)
     grid = grid_from_options(
         config_file, preset=preset, dataset=dataset, data_dir=data_dir, defense=defenses, attack=attacks,
-        seeds=seeds, seeds_cap=seeds_cap, epochs=epochs, model=model, cut=cut, bottleneck=bottlenecks, noise=noises,
+        seeds=seeds, seeds_cap=seeds_cap, epochs=epochs, model=model, cut=cut, image_size=image_size,
+        pretrained=pretrained, weights=weights, bottleneck=bottlenecks, noise=noises,
         attacker_data=attacker_data, eval_images=eval_images, option=options, device=device,
         results_dir=results_dir, out=out, progress=False if quiet else None, reference=reference,
         sweep="off" if no_sweep else (list(sweeps) or None), privacy_metric=privacy_metric, bracket=bracket,
@@ -351,7 +420,9 @@ def run(
         click.echo(str(exc), err=True)
         sys.exit(1)
     click.echo("")
-    click.echo(table_format.render(result.table, "md"), nl=False)
+    verdicts = result.out_dir / "verdicts.csv"
+    click.echo(summary_markdown(result.table, pd.read_csv(verdicts) if verdicts.is_file() else None), nl=False)
+    click.echo(f"(every attack and metric: {result.out_dir / 'table.md'})")
     for line in tables.chance_warnings(result.table):
         click.echo(line, err=True)
     if result.verdicts:
@@ -366,8 +437,61 @@ def run(
     click.echo(str(result.out_dir))
 
 
+@cli.command("cuts", epilog=examples(
+    "privbench cuts torchvision:resnet18 --image-size 32",
+    "privbench cuts timm:vit_tiny_patch16_224 -o model.img_size=32 -o model.patch_size=4",
+))
+@click.argument("model")
+@click.option("--image-size", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
+              help="Square input size the cuts are traced at (train with the same --image-size).")  # fmt: skip
+@click.option("-o", "--option", "options", multiple=True, metavar="[model.]KEY=VALUE",
+              help="A keyword argument of the model factory, e.g. -o model.img_size=32 (repeatable).")  # fmt: skip
+@click.option("--width", type=float, default=None, help="vgg11 / resnet20: width multiplier [default: the preset's].")
+def cuts_cmd(model, image_size, options, width) -> None:
+    """List every point where MODEL can be cut, in order: the cut's name, whether it is valid (or
+    why not), the shape of z it sends, and the client's share of parameters and FLOPs.
+
+    \b
+    privbench cuts torchvision:resnet18 --image-size 32
+    privbench cuts timm:vit_tiny_patch16_224 -o model.img_size=32 -o model.patch_size=4
+    """
+    model_opts: dict[str, Any] = {}
+    for o in options_mod.parse_all(options):
+        if o.target not in (None, options_mod.MODEL_TARGET):
+            raise UserError(f"option {str(o)!r}: privbench cuts takes model options only (model.KEY=VALUE)")
+        model_opts[o.key] = o.value
+    infos = api.cuts(model, image_size=image_size, options=model_opts, width=width)
+    click.echo(format_cuts(model, infos, image_size, builtin=model in MODELS))
+
+
+def format_cuts(model: str, infos: list[CutInfo], image_size: int, *, builtin: bool) -> str:
+    """An aligned table of cut points (privbench cuts)."""
+    valid = sum(c.valid for c in infos)
+    how = ("--cut K puts the first K entries on the client" if builtin
+           else "--cut NAME, or --cut K for the valid cut numbered K")  # fmt: skip
+    lines = [f"{model} at {image_size}x{image_size} px: {len(infos)} cut points, {valid} valid; {how}"]
+    rows = [["#", "cut", "z", "kind", "params", "FLOPs", "status"]]
+    k = 0
+    for c in infos:
+        number = "" if builtin or not c.valid else str(k)
+        k += c.valid
+        shape = "x".join(map(str, c.z_shape)) or "-"
+        share = [f"{100 * c.client_param_share:.1f}%", f"{100 * c.client_flops_share:.1f}%"]
+        rows.append([number, c.name, shape, c.kind, *share, "valid" if c.valid else f"invalid: {c.reason}"])
+    if builtin:
+        rows = [r[1:] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = {0, 4, 5} if not builtin else {3, 4}
+    for r in rows:
+        cells = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("params, FLOPs: the client's share of the model's (FLOPs of convolutions and matrix products)")
+    return "\n".join(lines)
+
+
 cli.add_command(table_cmd)
 cli.add_command(plot_cmd)
+cli.add_command(report_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,14 +1,18 @@
-"""The commands that read finished runs: `privbench table` and `privbench plot` (added to the
-group in privbench.cli.commands)."""
+"""The commands that read finished runs: `privbench table`, `privbench plot` and `privbench report`
+(added to the group in privbench.cli.commands)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import click
 import pandas as pd
 
 from privbench.analysis import frontier, tables
+from privbench.cli.help import examples
 from privbench.errors import UserError
-from privbench.report import plots, table_cem, table_format
+from privbench.report import blocks, plots, table_cem, table_format
 from privbench.report.plot_frontier import plot_frontier
 from privbench.report.run_diagnostics import write_run_diagnostics
 from privbench.store import rows
@@ -37,7 +41,10 @@ def comparison_of(run_dirs: tuple[str, ...], reference: str, privacy_metric: str
     return frontier.compare(frontier.points(long, privacy_metric=privacy_metric), reference=reference)
 
 
-@click.command("table")
+@click.command("table", epilog=examples(
+    "privbench table OUTPUT_FOLDER --format latex --out table.tex",
+    "privbench table OUTPUT_FOLDER --layout frontier --reference none",
+))
 @click.argument("run_dirs", nargs=-1)
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex"]), default="md", show_default=True)
 @click.option("--out", default=None, help="Write the table to this file instead of printing it.")
@@ -113,7 +120,10 @@ def frontier_text(comparison, fmt: str) -> str:
     return "\n".join([lines[0], "|" + "---|" * len(shown.columns), *lines[1:]]) + "\n"
 
 
-@click.command("plot")
+@click.command("plot", epilog=examples(
+    "privbench plot OUTPUT_FOLDER --frontier --out frontier.png",
+    "privbench plot RUN_FOLDER --curves",
+))
 @click.argument("run_dirs", nargs=-1)
 @click.option("--out", default="privacy_utility.png", show_default=True, help="PNG file of the plot.")
 @click.option("--grid", "grid_out", default=None, help="Also write the cross-defense reconstruction grid here.")
@@ -156,3 +166,36 @@ def plot_cmd(run_dirs, out, grid_out, curves, frontier_plot, privacy_metric, ref
     elif grid_out:
         click.echo(grid_out)
     click.echo(str(plots.privacy_utility_plot(table, out)))
+
+
+@click.command("report", epilog=examples(
+    "privbench report README.md docs/frontier.md",
+    "privbench report --check README.md      # CI: exit 1 if a table no longer matches its rows",
+))
+@click.argument("files", nargs=-1, required=True)
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 naming every file whose blocks are stale.")
+def report_cmd(files: tuple[str, ...], check: bool) -> None:
+    """Regenerate the tables and verdicts in Markdown files from the committed rows they name.
+
+    \b
+    A block sits between `<!-- privbench: KIND FOLDER -->` and `<!-- privbench: end -->`, KIND
+    summary | table | verdicts, FOLDER a `privbench run` output folder (results.csv, verdicts.csv)
+    relative to the file. Everything between the two comments is rewritten.
+    """
+    stale = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        text = path.read_text()
+        if not blocks.blocks(text):
+            raise UserError(f"{path} has no block: <!-- privbench: KIND FOLDER --> ... <!-- privbench: end -->")
+        new = blocks.regenerate(text, path.parent)
+        if new != text:
+            stale.append(str(path))
+            if not check:
+                atomic_write_text(path, new)
+    if check and stale:
+        click.echo(f"stale generated blocks in {', '.join(stale)}: run privbench report {' '.join(stale)}", err=True)
+        sys.exit(1)
+    click.echo(("up to date: " if check or not stale else "regenerated: ") + ", ".join(stale or files))

@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from privbench.engine.data import EMBEDDED_VERSION, folder_fingerprint
+from privbench.engine.models import MODELS
+from privbench.engine.zoo import is_model_spec
 from privbench.errors import UserError
 from privbench.plugin import stack
+from privbench.util.storage import file_digest
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU minutes: a quarter-width VGG11 (z is still 8x8x8 with C8), 5,000 images, cosine lr per step.
@@ -52,7 +56,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 # Fields that say where or how a run executes, not what it computes: left out of its identity.
-NON_IDENTITY = ("device", "data_dir", "progress", "compile", "channels_last")
+NON_IDENTITY = ("device", "data_dir", "progress", "compile", "channels_last", "weights")
+# Fields added after run folders existed, with the value that trains as before they existed: at
+# that value they are left out of the identity, so those folders keep their hashes.
+ADDED_FIELDS: dict[str, Any] = {"image_size": None, "pretrained": False, "model_options": {}, "weights_digest": None}
+MODEL_FORMS = "vgg11, resnet20, torchvision:NAME, timm:NAME or pkg.module:callable"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -61,9 +69,13 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 class TrainConfig:
     dataset: str = "embedded"
     data_dir: str | None = None
+    # vgg11 | resnet20 (built in), or any model: torchvision:NAME, timm:NAME, pkg.module:callable
+    # (privbench.engine.zoo), split at `cut` by privbench.engine.cuts.
     model: str = "vgg11"
-    width: float = PRESETS["quick"]["width"]
-    cut: int = 4
+    width: float = PRESETS["quick"]["width"]  # built-in models only
+    # Built-in models: the number of entries on the client. Other models: a module name (the cut
+    # falls after it) or an index into the model's valid cuts (`privbench cuts MODEL`).
+    cut: int | str = 4
     bottleneck: int | None = None  # channels of the C<c> bottleneck
     noise: float = 0.0  # std of Gaussian noise on z, at train, test and attack time
     defense: str = "none"
@@ -96,14 +108,22 @@ class TrainConfig:
     # folder: data sets only: a fingerprint of the folder's content (set by from_preset), so
     # changed images make a new run instead of reusing a stale one. None: left out of identity.
     data_fingerprint: str | None = None
+    image_size: int | None = None  # resize every image of the data set to this many pixels a side; None: native
+    pretrained: bool = False  # zoo models: start from the family's default pretrained weights
+    model_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model factory
+    # A state dict file loaded into the model before training (not part of the identity: its
+    # sha256, `weights_digest`, set by from_preset, is).
+    weights: str | None = None
+    weights_digest: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
         self.milestones = tuple(self.milestones)
         if self.schedule not in ("cosine", "multistep"):
             raise UserError(f"invalid schedule {self.schedule!r}: cosine or multistep")
-        if self.epochs < 1:
-            raise UserError(f"invalid epochs {self.epochs}: must be >= 1")
+        if self.epochs < 0:
+            raise UserError(f"invalid epochs {self.epochs}: must be >= 0 (0 evaluates the model as it is)")
+        self._check_model()
         if self.noise < 0:
             raise UserError(f"invalid noise {self.noise}: the noise std must be >= 0")
         if self.batch_size < 1 or self.lr <= 0:
@@ -116,6 +136,25 @@ class TrainConfig:
             raise UserError(f"invalid noise_warmup {self.noise_warmup}: a fraction of training in [0, 1)")
         if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
             raise UserError(f"invalid compile mode {self.compile!r} (known: {', '.join(COMPILE_MODES)})")
+
+    def _check_model(self) -> None:
+        builtin = self.model in MODELS
+        if not builtin and not is_model_spec(self.model):
+            raise UserError(f"unknown model {self.model!r}: expected {MODEL_FORMS}")
+        if isinstance(self.cut, str):
+            name = self.cut.strip()
+            if builtin and name.lstrip("-").isdigit():
+                self.cut = int(name)  # "4" from a command line: the same run as 4
+            elif builtin:
+                raise UserError(f"invalid cut {self.cut!r} for {self.model}: its cuts are numbers (privbench cuts "
+                                f"{self.model}); module names cut torchvision, timm and user models")  # fmt: skip
+            elif not name:
+                raise UserError("invalid cut '': a module name or an index into the valid cuts")
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError(f"invalid image size {self.image_size}: a positive number of pixels")
+        if builtin and (self.pretrained or self.model_options):
+            what = "pretrained weights" if self.pretrained else f"model options ({', '.join(self.model_options)})"
+            raise UserError(f"{what} apply to torchvision, timm and user models, not the built-in {self.model}")
 
     @property
     def compile_mode(self) -> str | None:
@@ -138,6 +177,8 @@ class TrainConfig:
         dataset = values.get("dataset", "embedded")
         if isinstance(dataset, str) and dataset.startswith("folder:") and not values.get("data_fingerprint"):
             values["data_fingerprint"] = folder_fingerprint(dataset[len("folder:") :])
+        if values.get("weights"):
+            values["weights_digest"] = weights_digest(values["weights"])
         return cls(preset=preset, **values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,6 +204,9 @@ class TrainConfig:
             del d["data_fingerprint"]
         if d["noise_warmup"] == 0 or d["noise"] == 0:  # no ramp, or nothing to ramp: trains as before it existed
             del d["noise_warmup"]
+        for k, default in ADDED_FIELDS.items():
+            if d[k] == default:
+                del d[k]
         return d
 
     def hash(self) -> str:
@@ -192,6 +236,13 @@ def _check_types(cfg: TrainConfig) -> None:
             want = " or ".join("none" if t == "None" else t.split("[")[0] for t in allowed)
             raise UserError(f"invalid {f.name} {value!r}: expected {want}")
         setattr(cfg, f.name, value)
+
+
+def weights_digest(path: str) -> str:
+    """The sha256 of a --weights file: part of the run's identity (its path is not)."""
+    if not os.path.isfile(path):
+        raise UserError(f"weights file not found: {path} (expected a state dict saved with torch.save)")
+    return file_digest(path)
 
 
 def config_hash(obj: Any) -> str:

@@ -4,7 +4,8 @@ Every dataset is a `Dataset` of `Split`s holding uint8 images [N,3,H,W] and int6
 Small data sets live in memory (on the GPU when there is one); augmentation (random crop with
 4-pixel zero padding, horizontal flip) runs on whole batches with tensor ops, no PIL, no workers.
 
-Names: `embedded` (default, no download), `cifar10`, `cifar100`, `folder:PATH`.
+Names: `embedded` (default, no download), `cifar10`, `cifar100`, `folder:PATH`. Any of them can
+be resized (`image_size`): antialiased bilinear on the uint8 tensors, rounded back to uint8.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ EMBEDDED_VERSIONS: dict[int, dict] = {
     3: dict(short_side=320, tile=40, fractions={"train": 0.6, "aux": 0.15, "test": 0.25}, n_aux=1000, n_test=2000),
 }
 EMBEDDED_VERSION = 3  # the current one
+EMBEDDED_CROP = 32  # the crops' size in pixels
 DATASETS = ("embedded", "cifar10", "cifar100", "folder:PATH")
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 CIFAR_URLS = {
@@ -110,17 +112,50 @@ def load_dataset(
     seed: int = 0,
     n_train: int | None = None,
     n_test: int | None = None,
-    image_size: int = 32,
+    image_size: int | None = None,
     version: int = EMBEDDED_VERSION,
 ) -> Dataset:
-    """Load a data set by name. Raises UserError with the expected location when absent."""
+    """Load a data set by name, its images `image_size` pixels a side (None: the native size;
+    an image folder's is 32). Raises UserError with the expected location when absent."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise UserError(f"invalid image size {image_size!r}: a positive number of pixels")
     if name == "embedded":
-        return embedded(seed=seed, n_train=n_train or 5000, n_test=n_test, version=version)
+        return embedded(seed=seed, n_train=n_train or 5000, n_test=n_test, version=version, image_size=image_size)
     if name in CIFAR_FOLDERS:
-        return cifar(name, data_dir=data_dir, download=download)
+        return resized(cifar(name, data_dir=data_dir, download=download), image_size)
     if name.startswith("folder:"):
-        return image_folder(name[len("folder:") :], image_size=image_size, seed=seed)
+        return image_folder(name[len("folder:") :], image_size=image_size or FOLDER_SIZE, seed=seed)
     raise UserError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})")
+
+
+FOLDER_SIZE = 32  # an image folder's images are read at this size unless image_size says otherwise
+RESIZE_BATCH = 512  # images resized at once (float copies of 224 px images are large)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N,C,H,W] -> uint8 [N,C,size,size]: antialiased bilinear, rounded; the same tensor
+    when it already has that size."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    out = [
+        torch.nn.functional.interpolate(
+            images[i : i + RESIZE_BATCH].float(), size=(size, size), mode="bilinear", antialias=True,
+            align_corners=False,
+        ).round_().clamp_(0, 255).to(torch.uint8)
+        for i in range(0, len(images), RESIZE_BATCH)
+    ]  # fmt: skip
+    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
+
+
+def resized(data: Dataset, size: int | None) -> Dataset:
+    """The data set with every split's images resized to `size` (None: as it is)."""
+    if size is None:
+        return data
+
+    def split(s: Split | None) -> Split | None:
+        return None if s is None else Split(resize_images(s.images, size), s.labels, s.groups)
+
+    return Dataset(data.name, data.classes, split(data.train), split(data.test), split(data.aux))
 
 
 # ---------------------------------------------------------------------------------- embedded
@@ -188,16 +223,21 @@ def embedded(
     n_test: int | None = None,
     n_aux: int | None = None,
     version: int = EMBEDDED_VERSION,
+    image_size: int | None = None,
 ) -> Dataset:
-    """The default data set: 10 classes of 32x32 crops of scikit-image photographs.
+    """The default data set: 10 classes of 32x32 crops of scikit-image photographs (resized to
+    `image_size` when given).
 
-    Built once per (version, seed, sizes) and cached on disk as a uint8 tensor file.
+    Built once per (version, seed, sizes, image size) and cached on disk as a uint8 tensor file.
     """
     if version not in EMBEDDED_VERSIONS:
         raise UserError(f"unknown embedded data version {version} (known: {', '.join(map(str, EMBEDDED_VERSIONS))})")
     n_aux = EMBEDDED_VERSIONS[version]["n_aux"] if n_aux is None else n_aux
     n_test = EMBEDDED_VERSIONS[version]["n_test"] if n_test is None else n_test
     key = f"embedded-v{version}-s{seed}-{n_train}-{n_aux}-{n_test}"
+    resize = image_size is not None and image_size != EMBEDDED_CROP
+    if resize:
+        key += f"-px{image_size}"
     path = cache_dir() / f"{key}.pt"
     parts = ("images", "labels", "groups")
     blob = None
@@ -207,12 +247,18 @@ def embedded(
         except Exception:  # a damaged cache file is rebuilt, never trusted
             blob = None
     if not isinstance(blob, dict) or any(f"{s}_{p}" not in blob for s in ("train", "aux", "test") for p in parts):
-        crops = embedded_crops(seed, {"train": n_train, "aux": n_aux, "test": n_test}, version=version)
-        blob = {
-            f"{s}_{p}": torch.from_numpy(crops[s][i]).to(torch.uint8 if p == "images" else torch.int64)
-            for s in crops
-            for p, i in zip(parts, (0, 1, 3))
-        }
+        if resize:  # the native set (cached on its own), resized
+            native = embedded(seed=seed, n_train=n_train, n_test=n_test, n_aux=n_aux, version=version)
+            blob = {f"{s}_{p}": getattr(getattr(native, s), p) for s in ("train", "aux", "test") for p in parts}
+            for s in ("train", "aux", "test"):
+                blob[f"{s}_images"] = resize_images(blob[f"{s}_images"], image_size)
+        else:
+            crops = embedded_crops(seed, {"train": n_train, "aux": n_aux, "test": n_test}, version=version)
+            blob = {
+                f"{s}_{p}": torch.from_numpy(crops[s][i]).to(torch.uint8 if p == "images" else torch.int64)
+                for s in crops
+                for p, i in zip(parts, (0, 1, 3))
+            }
         atomic_write_bytes(path, tensor_bytes(blob))
     splits = {s: Split(*(blob[f"{s}_{p}"] for p in parts)) for s in ("train", "aux", "test")}
     return Dataset("embedded", list(EMBEDDED_PHOTOS), splits["train"], splits["test"], splits["aux"])

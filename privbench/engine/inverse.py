@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from privbench.util.progress import bar as progress_bar
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -46,17 +47,33 @@ def upsamplings(z_size: int, image_size: int) -> int:
     return max(0, int(math.floor(math.log2(image_size / z_size) + 1e-9))) if z_size < image_size else 0
 
 
+def token_grid(n: int) -> tuple[int, int]:
+    """(leading tokens to drop, grid side) for a sequence of n tokens: the largest square of
+    patches, after the leading class (distillation, register) tokens; 65 -> (1, 8), 64 -> (0, 8)."""
+    side = math.isqrt(n)
+    return n - side * side, side
+
+
 class InverseNet(nn.Module):
     """z [N,c,h,w] -> image [N,C,H,W] in (0,1), for any cut: 1x1 up to full-size activations.
 
-    Power-of-two ratios are reached by transposed convolutions alone; any remainder (or a z
-    larger than the image) is closed by a bilinear resize before the last block.
+    Tokens [N,n,d] (a transformer's sequence) are laid back on their patch grid first: leading
+    tokens beyond the largest square (a class token) are dropped and the rest read row by row as
+    a d-channel map (`token_grid`). A flat z [N,d] is d channels at 1x1. Power-of-two ratios are
+    reached by transposed convolutions alone; any remainder (or a z larger than the image) is
+    closed by a bilinear resize before the last block.
     """
 
     def __init__(self, z_shape: tuple[int, ...], image_shape: tuple[int, int, int], *, channels: int, blocks: int):
         super().__init__()
+        self.tokens, self.prefix = len(z_shape) == 2, 0
         if len(z_shape) == 1:  # a flat activation: treat it as channels at 1x1
             z_shape = (z_shape[0], 1, 1)
+        elif self.tokens:
+            self.prefix, side = token_grid(z_shape[0])
+            z_shape = (z_shape[1], side, side)
+        if len(z_shape) != 3:
+            raise ValueError(f"InverseNet takes z of shape [C,H,W], [N,D] or [D], got {list(z_shape)}")
         self.z_shape, self.image_shape = tuple(z_shape), tuple(image_shape)
         zc, zh, zw = z_shape
         c, h, w = image_shape
@@ -74,7 +91,10 @@ class InverseNet(nn.Module):
         self.head = ResBlock(channels, c, last_relu=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.reshape(len(z), *self.z_shape) if z.ndim == 2 else z
+        if self.tokens:  # [N, n, d] -> [N, d, side, side], the class token(s) dropped
+            z = z[:, self.prefix :].transpose(1, 2).reshape(len(z), *self.z_shape)
+        elif z.ndim == 2:
+            z = z.reshape(len(z), *self.z_shape)
         y = self.body(z)
         if self.needs_resize:
             y = F.interpolate(y, size=self.image_shape[1:], mode="bilinear", align_corners=False)
@@ -101,7 +121,7 @@ def train_inverse(
     steps = epochs * math.ceil(len(images) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=min_lr)
     history: list[float] = []
-    bar = tqdm(range(epochs), desc=desc, leave=False, disable=not show)
+    bar = progress_bar(range(epochs), desc=desc, show=show)
     for _ in bar:
         perm = torch.randperm(len(images), device=images.device)
         total = torch.zeros((), device=images.device)

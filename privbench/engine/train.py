@@ -20,17 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from privbench.engine import resume
 from privbench.engine.config import CUDA_GRAPH_MODES, TrainConfig
 from privbench.engine.data import Dataset, Split, augment, load_dataset, to_float
 from privbench.engine.diagnostics import entropy_bound
 from privbench.engine.features import encoder_features, z_spread
-from privbench.engine.models import SplitModel, build_model
+from privbench.engine.models import SplitModel, build_model, read_weights, z_kind
 from privbench.errors import UserError
 from privbench.plugin import stack
 from privbench.plugin.base import Defense, TrainContext
+from privbench.util.progress import bar as progress_bar
 from privbench.util.stats import grouped_mean_ci
 
 
@@ -80,21 +80,28 @@ class TrainResult:
     entropy_bound: dict[str, Any] | None = None  # privbench.engine.diagnostics.entropy_bound on the test z
 
 
-def make_model(cfg: TrainConfig, data: Dataset) -> SplitModel:
+def make_model(cfg: TrainConfig, data: Dataset, *, initial_weights: bool = True) -> SplitModel:
+    """The configuration's split model for `data`. With `initial_weights` False the starting
+    weights (pretrained, `weights`) are not loaded: Run.load_model then loads the run's checkpoint,
+    which holds every weight, without a download or the original file."""
+    state = read_weights(cfg.weights, cfg.weights_digest) if cfg.weights and initial_weights else None
     return build_model(
         cfg.model, num_classes=data.num_classes, cut=cfg.cut, bottleneck=cfg.bottleneck,
         noise_std=cfg.noise, width=cfg.width, image_shape=data.image_shape,
+        pretrained=cfg.pretrained and initial_weights, options=cfg.model_options, state_dict=state,
     )  # fmt: skip
 
 
 def attach_defense(model: SplitModel, defense: Defense, image_shape: tuple[int, ...], device: torch.device) -> None:
     """Build the defense's modules for this model's z and route z through its transform, in
-    training, when accuracy is measured and in the attacker's view (Run.load_model does the same)."""
+    training, when accuracy is measured and in the attacker's view (Run.load_model does the same).
+    A defense that does not take this z's kind (map, tokens, vector: Defense.z_kinds) is refused."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
         z_shape = tuple(model.encoder(torch.zeros(2, *image_shape, device=device)).shape[1:])
     model.train(was_training)
+    stack.check_z_kind(defense, z_kind(z_shape), z_shape)
     defense.build(z_shape, device)
     model.defense_transform = defense.transform if defense.transforms else None
     model.defense_noise = defense.noise if defense.adds_noise else None
@@ -102,8 +109,9 @@ def attach_defense(model: SplitModel, defense: Defense, image_shape: tuple[int, 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> Dataset:
     data = load_dataset(
-        cfg.dataset, data_dir=cfg.data_dir, seed=cfg.data_seed, n_train=cfg.n_train, version=cfg.data_version
-    )
+        cfg.dataset, data_dir=cfg.data_dir, seed=cfg.data_seed, n_train=cfg.n_train, version=cfg.data_version,
+        image_size=cfg.image_size,
+    )  # fmt: skip
     return data.to(device)
 
 
@@ -278,7 +286,7 @@ def train(
         loss_sum = torch.zeros((), device=device)
         extra_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+        bar = progress_bar(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", show=cfg.progress)
         for step in bar:
             step_lr = lr_at(cfg, epoch, step, steps)
             for group in opt.param_groups:

@@ -31,10 +31,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+import torch
+
 from privbench.engine.config import PRESETS, TrainConfig, config_hash
 from privbench.engine.data import load_dataset
 from privbench.engine.models import parse_bottleneck
-from privbench.engine.train import make_model
+from privbench.engine.train import attach_defense, make_model
 from privbench.errors import UserError
 from privbench.grid.executor import parse_executor
 from privbench.plugin import options, registry, stack, strength
@@ -47,10 +49,14 @@ BASE_NOISE = 0.025
 ATTACK_SETTINGS = ("epochs", "steps", "eval_images", "attacker_data", "check_saturation", "semantic")
 # TrainConfig fields the grid itself sets; a [train] table may not override them.
 GRID_FIELDS = ("dataset", "data_dir", "cut", "bottleneck", "noise", "defense", "defense_options", "seed", "preset",
-               "device", "progress", "data_fingerprint")  # fmt: skip
+               "device", "progress", "data_fingerprint", "weights_digest")  # fmt: skip
 # Top-level shortcuts for one table entry each: (table, key in that table).
-SHORTCUTS = {"epochs": ("train", "epochs"), "model": ("train", "model"),
+SHORTCUTS = {"epochs": ("train", "epochs"), "model": ("train", "model"), "image_size": ("train", "image_size"),
+             "pretrained": ("train", "pretrained"), "weights": ("train", "weights"),
              "eval_images": ("attacks", "eval_images"), "attacker_data": ("attacks", "attacker_data")}  # fmt: skip
+# The TrainConfig fields that make the model (Grid.validate builds each distinct one once).
+MODEL_FIELDS = ("model", "cut", "bottleneck", "width", "model_options", "pretrained", "weights", "weights_digest",
+                "image_size")  # fmt: skip
 TOP_KEYS = ("preset", "dataset", "data_dir", "defense", "attack", "seeds", "cut", "bottleneck", "noise", "device",
             "results_dir", "out", *SHORTCUTS, "option", "train", "attacks", "defenses", "executor", "sweep",
             "reference", "privacy_metric", "bracket", "seeds_cap")  # fmt: skip
@@ -107,7 +113,7 @@ class Grid:
     attack: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
     seeds: int | str = 1  # or "auto": sequential seeds from SEEDS_AUTO_START up to seeds_cap
     seeds_cap: int = SEEDS_CAP
-    cut: int | None = None
+    cut: int | str | None = None  # built-in models: an entry count; others: a module name or a cut index
     bottleneck: list[int | None] = field(default_factory=lambda: [BASE_BOTTLENECK])
     noise: list[float] = field(default_factory=lambda: [BASE_NOISE])
     device: str = "auto"
@@ -116,6 +122,9 @@ class Grid:
     # Shortcuts (see SHORTCUTS): folded into train / attacks, where they win over the table's entry.
     epochs: int | None = None
     model: str | None = None
+    image_size: int | None = None
+    pretrained: bool | None = None
+    weights: str | None = None
     eval_images: int | None = None
     attacker_data: str | None = None
     option: list[str] = field(default_factory=list)  # "[NAME.]key=value", as `-o`
@@ -183,16 +192,27 @@ class Grid:
         self.train = dict(self.train)
         self.attacks = {k: dict(v) if isinstance(v, dict) else v for k, v in self.attacks.items()}
         self.defenses = {k: dict(v) for k, v in self.defenses.items()}
-        for key in ("epochs", "eval_images"):
+        for key, least in (("epochs", 0), ("eval_images", 1), ("image_size", 1)):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise UserError(f"invalid {key} {value!r}: expected an integer >= 1")
-        if self.model is not None and not isinstance(self.model, str):
-            raise UserError(f"invalid model {self.model!r}: expected a name such as vgg11")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise UserError(f"invalid {key} {value!r}: expected an integer >= {least}")
+        for key, kind, example in (("model", str, "a name such as vgg11"), ("weights", str, "a file name"),
+                                   ("pretrained", bool, "true or false")):  # fmt: skip
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, kind):
+                raise UserError(f"invalid {key} {value!r}: expected {example}")
+        if self.cut is not None and (isinstance(self.cut, bool) or not isinstance(self.cut, int | str)):
+            raise UserError(f"invalid cut {self.cut!r}: expected a number or a module name")
         for key, (table, entry) in SHORTCUTS.items():
             if getattr(self, key) is not None:
                 getattr(self, table)[entry] = getattr(self, key)
         self.option = [str(o) for o in _as_list(self.option)] if self.option else []
+        model_options, _ = options.split_model(options.parse_all(self.option))
+        if model_options:  # `-o model.KEY=VALUE`: over the [train] table's model_options
+            table = self.train.get("model_options") or {}
+            if not isinstance(table, dict):
+                raise UserError("[train] model_options must be a table of the model factory's keyword arguments")
+            self.train["model_options"] = {**table, **model_options}
         for table, routed in zip((self.defenses, self.attacks), self._routed_options()):
             for name, opts in routed.items():
                 table.setdefault(name, {}).update(opts)
@@ -202,7 +222,8 @@ class Grid:
         of the grid that takes `key` (privbench.plugin.options)."""
         for spec in self.defense:
             stack.parts(spec.partition("@")[0])  # unknown defense names fail here, with the installed ones
-        return options.route(options.parse_all(self.option), defenses=self.defense, attacks=self.attack)
+        _, rest = options.split_model(options.parse_all(self.option))
+        return options.route(rest, defenses=self.defense, attacks=self.attack)
 
     def defense_parts(self) -> list[str]:
         """Every defense named in the grid, stacks split into their parts, in order."""
@@ -309,10 +330,15 @@ class Grid:
             resolve_attack(name, self.attack_options().get(name, {}), budget, progress=False)
         configs = self.train_configs()
         first = configs[0]
-        data = load_dataset(first.dataset, data_dir=first.data_dir, seed=first.data_seed, n_train=first.n_train)
+        data = load_dataset(first.dataset, data_dir=first.data_dir, seed=first.data_seed, n_train=first.n_train,
+                            image_size=first.image_size)  # fmt: skip
+        models: dict[str, Any] = {}
         for cfg in configs:
-            stack.create(cfg.defense, cfg.defense_options)
-            make_model(cfg, data)
+            defense = stack.create(cfg.defense, cfg.defense_options)
+            key = config_hash({k: getattr(cfg, k) for k in MODEL_FIELDS})
+            if key not in models:
+                models[key] = make_model(cfg, data)
+            attach_defense(models[key], defense, data.image_shape, torch.device("cpu"))  # z's kind fits the defense
 
 
 def _as_list(value: Any) -> list[Any]:

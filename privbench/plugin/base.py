@@ -81,6 +81,10 @@ class Defense:
     # Whether the knob at 0 turns the defense off (it then behaves as `none`; a contract test
     # holds every defense to it); False where something stays on at 0, such as learned noise.
     knob_zero_is_off: ClassVar[bool] = True
+    # The kinds of z this defense works on: "map" [C,H,W], "tokens" [N,D] (a transformer's
+    # sequence) and "vector" [D]. A defense that reads channels of a map narrows it; a run whose
+    # cut sends another kind is refused before training.
+    z_kinds: ClassVar[tuple[str, ...]] = ("map", "tokens", "vector")
 
     def build(self, z_shape: tuple[int, ...], device: torch.device) -> None:
         pass

@@ -9,6 +9,8 @@ drops defaults (privbench.plugin.registry.canonical_options), so equal settings 
 
 Routing a bare `key=value` (no NAME): to every defense part that has `key`; within one stack
 it must name one part. When no defense has it and one attack is run, it goes to that attack.
+NAME `model` is reserved: `model.KEY=VALUE` is a keyword argument of the model factory
+(`split_model` takes those out before routing; TrainConfig.model_options holds them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from privbench.errors import UserError
 from privbench.plugin import registry
 
 STACK_SEPARATOR = "+"
+MODEL_TARGET = "model"  # `-o model.KEY=VALUE`: an option of the model, not of a plugin
 
 
 def parse_value(text: str) -> Any:
@@ -82,6 +85,17 @@ def parse_all(pairs: Iterable[str] | Mapping[str, Any] | None) -> list[Option]:
     return out
 
 
+def split_model(opts: Iterable[Option]) -> tuple[dict[str, Any], list[Option]]:
+    """({KEY: VALUE} of every `model.KEY=VALUE`, the other options in order)."""
+    model, rest = {}, []
+    for o in opts:
+        if o.target == MODEL_TARGET:
+            model[o.key] = o.value
+        else:
+            rest.append(o)
+    return model, rest
+
+
 def as_dict(opts: Iterable[Option]) -> dict[str, Any]:
     """{"gmm-cem.lam": 8, "warmup": 0}: the form a stack routes (privbench.plugin.stack)."""
     return {str(o): o.value for o in opts}
@@ -109,6 +123,8 @@ def route(
     to_defense: dict[str, dict[str, Any]] = {}
     to_attack: dict[str, dict[str, Any]] = {}
     for o in opts:
+        if o.target == MODEL_TARGET and MODEL_TARGET not in parts and MODEL_TARGET not in attacks:
+            raise UserError(f"option {str(o)!r} is a model option: give it to privbench train, run or cuts")
         if o.target is not None:
             if o.target in parts:
                 to_defense.setdefault(o.target, {})[o.key] = o.value

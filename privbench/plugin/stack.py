@@ -66,6 +66,15 @@ def create(spec: str, options: dict[str, Any] | None = None) -> Stack:
     return Stack(spec, [(n, registry.create("defense", n, routed[n])) for n in names])
 
 
+def check_z_kind(defense: Defense, kind: str, z_shape: tuple[int, ...]) -> None:
+    """Refuse a defense (or a stack part) that does not work on z of this kind (Defense.z_kinds)."""
+    members = defense.members if isinstance(defense, Stack) else [(defense.name, defense)]
+    for name, d in members:
+        if kind not in d.z_kinds:
+            raise UserError(f"defense {name} works on {' and '.join(d.z_kinds)} activations, but this model's z is "
+                            f"{kind} of shape {list(z_shape)}: choose another cut or defense")  # fmt: skip
+
+
 class Stack(Defense):
     """Several defenses run as one; with one part it behaves exactly as that part.
 

@@ -15,7 +15,7 @@ import math
 import pandas as pd
 
 from privbench.errors import UserError
-from privbench.report.table_format import _pm, caption
+from privbench.report.table_format import caption, plus_minus
 from privbench.util import stats
 
 TOPS = ("gmm-cem", "slot-cem")
@@ -94,8 +94,8 @@ def to_markdown(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> str:
         for g in groups:
             n = r[f"{g}|n_seeds"]
             seeds = f" (n={int(n)})" if mixed and not pd.isna(n) else ""
-            cells += [_pm(r[f"{g}|accuracy_mean"], r[f"{g}|accuracy_ci95"], 1, 100) + seeds,
-                      _pm(r[f"{g}|worst_ssim_mean"], r[f"{g}|worst_ssim_ci95"], 3)]  # fmt: skip
+            cells += [plus_minus(r[f"{g}|accuracy_mean"], r[f"{g}|accuracy_ci95"], 1, 100) + seeds,
+                      plus_minus(r[f"{g}|worst_ssim_mean"], r[f"{g}|worst_ssim_ci95"], 3)]  # fmt: skip
             if g != ALONE:
                 da, ds = r[f"{g}|delta_accuracy"], r[f"{g}|delta_worst_ssim"]
                 ca, cs = r[f"{g}|delta_accuracy_ci95"], r[f"{g}|delta_worst_ssim_ci95"]

@@ -64,7 +64,7 @@ def metric_header(name: str, metric: str) -> str:
     return f"{name} {METRIC_LABEL[metric]}" + (f" {unit}" if unit else "")
 
 
-def _pm(mean: float, ci: float, digits: int, scale: float = 1.0) -> str:
+def plus_minus(mean: float, ci: float, digits: int, scale: float = 1.0) -> str:
     if pd.isna(mean):
         return "–"
     s = f"{mean * scale:.{digits}f}"
@@ -80,20 +80,20 @@ def no_better_than_baseline(value: float, baseline: float, metric: str) -> bool:
 
 def _privacy_cell(r: pd.Series, prefix: str, metric: str) -> str:
     mean, ci = r.get(f"{prefix}_{metric}_mean"), r.get(f"{prefix}_{metric}_ci95")
-    cell = _pm(mean, ci, METRIC_DIGITS[metric])
+    cell = plus_minus(mean, ci, METRIC_DIGITS[metric])
     mark = prefix != "baseline" and no_better_than_baseline(mean, r.get(f"baseline_{metric}_mean"), metric)
     unsaturated = r.get(f"{prefix}_unsaturated_mean")
     return cell + (f" {DAGGER}" if mark else "") + (f" {UNSATURATED}" if unsaturated and unsaturated > 0 else "")
 
 
-def _worst_cell(r: pd.Series, metric: str, privacy_metric: str) -> str:
+def worst_cell(r: pd.Series, metric: str, privacy_metric: str) -> str:
     """'decoder 0.612 ± 0.010': the attack that reached the worst case of `metric`, and its number.
     The saturation flag travels with worst_attack, the worst case by the privacy metric."""
     attack = r.get("worst_attack" if metric == privacy_metric else f"worst_{metric}_attack")
     if not isinstance(attack, str) or not attack:
         return "–"
     mean = r.get(f"worst_{metric}_mean")
-    cell = _pm(mean, r.get(f"worst_{metric}_ci95"), METRIC_DIGITS[metric])
+    cell = plus_minus(mean, r.get(f"worst_{metric}_ci95"), METRIC_DIGITS[metric])
     mark = no_better_than_baseline(mean, r.get(f"baseline_{metric}_mean"), metric)
     unsaturated = metric == privacy_metric and (r.get("worst_unsaturated_mean") or 0) > 0
     return f"{attack} {cell}" + (f" {DAGGER}" if mark else "") + (f" {UNSATURATED}" if unsaturated else "")
@@ -111,7 +111,7 @@ def columns(table: pd.DataFrame) -> list[Column]:
     cols += [Column(key, [str(v) for v in table[key]]) for key in table.attrs.get("settings", [])]
     cols.append(Column("seeds", [f"n={n}" for n in table.n_seeds]))
     cols.append(Column("accuracy (%)", [
-        _pm(m, c, 1, 100) + (f" {CHANCE_MARK}" if flag else "")
+        plus_minus(m, c, 1, 100) + (f" {CHANCE_MARK}" if flag else "")
         for m, c, flag in zip(table.accuracy_mean, table.accuracy_ci95, table.near_chance)
     ]))  # fmt: skip
     rows = [r for _, r in table.iterrows()]
@@ -126,7 +126,7 @@ def columns(table: pd.DataFrame) -> list[Column]:
             cols.append(Column(metric_header(attack, metric), cells, "attack", metric))
     privacy = table.attrs.get("privacy_metric", "ssim")
     for metric in (privacy, *(m for m in METRICS if m != privacy)):  # the privacy metric's worst case first
-        cells = [_worst_cell(r, metric, privacy) for r in rows]
+        cells = [worst_cell(r, metric, privacy) for r in rows]
         if metric == privacy or any(c != "–" for c in cells):
             cols.append(Column(metric_header("worst case", metric), cells, "worst", metric))
     for metric in METRICS:
@@ -240,7 +240,7 @@ def semantic_note(table: pd.DataFrame) -> str | None:
     col = f"{CLEAN_SEM_ACC}_mean"
     if col in table and table[col].notna().any():
         values = {
-            config_label(r.defense, r.channel, r.options): _pm(r[col], r.get(f"{CLEAN_SEM_ACC}_ci95"), 3)
+            config_label(r.defense, r.channel, r.options): plus_minus(r[col], r.get(f"{CLEAN_SEM_ACC}_ci95"), 3)
             for _, r in table.iterrows() if not pd.isna(r[col])
         }  # fmt: skip
         same = len(set(values.values())) == 1

@@ -40,8 +40,8 @@ CHANCE_MARK = "⚠ chance"
 # Columns that describe a row's configuration; they appear in front of the numbers.
 ID_COLUMNS = ("dataset", "model", "preset", "cut", "defense", "channel", "bottleneck", "noise", "options")
 # TrainConfig fields that never separate two configurations in a table (seed is aggregated over).
-NOT_A_SETTING = {"seed", "device", "data_dir", "progress", "compile", "defense_options"}
-# Provenance fields that make two cells' numbers differ beyond the seed (issue: reproducibility).
+NOT_A_SETTING = {"seed", "device", "data_dir", "progress", "compile", "defense_options", "weights"}
+# Provenance fields that make two cells' numbers differ beyond the seed (reproducibility).
 ENV_FIELDS = ("torch_version", "device_name", "num_threads", "deterministic")
 LONG_COLUMNS = [
     "run", "config", "dataset", "model", "preset", "cut", "defense", "channel", "bottleneck", "noise", "options",
@@ -120,6 +120,27 @@ def collect(paths: Iterable[str | Path], *, attack_dirs: Iterable[str | Path] | 
             rows += _run_rows(run_dir, keep)
     df = pd.DataFrame(rows, columns=LONG_COLUMNS)
     return _label_attack_variants(df)
+
+
+TEXT_COLUMNS = ("run", "config", "dataset", "model", "preset", "defense", "channel", "options", "attack",
+                "attack_dir", "variant", "attacker_data", "metric", "note", "path")  # fmt: skip
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """Long-form rows written by `privbench run` (results.csv) read back as `collect` returns them:
+    empty text stays '' (the accuracy rows' attack), not NaN. A missing or malformed file is a
+    one-line UserError."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
+                         na_values={c: [""] for c in LONG_COLUMNS if c not in TEXT_COLUMNS})  # fmt: skip
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise UserError(f"cannot read results rows from {path}: {str(exc).splitlines()[0]}") from None
+    missing = [c for c in ("config", "defense", "channel", "attack", "metric", "value") if c not in df]
+    if missing:
+        raise UserError(f"{path} is not a long-form results file (no column {missing[0]!r}); pass the results.csv "
+                        "that privbench run writes")  # fmt: skip
+    return df
 
 
 def _environment(prov: Any) -> dict[str, str | None]:

@@ -119,10 +119,11 @@ class Run:
         return read_json(self.path / "provenance.json")
 
     def load_model(self, data: Dataset, device: torch.device | str = "cpu") -> SplitModel:
-        """Rebuild the model from config.json and load the checkpoint (weights only)."""
+        """Rebuild the model from config.json and load the checkpoint (weights only). The starting
+        weights (pretrained, --weights) are not fetched again: the checkpoint holds every weight."""
         cfg = self.config()
         self.check_data(cfg)
-        model = make_model(cfg, data)
+        model = make_model(cfg, data, initial_weights=False)
         path = self.path / "checkpoint.pt"
         state = load_checkpoint(path).get("model")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -219,7 +220,7 @@ def train_run(
         atomic_write_bytes(tmp / "checkpoint.pt", tensor_bytes(state))  # CPU tensors: opens on any machine
         write_json(tmp / "metrics.json", {
             **result.accuracy, "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
-            "history": result.history, "num_classes": result.model.server[-1].out_features,
+            "history": result.history, "num_classes": result.model.num_classes,
             **result.z_stats, **({"entropy_bound": result.entropy_bound} if result.entropy_bound else {}),
         })  # fmt: skip
         write_curves_csv(result.history, tmp / "curves.csv")

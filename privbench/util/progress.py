@@ -8,7 +8,12 @@ finished at least one (before that there is nothing honest to extrapolate from).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
 
 _said: set[str] = set()
 
@@ -70,3 +75,9 @@ class Progress:
                 return None
             total += left * self.spent[kind] / self.finished[kind]
         return total
+
+
+def bar(iterable: Iterable[T], *, desc: str, show: bool = True) -> Iterable[T]:
+    """A progress bar on a terminal. Off a terminal (a log file, CI, a SLURM job) it draws
+    nothing: its loop logs one line per epoch or cell instead of a redraw per step."""
+    return tqdm(iterable, desc=desc, leave=False, disable=None if show else True)

@@ -7,6 +7,7 @@ that would run code) into a one-line UserError naming the file; nothing in a fil
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -126,6 +127,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise UserError(f"{path} is damaged: holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), remembered per (path, size, modification time) so a
+    file named by many configurations is read once."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            _DIGESTS[key] = h.hexdigest()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or _first_line(exc)}") from None
+    return _DIGESTS[key]
 
 
 def tensor_bytes(obj: Any) -> bytes:

@@ -1,7 +1,7 @@
 """Executor overhead: what handing cells to Ray or SLURM costs against computing them in process.
 
-    python bench/executors.py                                  # local, ray, slurm-local; 16 cells
-    python bench/executors.py --executor ray --cpus 4 --seeds 8
+    python bench/executor_overhead.py                                  # local, ray, slurm-local; 16 cells
+    python bench/executor_overhead.py --executor ray --cpus 4 --seeds 8
 
 Runs one tiny grid (defenses none@plain and none, `--seeds` seeds, the optimization attack with
 5 steps: 2 x seeds training cells + as many attack cells, 16 by default) from scratch into a

@@ -1,13 +1,13 @@
 """Time the frontier analysis: `frontier.points` + `frontier.compare` on synthetic run folders.
 
-    python bench/frontier.py                       # 50 configurations x 3 seeds x 256 images, 1,000 resamples
-    python bench/frontier.py --configs 50 --seeds 3 --images 256 --resamples 1000 --repeats 3
+    python bench/frontier_speed.py                       # 50 configurations x 3 seeds x 256 images, 1,000 resamples
+    python bench/frontier_speed.py --configs 50 --seeds 3 --images 256 --resamples 1000 --repeats 3
 
 Writes the run folders (config.json, metrics.json, two attacks with metrics.json and
 per_image.csv each) into a temporary folder, reads them with `table_rows.collect` (timed
 apart: the tables pay it too), then times `points` + `compare` per repeat. The first repeat
 also pays one-off imports (scipy's t quantiles, the defense plugins that name the strength
-knobs); later repeats show the steady cost. The issue's target: under 2 s on a 2-core CPU.
+knobs); later repeats show the steady cost. The target: under 2 s on a 2-core CPU.
 """
 
 from __future__ import annotations
