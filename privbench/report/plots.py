@@ -102,6 +102,7 @@ def privacy_utility_figure(table: pd.DataFrame) -> Any:
 
 def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str], metric: str = "ssim") -> None:
     several_options = rows.groupby("defense").options.nunique()
+    labels = []
     for defense, group in rows.groupby("defense", sort=False):
         for i, r in enumerate(group.itertuples()):
             acc = 100 * r.accuracy_mean
@@ -115,10 +116,9 @@ def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str], metric: st
             text = r.channel.replace(" + noise ", "+").replace("noise ", "n")
             if several_options.get(defense, 0) > 1 and r.options:
                 text += f" ({r.options})"
-            ax.annotate(
-                text + (" ⚠ chance" if r.near_chance else ""), (x, acc),
-                xytext=(4, 4), textcoords="offset points", fontsize=6, color=colours[defense],
-            )  # fmt: skip
+            labels.append((x, acc, text + (" ⚠ chance" if r.near_chance else ""), colours[defense]))
+    _zoom(ax, rows, metric)
+    _place_labels(ax, labels)
     lines = [(f"baseline_{metric}_mean", "mean image", "--")]
     if metric == "sem_acc":  # the most a reconstruction can reach: the classifier on the clean images
         lines.append((f"{CLEAN_SEM_ACC}_mean", "clean images", "-."))
@@ -129,7 +129,8 @@ def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str], metric: st
             ax.annotate(label, (x, 0.98), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
                         color="0.4", xytext=(2, 0), textcoords="offset points", va="top")  # fmt: skip
     classes = rows.num_classes.dropna()
-    if len(classes) and classes.nunique() == 1:
+    low, high = ax.get_ylim()
+    if len(classes) and classes.nunique() == 1 and low <= 100 / classes.iloc[0] <= high:  # only where it shows
         y = 100 / classes.iloc[0]
         ax.axhline(y, color="0.5", ls=":", lw=1)
         ax.annotate("chance", (0.01, y), xycoords=("axes fraction", "data"), fontsize=6, color="0.4",
@@ -141,6 +142,36 @@ def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str], metric: st
     ax.set_ylabel("test accuracy (%)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", title="defense", title_fontsize=7)
+
+
+def _zoom(ax: Any, rows: pd.DataFrame, metric: str) -> None:
+    """Axes around the points and their CI bars (and the mean-image line), not the metric's whole
+    range: a grid whose accuracies lie within a few points gets those points, not 0-100%."""
+    acc, acc_ci = 100 * rows.accuracy_mean, 100 * rows.accuracy_ci95.fillna(0)
+    x, x_ci = rows[f"worst_{metric}_mean"], rows[f"worst_{metric}_ci95"].fillna(0)
+    lo_y, hi_y = float((acc - acc_ci).min()), float((acc + acc_ci).max())
+    xs = [float((x - x_ci).min()), float((x + x_ci).max())]
+    base = f"baseline_{metric}_mean"
+    if base in rows and rows[base].notna().any():
+        xs.append(float(rows[base].mean()))
+    pad_y, pad_x = max(0.5, 0.08 * (hi_y - lo_y)), max(0.005, 0.08 * (max(xs) - min(xs)))
+    ax.set_ylim(max(ACCURACY_RANGE[0], lo_y - pad_y), min(ACCURACY_RANGE[1], hi_y + pad_y))
+    ax.set_xlim(min(xs) - pad_x, max(xs) + 3 * pad_x)  # room on the right for the labels
+
+
+def _place_labels(ax: Any, labels: list[tuple[float, float, str, str]]) -> None:
+    """Each point's label beside it, moved down a line at a time until it no longer sits on a
+    label already placed (positions compared in axes fractions)."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    placed: list[tuple[float, float]] = []
+    for x, y, text, colour in sorted(labels, key=lambda item: -item[1]):
+        fx, fy = (x - x0) / (x1 - x0), (y - y0) / (y1 - y0)
+        shift = 0
+        while any(abs(fx - px) < 0.12 and abs(fy - shift * 0.035 - py) < 0.03 for px, py in placed) and shift < 12:
+            shift += 1
+        placed.append((fx, fy - shift * 0.035))
+        ax.annotate(text, (x, y), xytext=(4, 4 - 9 * shift), textcoords="offset points", fontsize=6, color=colour,
+                    arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.4} if shift else None)  # fmt: skip
 
 
 def _save(fig: Any, path: str | Path, **kw: Any) -> Path:

@@ -1,0 +1,96 @@
+"""Training and decoder-attack throughput of the model families side by side, in one process.
+
+    python bench/model_speed.py                    # CPU sizes: 32 px, batch 64
+    python bench/model_speed.py --image-size 224 --device cuda --steps 20
+
+Each arm is a real split model (privbench.engine.models.build_model) with a C8 bottleneck and
+channel noise 0.025, and the decoder is the attack's own inverse network on that model's z. The
+arms run interleaved (A B C A B C ...), so a machine whose load drifts moves every arm alike;
+the table gives the median images/s over the repetitions and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from privbench.engine.inverse import InverseNet
+from privbench.engine.models import build_model
+
+# name -> (model, cut, factory options); the ViT is timm's tiny ViT made small enough for a CPU.
+ARMS = {
+    "vgg11 (quick preset)": ("vgg11", 4, {}, 0.25),
+    "torchvision:resnet18 @ layer2": ("torchvision:resnet18", "layer2", {}, 1.0),
+    "timm ViT (96 dims, 9 blocks) @ blocks.3": (
+        "timm:vit_tiny_patch16_224", "blocks.3",
+        {"img_size": 32, "patch_size": 4, "embed_dim": 96, "num_heads": 3, "depth": 9}, 1.0,
+    ),
+}  # fmt: skip
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device, size, b = torch.device(args.device), args.image_size, args.batch_size
+    arms = {}
+    for name, (spec, cut, options, width) in ARMS.items():
+        opts = dict(options, img_size=size) if "img_size" in options else options
+        torch.manual_seed(0)
+        model = build_model(spec, num_classes=10, cut=cut, bottleneck=8, noise_std=0.025, width=width,
+                            image_shape=(3, size, size), options=opts).to(device)  # fmt: skip
+        x, y = torch.rand(b, 3, size, size, device=device), torch.randint(0, 10, (b,), device=device)
+        with torch.no_grad():
+            z_shape = tuple(model.encoder(x[:1]).shape[1:])
+        decoder = InverseNet(z_shape, (3, size, size), channels=32, blocks=2).to(device)
+        arms[name] = (model, decoder, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                      torch.optim.Adam(decoder.parameters(), lr=3e-3), x, y, z_shape)  # fmt: skip
+    rates: dict[str, dict[str, list[float]]] = {n: {"train": [], "decoder": []} for n in arms}
+    load0 = os.getloadavg()[0]
+    for _ in range(args.reps):
+        for name, (model, decoder, opt, dec_opt, x, y, _) in arms.items():
+            model.train()
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sync(device)
+            rates[name]["train"].append(args.steps * b / (time.perf_counter() - t))
+            with torch.no_grad():
+                z = model.channel(model.encoder(x))
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                loss = F.mse_loss(decoder(z), x)
+                dec_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                dec_opt.step()
+            sync(device)
+            rates[name]["decoder"].append(args.steps * b / (time.perf_counter() - t))
+    print(f"device {device}, {torch.get_num_threads()} threads, {size} px, batch {b}, torch {torch.__version__}, "
+          f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print("| model | z | training images/s | decoder images/s |")
+    print("|---|---|---|---|")
+    for name, (*_, z_shape) in arms.items():
+        train, dec = (statistics.median(rates[name][k]) for k in ("train", "decoder"))
+        print(f"| {name} | {'x'.join(map(str, z_shape))} | {train:,.0f} | {dec:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
