@@ -316,3 +316,20 @@ def test_the_transform_example_in_the_docs_trains_and_is_attacked(tmp_path):
         assert torch.allclose(make_target(model, data.image_shape, torch.device("cpu")).query(x), expected)
     finally:
         registry._REGISTRY["defense"].pop("gains", None)
+
+
+def test_knob_is_read_off_the_classes_without_building():
+    assert stack.knob("gmm-cem") == "lam" and stack.knob("none") is None
+    assert stack.knob("shredder+nopeek") == stack.create("shredder+nopeek").strength()[0] == "nopeek.weight"
+
+    class Legacy(Defense):  # a plugin written before `knob`: it overrides strength()
+        name = "legacy-knob"
+
+        def __init__(self, *, power: float = 2.0):
+            self.power = power
+
+        def strength(self):
+            return ("power", self.power)
+
+    registry.register(Legacy)
+    assert stack.knob("dropout+legacy-knob") == "legacy-knob.power"

@@ -80,11 +80,10 @@ def _flat(options: dict[str, Any]) -> dict[str, Any]:
 
 @lru_cache(maxsize=256)
 def _plugin_knob(spec: str, options: str) -> str | None:
-    """The strength knob a defense names (plugins' `strength()`), None without one or unknown."""
+    """The strength knob a defense names (privbench.plugin.stack.knob), None without one or unknown."""
     try:
-        knob = stack.create(spec, json.loads(options)).strength()
-        return knob[0] if knob else None
-    except Exception:  # an uninstalled plugin or an old option: the data decide
+        return stack.knob(spec)
+    except Exception:  # an uninstalled plugin: the data decide
         return None
 
 

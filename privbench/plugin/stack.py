@@ -59,6 +59,22 @@ def canonical(spec: str, options: dict[str, Any] | None) -> dict[str, Any]:
     return {n: opts for n, opts in canon.items() if opts}
 
 
+def knob(spec: str) -> str | None:
+    """The strength knob of a stack, as `Stack.strength` names it (`gmm-cem.lam` in a stack, `lam`
+    alone), read off the parts' classes: nothing is built. A plugin that still overrides
+    `strength()` instead of setting `knob` is built with its defaults to ask."""
+    names = parts(spec)
+    for name in reversed(names):
+        cls = registry.get("defense", name)
+        key = cls.knob
+        if key is None and cls.strength is not Defense.strength:
+            found = registry.create("defense", name).strength()
+            key = found[0] if found else None
+        if key is not None:
+            return key if len(names) == 1 else f"{name}.{key}"
+    return None
+
+
 def create(spec: str, options: dict[str, Any] | None = None) -> Stack:
     """The defense stack of `spec` with its options (any form `route_options` takes)."""
     names = parts(spec)
