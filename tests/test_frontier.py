@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import stat
 import zlib
 
@@ -14,7 +15,7 @@ from privbench.analysis import frontier_stats as fs
 from privbench.engine.config import TrainConfig
 from privbench.errors import UserError
 from privbench.report.plot_frontier import plot_frontier
-from privbench.store.rows import collect
+from privbench.store.rows import collect, run_info
 from privbench.util.storage import current_umask
 
 ACCS = (0.80, 0.85, 0.90)  # the reference sweep: SSIM = 2 * accuracy - 1.2, i.e. 0.40, 0.50, 0.60
@@ -339,3 +340,15 @@ def test_configurations_of_the_same_seeds_are_resampled_together():
     assert np.std(wc - wa) > 0.05
     same = [Seed(np.array([[v]]), 0.9, 0, None, None) for v in base]  # no seed numbers: drawn alone
     assert paired_picks([same, same], 50, rng)[0].shape == (50, 3)
+
+
+def test_points_are_a_function_of_rows_and_run_facts(tmp_path):
+    """With the run facts passed in (store.rows.run_info), the analysis reads no file: the same
+    points come out after the run folders are gone."""
+    write_world(tmp_path / "w")
+    long = collect([tmp_path / "w"])
+    infos = {p: run_info(p) for p in dict.fromkeys(long.path)}
+    expected = frontier.points(long).drop(columns=["cells"])
+    shutil.rmtree(tmp_path / "w")
+    got = frontier.points(long, infos=infos).drop(columns=["cells"])
+    pd.testing.assert_frame_equal(got, expected)

@@ -13,29 +13,26 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from privbench.analysis import frontier_stats as fs
-from privbench.engine.config import TrainConfig
 from privbench.errors import UserError
 from privbench.plugin import stack
-from privbench.store.rows import ATTACKER_HIGHER, METRIC_DIGITS, METRIC_LABEL, METRICS, NOT_A_SETTING
+from privbench.store import rows as store_rows
+from privbench.store.rows import ATTACKER_HIGHER, METRIC_DIGITS, METRIC_LABEL, METRICS
 from privbench.util import stats
-from privbench.util.storage import read_json
 
 GROUP = ("dataset", "model", "preset")  # never averaged together: each is analysed on its own
 UNDEFENDED = "undefended"
 REFERENCE = "reference"
 VERDICTS = ("better", "worse", "indistinguishable", "extrapolation only")
 # TrainConfig identity fields that are the family's name, not something that may differ inside it.
-_NAMED = {"dataset", "model", "preset", "defense", "bottleneck", "defense_options"} | NOT_A_SETTING
 
 
 @dataclass
@@ -71,13 +68,6 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else json.dumps(value) if not isinstance(value, str) else value
 
 
-def _flat(options: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in options.items():
-        out.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
-    return out
-
-
 @lru_cache(maxsize=256)
 def _plugin_knob(spec: str, options: str) -> str | None:
     """The strength knob a defense names (privbench.plugin.stack.knob), None without one or unknown."""
@@ -87,23 +77,9 @@ def _plugin_knob(spec: str, options: str) -> str | None:
         return None
 
 
-def _run_info(path: str) -> dict[str, Any]:
-    """Spec, settings (options in force, flattened, plus the identity fields that may differ
-    inside a family) and accuracy's sample size of one run folder."""
-    run = Path(path)
-    try:
-        config, metrics = read_json(run / "config.json"), read_json(run / "metrics.json")
-        cfg = TrainConfig.from_dict(config["train"])
-    except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
-        raise UserError(f"{run}: unreadable run files ({type(exc).__name__}: {exc})") from None
-    options = config.get("defense_options") or cfg.defense_options or {}
-    settings = _flat(options)  # a model field named like an option (width) is written train.width
-    settings.update({(f"train.{k}" if k in settings else k): v for k, v in cfg.identity().items() if k not in _NAMED})
-    acc_n = metrics.get("test_images") or metrics.get("test_groups") or 0
-    return {"spec": cfg.defense, "options": options, "settings": settings, "acc_n": int(acc_n)}
-
-
-def points(rows: pd.DataFrame, privacy_metric: str = "ssim") -> pd.DataFrame:
+def points(
+    rows: pd.DataFrame, privacy_metric: str = "ssim", infos: Mapping[str, dict[str, Any]] | None = None
+) -> pd.DataFrame:
     """One row per configuration (over seeds) that an attack scored with `privacy_metric`.
 
     Columns: dataset, model, preset, group, family, family_key, defense, bottleneck, noise,
@@ -121,7 +97,10 @@ def points(rows: pd.DataFrame, privacy_metric: str = "ssim") -> pd.DataFrame:
         have = [m for m in METRICS if (attacked.metric == m).any()]
         raise UserError(f"no cell has privacy metric {privacy_metric!r} (the attacks here report: "
                         f"{', '.join(have) or 'nothing'})")  # fmt: skip
-    infos = {p: _run_info(p) for p in dict.fromkeys(scored.path)}
+    paths = list(dict.fromkeys(scored.path))
+    # What a row does not hold (options in force, the settings that may differ inside a family,
+    # accuracy's sample size) comes from the store; pass `infos` to keep this a function of data.
+    infos = {p: (infos or {}).get(p) or store_rows.run_info(p) for p in paths}
     run_level = rows[rows.path.isin(infos)]
     acc = run_level[run_level.metric == "accuracy"].drop_duplicates("path").set_index("path")
     acc_value, acc_ci, seeds = acc.value.to_dict(), acc.ci95.to_dict(), acc.seed.to_dict()

@@ -284,3 +284,34 @@ def environment_differences(long: pd.DataFrame) -> dict[str, str]:
         if parts:
             out[str(config)] = "; ".join(parts)
     return out
+
+
+# ------------------------------------------------------------------------- run facts for frontiers
+
+# TrainConfig fields a frontier point shows elsewhere, so they never separate two points of a family.
+FRONTIER_NAMED = {"dataset", "model", "preset", "defense", "bottleneck", "defense_options"} | NOT_A_SETTING
+
+
+def flat_options(options: dict[str, Any]) -> dict[str, Any]:
+    """{"gmm-cem": {"lam": 8}, "warmup": 0} -> {"gmm-cem.lam": 8, "warmup": 0}."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        out.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+    return out
+
+
+def run_info(path: str) -> dict[str, Any]:
+    """Spec, settings (options in force, flattened, plus the identity fields that may differ
+    inside a family) and accuracy's sample size of one run folder."""
+    run = Path(path)
+    try:
+        config, metrics = read_json(run / "config.json"), read_json(run / "metrics.json")
+        cfg = TrainConfig.from_dict(config["train"])
+    except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+        raise UserError(f"{run}: unreadable run files ({type(exc).__name__}: {exc})") from None
+    options = config.get("defense_options") or cfg.defense_options or {}
+    settings = flat_options(options)  # a model field named like an option (width) is written train.width
+    identity = {k: v for k, v in cfg.identity().items() if k not in FRONTIER_NAMED}
+    settings.update({(f"train.{k}" if k in settings else k): v for k, v in identity.items()})
+    acc_n = metrics.get("test_images") or metrics.get("test_groups") or 0
+    return {"spec": cfg.defense, "options": options, "settings": settings, "acc_n": int(acc_n)}
