@@ -1,6 +1,6 @@
 """Where does the seed-to-seed spread of accuracy come from: the models, or the finite test set?
 
-    python bench/variance_split.py RESULTS "none@C8+0.025"            # a label as precision.py prints it
+    python bench/variance_split.py RESULTS "none@C8+0.025"            # a label as privbench precision prints it
     python bench/variance_split.py RESULTS "none@C8+0.025 (epochs=15)" --json split.json
 
 Evaluates every seed's model of one configuration on its test split, per test tile (the
@@ -31,16 +31,15 @@ from privbench.engine.data import EMBEDDED_VERSIONS, Dataset, Split, embedded_cr
 from privbench.engine.train import load_data, predictions
 from privbench.errors import UserError
 from privbench.store.runs import Run
+from privbench.store.seeds import configuration_key
+from privbench.store.seeds import configuration_label as _label
 from privbench.util.stats import sd, seed_tile_components
 from privbench.util.storage import read_json
-
-sys.path.insert(0, str(Path(__file__).parent))
-from precision import _label, configuration_key  # noqa: E402  (precision.py's labels and grouping)
 
 
 def runs_of(results_dir: Path, label: str) -> list[Run]:
     """The finished runs of the configuration `label`, one per seed, by seed. Runs are grouped as
-    bench/precision.py groups them (every identity setting but the seed), so a label that two
+    privbench precision groups them (every identity setting but the seed), so a label that two
     configurations share (settings it does not show, such as the data seed) is refused, not pooled."""
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist")
@@ -141,7 +140,7 @@ def by_neighbours(rates: torch.Tensor, tile_ids: list[int], neighbours: dict[int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results_dir", type=Path)
-    ap.add_argument("configuration", help='a label as bench/precision.py prints it, e.g. "none@C8+0.025"')
+    ap.add_argument("configuration", help='a label as privbench precision prints it, e.g. "none@C8+0.025"')
     ap.add_argument("--json", type=Path, help="write the components and per-seed numbers to this file")
     args = ap.parse_args(argv)
     try:

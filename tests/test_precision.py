@@ -1,26 +1,24 @@
 """Measurement precision: grouped CIs, accuracy as an expectation, the stable quick preset's
-training pieces (warm-up, weight averaging), the embedded set's tiles, and bench/precision.py."""
+training pieces (warm-up, weight averaging), the embedded set's tiles, and `privbench precision`."""
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 
+from privbench.analysis import precision
 from privbench.engine.config import TrainConfig
 from privbench.engine.data import EMBEDDED_VERSIONS, Split, embedded, embedded_crops
 from privbench.engine.models import build_model
 from privbench.engine.train import NOISE_DRAWS, WeightAverage, accuracy_stats, correct_rate, lr_at, predictions
 from privbench.errors import UserError
+from privbench.store.seeds import collect_seeds
 from privbench.util import stats
 from privbench.util.stats import grouped_mean_ci, mean_ci
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import precision  # noqa: E402
 
 
 def test_grouped_ci_by_hand():
@@ -181,7 +179,7 @@ def test_precision_report_sd_and_mdd_by_hand(tmp_path, capsys):
     for seed, (a, s) in enumerate(zip(accs, ssims)):
         _fake_run(tmp_path, f"none-{seed}", seed, a, s)
     _fake_run(tmp_path, "none-other", 0, 0.5, 0.4, noise=0.1)  # another configuration, one seed
-    rows = precision.summarize(precision.collect(tmp_path))
+    rows = precision.summarize(collect_seeds(tmp_path))
     acc = next(r for r in rows if r["quantity"] == "accuracy" and r["n"] == 3)
     assert acc["configuration"] == "none@C8+0.025"
     assert acc["mean"] == pytest.approx(82.0) and acc["sd"] == pytest.approx(2.0)
@@ -190,8 +188,8 @@ def test_precision_report_sd_and_mdd_by_hand(tmp_path, capsys):
     assert acc["meets"] is False  # sd 2.0 > the 1.0 target
     ssim = next(r for r in rows if r["quantity"] == "decoder ssim" and r["n"] == 3)
     assert ssim["sd"] == pytest.approx(0.005) and ssim["meets"] is True
-    assert precision.main([str(tmp_path), "--summarize", "--json", str(tmp_path / "rows.json")]) == 0
-    out = capsys.readouterr().out
+    code, out, _ = run_cli(["precision", str(tmp_path), "--summarize", "--json", str(tmp_path / "rows.json")], capsys)
+    assert code == 0
     assert "| none@C8+0.025 | accuracy | 3 | 82.00 | 2.00 | 1.04..12.57 |" in out and "**missed**" in out
     # sd 2.0 over 3 seeds: its interval lies above the 1.0 target (resolved); SSIM's 0.005 spans 0.010
     assert acc["resolved"] is True and ssim["resolved"] is False
@@ -222,19 +220,18 @@ def test_paired_report_differences_seed_by_seed(tmp_path, capsys):
         _fake_run(tmp_path, f"none-a{seed}", seed, a, 0.5)
         _fake_run(tmp_path, f"none-b{seed}", seed, b, 0.5, noise=0.1)
     _fake_run(tmp_path, "none-b9", 9, 0.9, 0.5, noise=0.1)  # no partner seed: left out of the pairs
-    rows = precision.paired(precision.collect(tmp_path), "none@C8+0.025")
+    rows = precision.paired(collect_seeds(tmp_path), "none@C8+0.025")
     acc = next(r for r in rows if r["quantity"] == "accuracy")
     assert acc["configuration"] == "none@C8+0.1 - none@C8+0.025" and acc["seeds"] == [0, 1, 2]
     assert acc["mean"] == pytest.approx(2.0) and acc["sd"] == pytest.approx(1.0)
     # paired MDD at 5 seeds: (t_.975,4 + t_.8,4) * sd / sqrt(5) = (2.776445 + 0.940965) / sqrt(5)
     assert acc["mdd5"] == pytest.approx((2.776445 + 0.940965) / math.sqrt(5), rel=1e-4)
     assert stats.paired_min_detectable_difference(1.0, 1) != stats.paired_min_detectable_difference(1.0, 1)  # NaN
-    assert precision.main([str(tmp_path), "--summarize", "--paired-with", "none@C8+0.025"]) == 0
-    assert "| none@C8+0.1 - none@C8+0.025 | accuracy | 3 | 2.00 | 1.00 |" in capsys.readouterr().out
-    assert precision.main([str(tmp_path), "--summarize", "--paired-with", "gmm-cem@C8"]) == 2
-    assert "--paired-with 'gmm-cem@C8' is no configuration here (known: none@C8+0.025, none@C8+0.1)" in (
-        capsys.readouterr().err
-    )
+    code, out, _ = run_cli(["precision", str(tmp_path), "--summarize", "--paired-with", "none@C8+0.025"], capsys)
+    assert code == 0 and "| none@C8+0.1 - none@C8+0.025 | accuracy | 3 | 2.00 | 1.00 |" in out
+    code, _, err = run_cli(["precision", str(tmp_path), "--summarize", "--paired-with", "gmm-cem@C8"], capsys)
+    assert code == 2
+    assert "--paired-with 'gmm-cem@C8' is no configuration here (known: none@C8+0.025, none@C8+0.1)" in err
 
 
 def test_an_attack_at_two_budgets_is_two_quantities_not_one_overwritten(tmp_path):
@@ -244,17 +241,17 @@ def test_an_attack_at_two_budgets_is_two_quantities_not_one_overwritten(tmp_path
         longer.mkdir()
         result = {"attack": "decoder", "options": {"epochs": 6}, "metrics": {"ssim": {"mean": 0.6 + seed / 100}}}
         (longer / "metrics.json").write_text(json.dumps(result))
-    (cell,) = precision.collect(tmp_path).values()
+    (cell,) = collect_seeds(tmp_path).values()
     assert cell["values"]["decoder (budget not recorded) ssim"] == {0: 0.50, 1: 0.51}
     assert cell["values"]["decoder (epochs=6) ssim"] == {0: 0.60, 1: 0.61}
 
 
 def test_precision_report_needs_two_seeds(tmp_path, capsys):
-    assert precision.main([str(tmp_path), "--seeds", "1"]) == 2
-    assert "at least 2 seeds" in capsys.readouterr().err
+    code, _, err = run_cli(["precision", str(tmp_path), "--seeds", "1"], capsys)
+    assert code == 2 and "at least 2 seeds" in err
     _fake_run(tmp_path, "none-0", 0, 0.8, 0.5)
-    assert precision.main([str(tmp_path), "--summarize"]) == 2
-    assert "one seed" in capsys.readouterr().err
+    code, _, err = run_cli(["precision", str(tmp_path), "--summarize"], capsys)
+    assert code == 2 and "one seed" in err
 
 
 @pytest.mark.parametrize("defense", ["none", "gmm-cem", "slot-cem"])
@@ -323,7 +320,7 @@ def test_precision_labels_name_settings_off_the_preset(tmp_path):
     train = TrainConfig(defense="none", bottleneck=8, noise=0.025, seed=0, epochs=7).to_dict()
     (old / "config.json").write_text(json.dumps({"train": train}))
     (old / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5}))
-    labels = sorted(c["label"] for c in precision.collect(tmp_path).values())
+    labels = sorted(c["label"] for c in collect_seeds(tmp_path).values())
     assert labels == ["none@C8+0.025", "none@C8+0.025 (epochs=7)"]  # not pooled into one configuration
 
 
@@ -352,15 +349,15 @@ def test_seeds_needed_by_hand_and_against_the_exact_power():
 def test_precision_report_says_how_many_seeds_resolve_a_difference(tmp_path, capsys):
     for seed, a in enumerate([0.80, 0.82, 0.84]):  # accuracy sd 2.0 points
         _fake_run(tmp_path, f"none-{seed}", seed, a, 0.5 + 0.01 * seed)  # SSIM sd 0.01
-    assert precision.main([str(tmp_path), "--summarize", "--json", str(tmp_path / "rows.json")]) == 0
-    out = capsys.readouterr().out
+    code, out, _ = run_cli(["precision", str(tmp_path), "--summarize", "--json", str(tmp_path / "rows.json")], capsys)
+    assert code == 0
     # sd 2 against 2 points needs 17 seeds; sd 0.01 against 0.02 SSIM is sd 1 against 2 points: 6
     assert "| <= 1 **missed** | 17 for 2 |" in out and "| 6 for 0.02 |" in out
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert {(r["quantity"], r["resolve"], r["seeds_needed"]) for r in rows} >= {("accuracy", 2.0, 17)}
-    assert precision.main([str(tmp_path), "--summarize", "--resolve", "accuracy=4"]) == 0
-    assert "| 6 for 4 |" in capsys.readouterr().out  # sd 1 against 2 points, rescaled
+    code, out, _ = run_cli(["precision", str(tmp_path), "--summarize", "--resolve", "accuracy=4"], capsys)
+    assert code == 0 and "| 6 for 4 |" in out  # sd 1 against 2 points, rescaled
     for bad in ("accuracy", "accuracy=-1", "accuracy=x", "=2"):
-        assert precision.main([str(tmp_path), "--summarize", "--resolve", bad]) == 2
-        err = capsys.readouterr().err
+        code, _, err = run_cli(["precision", str(tmp_path), "--summarize", "--resolve", bad], capsys)
+        assert code == 2
         assert err.startswith(f"error: invalid --resolve {bad!r}") and err.count("\n") == 1

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 
 from privbench.engine.config import TrainConfig
 from privbench.engine.data import embedded_crops
 from privbench.engine.train import load_data
+from privbench.store.seeds import collect_seeds, configuration_label
 from privbench.util import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import precision  # noqa: E402
 import variance_split  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def test_variance_split_of_trained_runs(tmp_path, capsys):
 
     for seed in (0, 1):
         run, _ = train_run(tiny_config(bottleneck=8, noise=0.05, seed=seed), tmp_path, log=lambda m: None)
-    label = precision._label(json.loads((run.path / "config.json").read_text())["train"])
+    label = configuration_label(json.loads((run.path / "config.json").read_text())["train"])
     out_json = tmp_path / "split.json"
     assert variance_split.main([str(tmp_path), label, "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
@@ -83,8 +83,8 @@ def test_a_label_two_configurations_share_is_refused_not_pooled(tmp_path, capsys
             train = TrainConfig(defense="none", bottleneck=8, noise=0.025, seed=seed, data_seed=data_seed).to_dict()
             (run / "config.json").write_text(json.dumps({"train": train}))
             (run / "metrics.json").write_text(json.dumps({"test_accuracy": 0.9}))
-    assert len(precision.collect(tmp_path)) == 2
+    assert len(collect_seeds(tmp_path)) == 2
     assert variance_split.main([str(tmp_path), "none@C8+0.025"]) == 2
     assert "2 configurations share the label 'none@C8+0.025'" in capsys.readouterr().err
-    assert precision.main([str(tmp_path), "--summarize", "--paired-with", "none@C8+0.025"]) == 2
-    assert "names several configurations here" in capsys.readouterr().err
+    code, _, err = run_cli(["precision", str(tmp_path), "--summarize", "--paired-with", "none@C8+0.025"], capsys)
+    assert code == 2 and "names several configurations here" in err

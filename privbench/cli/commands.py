@@ -5,8 +5,10 @@ Bad input raises UserError (or a click usage error) and is printed as one line, 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,7 +16,7 @@ import pandas as pd
 import torch
 
 from privbench import api
-from privbench.analysis import tables
+from privbench.analysis import precision, tables
 from privbench.attack.harness import format_table
 from privbench.cli.help import GroupedCommand, examples
 from privbench.cli.outputs import plot_cmd, report_cmd, table_cmd
@@ -28,11 +30,14 @@ from privbench.executors.base import CellsFailed
 from privbench.grid.spec import Grid, grid_from_options
 from privbench.plugin import options as options_mod
 from privbench.plugin import registry, stack, strength
+from privbench.report import precision as precision_table
 from privbench.report.summary import summary_markdown
+from privbench.store import seeds as seed_store
 from privbench.store.attacks import attack_run
 from privbench.store.outputs import check_output_dir
 from privbench.store.runs import train_run
 from privbench.util.progress import reset_warnings
+from privbench.util.storage import atomic_write_text
 
 PLUGIN_HELP = "Python file defining an Attack or Defense class (repeatable)."
 
@@ -488,6 +493,67 @@ def format_cuts(model: str, infos: list[CutInfo], image_size: int, *, builtin: b
     lines.append("params, FLOPs: the client's share of the model's (FLOPs of convolutions and matrix products)")
     return "\n".join(lines)
 
+
+
+@cli.command("precision", epilog=examples(
+    "privbench precision results/precision --seeds 5                 # train and attack the default grid",
+    "privbench precision results/precision --summarize --paired-with none@C8+0.025",
+))
+@click.argument("results_dir")
+@click.option("--seeds", type=int, default=5, show_default=True, help="Seeds 0..N-1 per configuration (>= 2).")
+@click.option("--defense", "defenses", multiple=True, metavar="NAME[@CHANNEL]",
+              help="Repeatable [default: the run grid's defenses].")  # fmt: skip
+@click.option("--noise", "noises", multiple=True, type=float, help="Channel noise, repeatable [default: 0.025].")
+@click.option("--attack", "attacks", multiple=True, help="Repeatable [default: decoder].")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="A training setting over the preset.")
+@click.option("--summarize", is_flag=True, help="Train nothing: report the run folders already there.")
+@click.option("--json", "json_out", default=None, metavar="FILE", help="Also write the rows, per-seed values included.")
+@click.option("--resolve", multiple=True, metavar="QUANTITY=SIZE",
+              help="The difference whose seeds to report, per metric (accuracy, ssim, psnr), repeatable "
+                   "[default: accuracy=2 ssim=0.02].")  # fmt: skip
+@click.option("--paired-with", metavar="CONFIGURATION",
+              help="Also report every configuration minus this one (its label, e.g. none@C8+0.025), seed by seed.")
+def precision_cmd(results_dir, seeds, defenses, noises, attacks, settings, summarize, json_out, resolve,
+                  paired_with) -> None:  # fmt: skip
+    """How much accuracy and attack metrics move between training seeds, and how many seeds a
+    difference of a given size needs (docs/precision.md).
+
+    \b
+    Trains seeds 0..N-1 of each configuration (finished cells are reused), then prints per
+    configuration the mean and sd over seeds with the sd's 95% interval, the minimum detectable
+    difference at 3 and 5 seeds (two-sided t test, alpha 0.05, power 0.8), whether the sd meets
+    the preset's target, and the seeds per arm that resolve a difference of a given size.
+    """
+    sizes = precision.parse_resolve(list(resolve))
+    folder = Path(results_dir)
+    if not summarize:
+        if seeds < 2:
+            raise UserError(f"invalid --seeds {seeds}: a spread needs at least 2 seeds")
+        train = {}
+        for pair in settings:
+            key, eq, value = pair.partition("=")
+            if not eq or not key:
+                raise UserError(f"invalid --set {pair!r}: expected key=value")
+            train[key] = options_mod.parse_value(value)
+        grid = {"defense": list(defenses)} if defenses else {}
+        grid |= {"noise": list(noises)} if noises else {}
+        api.run(seeds=seeds, attack=list(attacks) or ["decoder"], results_dir=str(folder), train=train,
+                log=click.echo, **grid)  # fmt: skip
+    if not folder.is_dir():
+        raise UserError(f"results folder {folder} does not exist")
+    cells = seed_store.collect_seeds(folder)
+    rows = precision.summarize(cells, sizes)
+    pairs = precision.paired(cells, paired_with, sizes) if paired_with else []
+    if not rows:
+        raise UserError(f"no finished run folders under {folder}")
+    if all(r["n"] < 2 for r in rows):
+        raise UserError(f"every configuration under {folder} has one seed: no spread to report")
+    click.echo(precision_table.render(rows))
+    if pairs:
+        click.echo(f"\nPaired with {paired_with} over common seeds (mean and sd of the differences; paired MDD):\n")
+        click.echo(precision_table.render(pairs))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(rows + pairs, indent=2) + "\n")
 
 cli.add_command(table_cmd)
 cli.add_command(plot_cmd)
