@@ -1,8 +1,6 @@
 """The channel-noise ramp (`noise_warmup`): its schedule, the noise each training step really
 uses, the deployed noise afterwards, and its place in the run hash."""
 
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import tiny_config
@@ -11,6 +9,7 @@ from privbench.engine.config import PRESETS, TrainConfig
 from privbench.engine.models import SplitModel
 from privbench.engine.train import noise_at, train
 from privbench.errors import UserError
+from privbench.store.seeds import configuration_key, configuration_label
 
 
 def test_noise_ramps_linearly_over_its_fraction_of_the_steps():
@@ -53,17 +52,14 @@ def test_the_ramp_joins_the_run_hash_only_where_it_changes_training():
 
 
 def test_precision_labels_tell_runs_with_and_without_the_ramp_apart(monkeypatch):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import precision
-
     monkeypatch.setitem(PRESETS["quick"], "noise_warmup", 0.2)
     for noise, label in ((0.1, "none@C8+0.1"), (0.0, "none@C8")):
         new = TrainConfig(bottleneck=8, noise=noise, noise_warmup=0.2).to_dict()
         old = {k: v for k, v in new.items() if k != "noise_warmup"}  # a folder from before the field
-        assert precision._label(new) == label
+        assert configuration_label(new) == label
         if noise:  # trained without the ramp: another configuration, named so
-            assert precision._label(old) == f"{label} (noise_warmup=0.0)"
-            assert precision.configuration_key(old) != precision.configuration_key(new)
+            assert configuration_label(old) == f"{label} (noise_warmup=0.0)"
+            assert configuration_key(old) != configuration_key(new)
         else:  # nothing to ramp: the same configuration under one label
-            assert precision._label(old) == label
-            assert precision.configuration_key(old) == precision.configuration_key(new)
+            assert configuration_label(old) == label
+            assert configuration_key(old) == configuration_key(new)
