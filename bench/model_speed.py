@@ -15,6 +15,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,29 +61,27 @@ def main() -> None:
         arms[name] = (model, decoder, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                       torch.optim.Adam(decoder.parameters(), lr=3e-3), x, y, z_shape)  # fmt: skip
     rates: dict[str, dict[str, list[float]]] = {n: {"train": [], "decoder": []} for n in arms}
+
+    def images_per_s(loss_of: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> float:
+        """args.steps optimizer steps on one batch, timed between device syncs."""
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            loss = loss_of()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(device)
+        return args.steps * b / (time.perf_counter() - t)
+
     load0 = os.getloadavg()[0]
     for _ in range(args.reps):
         for name, (model, decoder, opt, dec_opt, x, y, _) in arms.items():
             model.train()
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sync(device)
-            rates[name]["train"].append(args.steps * b / (time.perf_counter() - t))
+            rates[name]["train"].append(images_per_s(lambda m=model, x=x, y=y: F.cross_entropy(m(x), y), opt))
             with torch.no_grad():
                 z = model.channel(model.encoder(x))
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                loss = F.mse_loss(decoder(z), x)
-                dec_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                dec_opt.step()
-            sync(device)
-            rates[name]["decoder"].append(args.steps * b / (time.perf_counter() - t))
+            rates[name]["decoder"].append(images_per_s(lambda d=decoder, z=z, x=x: F.mse_loss(d(z), x), dec_opt))
     print(f"device {device}, {torch.get_num_threads()} threads, {size} px, batch {b}, torch {torch.__version__}, "
           f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("| model | z | training images/s | decoder images/s |")

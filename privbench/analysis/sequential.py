@@ -59,6 +59,7 @@ from scipy import optimize
 from scipy import stats as sps
 
 from privbench.errors import UserError
+from privbench.util.stats import seeds_needed
 
 ALPHA = 0.05  # two-sided, overall
 POWER = 0.8
@@ -340,31 +341,14 @@ def sequential_t(values: np.ndarray, looks: list[Look]) -> tuple[np.ndarray, np.
 def seeds_to_resolve(gain: float, sd: float | None, alpha: float = ALPHA, power: float = POWER, paired: bool = False,
                      most: int = 1000) -> int | None:  # fmt: skip
     """Fewest seeds per configuration whose minimum detectable difference is at most |gain|: how
-    many seeds resolve a gain of the size observed, given the per-seed sd.
-
-    The formulas of privbench's seed planning (stats.seeds_needed), reimplemented here to keep this
-    module free of the package: two configurations of n seeds each with a common sd,
-    MDD = (t_{1-alpha/2, 2n-2} + t_{power, 2n-2}) sd sqrt(2 / n); `paired` (the same seeds under
-    both, sd the sd of the within-seed differences, or of a per-seed gain), MDD =
-    (t_{1-alpha/2, n-1} + t_{power, n-1}) sd / sqrt(n). Unlike seeds_needed the sign of the gain
-    does not matter and a gain of 0 gives None rather than an error. None when the sd is unknown
-    or more than `most` seeds would be needed. To plan with the sequential correction pass the
-    last look's nominal level: alpha=plan_looks(...)[-1].alpha."""
+    many seeds resolve a gain of the size observed, given the per-seed sd (privbench.util.stats.
+    seeds_needed). The sign of the gain does not matter, and a gain of 0 gives None rather than an
+    error. None when the sd is unknown or more than `most` seeds would be needed. To plan with the
+    sequential correction pass the last look's nominal level: alpha=plan_looks(...)[-1].alpha."""
     if sd is None or not math.isfinite(sd) or not math.isfinite(gain):
         return None
     if sd < 0 or not 0 < alpha < 1 or not 0 < power < 1:
         raise UserError(f"seeds_to_resolve needs sd >= 0, alpha and power in (0, 1); got {sd}, {alpha}, {power}")
-    target = abs(gain)
-
-    def mdd(n: int) -> float:
-        dof = n - 1 if paired else 2 * n - 2
-        q = float(sps.t.isf(alpha / 2, dof) + sps.t.ppf(power, dof))
-        return q * sd / math.sqrt(n) if paired else q * sd * math.sqrt(2 / n)
-
-    if target == 0 or mdd(most) > target:
+    if gain == 0:
         return None
-    lo, hi = 2, most  # the MDD falls with n: bisect for the first n at or under the gain
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if mdd(mid) <= target else (mid + 1, hi)
-    return lo
+    return seeds_needed(sd, abs(gain), paired=paired, most=most, alpha=alpha, power=power)

@@ -148,7 +148,10 @@ def paired_min_detectable_difference(sd_diff: float, n: int, *, alpha: float = A
     return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd_diff / math.sqrt(n)
 
 
-def seeds_needed(sd_value: float, difference: float, *, paired: bool = False, most: int = 1000) -> int | None:
+def seeds_needed(
+    sd_value: float, difference: float, *, paired: bool = False, most: int = 1000, alpha: float = ALPHA,
+    power: float = POWER,
+) -> int | None:
     """Fewest seeds per arm whose MDD (paired: the paired MDD, sd_value the sd of the within-seed
     differences) is at most `difference`: how many seeds resolve a difference of that size.
     None when the sd is unknown or more than `most` seeds would be needed."""
@@ -156,7 +159,11 @@ def seeds_needed(sd_value: float, difference: float, *, paired: bool = False, mo
         raise ValueError(f"difference must be positive, got {difference}")
     if sd_value is None or math.isnan(sd_value):
         return None
-    mdd = paired_min_detectable_difference if paired else min_detectable_difference
+    mdd_of = paired_min_detectable_difference if paired else min_detectable_difference
+
+    def mdd(sd_: float, n: int) -> float:
+        return mdd_of(sd_, n, alpha=alpha, power=power)
+
     # The MDD falls with n: a bisection over [2, most] finds the first n at or under `difference`.
     if mdd(sd_value, most) > difference:
         return None
