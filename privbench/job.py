@@ -135,7 +135,7 @@ def write_frontier(
     """frontier.csv (every point with its gain at matched accuracy; `added` marks the reference
     points added to bracket the defenses), verdicts.csv (one row per family) and frontier.png /
     .pdf into out_dir; returns the verdict lines and the files."""
-    pts = frontier.points(long, privacy_metric=privacy_metric)
+    pts = frontier.points(long, privacy_metric, infos=rows.run_infos(long))
     added_paths = {str(p) for p in added or ()}
     pts["added"] = [bool(added_paths & {c.path for c in cells}) for cells in pts.cells]
     comparison = frontier.compare(pts, reference=reference)
@@ -174,7 +174,7 @@ def bracket_reference(
 
     def reference_and_targets() -> tuple[list[tuple[float, float]], dict[str, float]]:
         long = rows.collect(result.runs, attack_dirs=result.attack_dirs)
-        pts = frontier.points(long, privacy_metric=grid.privacy_metric)
+        pts = frontier.points(long, grid.privacy_metric, infos=rows.run_infos(long))
         family = frontier.reference_family(pts, grid.bracket_reference())
         ref = pts[pts.family == family]
         others = pts[(pts.family != family) & (pts.family != frontier.UNDEFENDED)]
@@ -225,7 +225,7 @@ def sequential_seeds(
             log(f"sequential seeds: adding seed {look.n - 1} ({open_} not yet resolved)")
             compute([c for c in grid.train_configs() if (Path(grid.results_dir) / run_name(c)).resolve() not in done])
         long = rows.collect(result.runs, attack_dirs=result.attack_dirs)
-        cmp = frontier.compare(frontier.points(long, privacy_metric=grid.privacy_metric),
+        cmp = frontier.compare(frontier.points(long, grid.privacy_metric, infos=rows.run_infos(long)),
                                reference=grid.verdict_reference())  # fmt: skip
         judged = cmp.families[~cmp.families.verdict.isin([frontier.REFERENCE, "extrapolation only"])]
         decisions = {r.family: sequential.decide(look, r.mean_gain, r.gain_lo, r.gain_hi, dof=look.n - 1)

@@ -15,7 +15,7 @@ from privbench.analysis import frontier_stats as fs
 from privbench.engine.config import TrainConfig
 from privbench.errors import UserError
 from privbench.report.plot_frontier import plot_frontier
-from privbench.store.rows import collect, run_info
+from privbench.store.rows import collect, run_info, run_infos
 from privbench.util.storage import current_umask
 
 ACCS = (0.80, 0.85, 0.90)  # the reference sweep: SSIM = 2 * accuracy - 1.2, i.e. 0.40, 0.50, 0.60
@@ -23,6 +23,12 @@ SHIFT = 0.05
 UNDEFENDED = (0.95, 0.80)
 BASELINE = 0.10
 RESAMPLES = 300
+
+
+def points_of(folder, privacy_metric: str = "ssim"):
+    """frontier.points over every run in `folder`, with the run facts the store reads."""
+    long = collect([folder])
+    return frontier.points(long, privacy_metric, infos=run_infos(long))
 
 
 def ref_ssim(acc):
@@ -84,7 +90,7 @@ def write_world(root, **kw):
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     write_world(root)
-    pts = frontier.points(collect([root]))
+    pts = points_of(root)
     return root, pts, frontier.compare(pts, resamples=RESAMPLES)
 
 
@@ -173,7 +179,7 @@ def test_interpolation_against_hand_computation():
 def test_interpolated_gain_of_a_point_between_reference_points(tmp_path):
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise", seeds=1)
     write_family(tmp_path, "gmm-cem", (0.825,), (0.42,), seeds=1)
-    cmp = frontier.compare(frontier.points(collect([tmp_path])), resamples=50)
+    cmp = frontier.compare(points_of(tmp_path), resamples=50)
     row = cmp.points[cmp.points.family == "gmm-cem"].iloc[0]
     assert row.ref_value == pytest.approx(0.45) and row.gain == pytest.approx(0.03)
     assert fam(cmp, "gmm-cem").n_points == 1 and math.isnan(fam(cmp, "gmm-cem").area)  # one point: no area
@@ -233,7 +239,7 @@ def test_bootstrap_draw_is_hierarchical_and_binomial():
 def test_bad_input_errors(tmp_path):
     write_family(tmp_path, "none", ACCS[:1], [0.4], knob="noise", seeds=1)
     write_family(tmp_path, "gmm-cem", ACCS[:2], [0.4, 0.5], seeds=1)
-    pts = frontier.points(collect([tmp_path]))
+    pts = points_of(tmp_path)
     with pytest.raises(UserError, match=r"reference family 'slot-cem' is not in the results for "
                                         r"embedded/vgg11/quick \(families there: gmm-cem, none\)"):  # fmt: skip
         frontier.compare(pts, reference="slot-cem")
@@ -241,9 +247,9 @@ def test_bad_input_errors(tmp_path):
                                         r"embedded/vgg11/quick: a frontier needs at least two"):  # fmt: skip
         frontier.compare(pts)
     with pytest.raises(UserError, match=r"no cell has privacy metric 'lpips' \(the attacks here report: ssim, mse\)"):
-        frontier.points(collect([tmp_path]), "lpips")
+        points_of(tmp_path, "lpips")
     with pytest.raises(UserError, match="unknown privacy metric 'fid'"):
-        frontier.points(collect([tmp_path]), "fid")
+        points_of(tmp_path, "fid")
     assert "\n" not in str(pytest.raises(UserError, frontier.compare, pts).value)
 
 
@@ -251,7 +257,7 @@ def test_mixed_presets_are_split(tmp_path):
     for preset, shift in (("quick", SHIFT), ("paper", -SHIFT)):
         write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise", seeds=1, preset=preset)
         write_family(tmp_path, "gmm-cem", ACCS, [ref_ssim(a) - shift for a in ACCS], seeds=1, preset=preset)
-    cmp = frontier.compare(frontier.points(collect([tmp_path])), resamples=100)
+    cmp = frontier.compare(points_of(tmp_path), resamples=100)
     gmm = cmp.families[cmp.families.family == "gmm-cem"].set_index("preset")
     assert gmm.loc["quick", "mean_gain"] == pytest.approx(SHIFT) and gmm.loc["paper", "mean_gain"] == pytest.approx(
         -SHIFT
@@ -267,7 +273,7 @@ def test_family_split_names_the_difference_and_stacks_name_the_part(tmp_path):
         for noise in (0.025, 0.1):
             write_cell(tmp_path, defense="gmm-cem", noise=noise, options={"lam": lam}, acc=0.8 + 0.05 * i)
         write_cell(tmp_path, defense="dropout+gmm-cem", options={"gmm-cem": {"lam": lam}}, acc=0.8 + 0.05 * i)
-    pts = frontier.points(collect([tmp_path]))
+    pts = points_of(tmp_path)
     assert set(pts.family) == {"gmm-cem [noise=0.025]", "gmm-cem [noise=0.1]", "dropout + gmm-cem"}
     assert set(pts[pts.family == "gmm-cem [noise=0.1]"].strength) == {"lam=4", "lam=16"}
     assert set(pts[pts.family == "dropout + gmm-cem"].strength) == {"gmm-cem.lam=4", "gmm-cem.lam=16"}
@@ -282,14 +288,14 @@ def test_saturation_checks_are_not_cells(tmp_path):
         "metrics": {"ssim": {"mean": 0.99, "ci95": 0.01, "n": 256}},
     }))  # fmt: skip
     (check / "per_image.csv").write_text("index,ssim\n0,0.99\n")
-    (row,) = frontier.points(collect([tmp_path])).itertuples()
+    (row,) = points_of(tmp_path).itertuples()
     assert row.privacy_mean == pytest.approx(0.5) and [a for a, _, _ in row.cells[0].attacks] == ["decoder"]
 
 
 def test_missing_per_image_falls_back_to_seeds_with_a_note(tmp_path):
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise", per_image=False)
     write_family(tmp_path, "gmm-cem", ACCS, [ref_ssim(a) - SHIFT for a in ACCS])
-    cmp = frontier.compare(frontier.points(collect([tmp_path])), resamples=100)
+    cmp = frontier.compare(points_of(tmp_path), resamples=100)
     assert fam(cmp, "gmm-cem").mean_gain == pytest.approx(SHIFT)
     assert any("resampled over seeds only" in n for n in cmp.notes)
     assert any("DCS not computed: no undefended run" in n for n in cmp.notes)
@@ -297,7 +303,7 @@ def test_missing_per_image_falls_back_to_seeds_with_a_note(tmp_path):
 
 def test_lower_is_leakier_metric_inverts_the_direction(world):
     root, _, _ = world
-    pts = frontier.points(collect([root]), "mse")  # MSE = (1 - SSIM) / 10: lower is leakier
+    pts = points_of(root, "mse")  # MSE = (1 - SSIM) / 10: lower is leakier
     none = pts[pts.family == "none"].sort_values("accuracy_mean")
     assert list(none.privacy_mean) == pytest.approx([0.06, 0.05, 0.04]) and set(pts.privacy_attack) == {"decoder"}
     cmp = frontier.compare(pts, resamples=100)
@@ -348,7 +354,9 @@ def test_points_are_a_function_of_rows_and_run_facts(tmp_path):
     write_world(tmp_path / "w")
     long = collect([tmp_path / "w"])
     infos = {p: run_info(p) for p in dict.fromkeys(long.path)}
-    expected = frontier.points(long).drop(columns=["cells"])
+    expected = frontier.points(long, infos=infos).drop(columns=["cells"])
     shutil.rmtree(tmp_path / "w")
     got = frontier.points(long, infos=infos).drop(columns=["cells"])
     pd.testing.assert_frame_equal(got, expected)
+    with pytest.raises(ValueError, match="no run facts for .*pass infos=privbench.store.rows.run_infos"):
+        frontier.points(long, infos={})

@@ -24,7 +24,6 @@ import pandas as pd
 from privbench.analysis import frontier_stats as fs
 from privbench.errors import UserError
 from privbench.plugin import stack
-from privbench.store import rows as store_rows
 from privbench.store.rows import ATTACKER_HIGHER, METRIC_DIGITS, METRIC_LABEL, METRICS
 from privbench.util import stats
 
@@ -77,9 +76,7 @@ def _plugin_knob(spec: str, options: str) -> str | None:
         return None
 
 
-def points(
-    rows: pd.DataFrame, privacy_metric: str = "ssim", infos: Mapping[str, dict[str, Any]] | None = None
-) -> pd.DataFrame:
+def points(rows: pd.DataFrame, privacy_metric: str = "ssim", *, infos: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per configuration (over seeds) that an attack scored with `privacy_metric`.
 
     Columns: dataset, model, preset, group, family, family_key, defense, bottleneck, noise,
@@ -87,7 +84,9 @@ def points(
     privacy_ci95, privacy_attack (the worst case over attacks and the attack that reached it),
     baseline_mean (the mean image), num_classes, n_seeds, n_images, on_frontier, metric, cells.
     CIs: Student t over seeds, or over test images with one seed (as in the tables). The
-    undefended model is family 'undefended'. `cells` holds what `compare` resamples."""
+    undefended model is family 'undefended'. `cells` holds what `compare` resamples. `infos`
+    maps each run path to what a row does not hold (options in force, the settings that may
+    differ inside a family, accuracy's sample size): privbench.store.rows.run_infos(rows)."""
     if privacy_metric not in METRICS:
         raise UserError(f"unknown privacy metric {privacy_metric!r} (known: {', '.join(METRICS)})")
     sign = leak_sign(privacy_metric)
@@ -98,9 +97,10 @@ def points(
         raise UserError(f"no cell has privacy metric {privacy_metric!r} (the attacks here report: "
                         f"{', '.join(have) or 'nothing'})")  # fmt: skip
     paths = list(dict.fromkeys(scored.path))
-    # What a row does not hold (options in force, the settings that may differ inside a family,
-    # accuracy's sample size) comes from the store; pass `infos` to keep this a function of data.
-    infos = {p: (infos or {}).get(p) or store_rows.run_info(p) for p in paths}
+    missing = [p for p in paths if p not in infos]
+    if missing:
+        raise ValueError(f"no run facts for {missing[0]}: pass infos=privbench.store.rows.run_infos(rows)")
+    infos = {p: infos[p] for p in paths}
     run_level = rows[rows.path.isin(infos)]
     acc = run_level[run_level.metric == "accuracy"].drop_duplicates("path").set_index("path")
     acc_value, acc_ci, seeds = acc.value.to_dict(), acc.ci95.to_dict(), acc.seed.to_dict()

@@ -1,7 +1,7 @@
 """Training configuration and presets.
 
-One dict per preset holds the hyperparameters; `TrainConfig` defaults come from `quick`, so the
-API and the command line cannot drift apart.
+One table per preset in defaults.toml holds the hyperparameters; `TrainConfig` defaults come from
+`quick`, so the API and the command line cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ import json
 import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from privbench.engine.data import EMBEDDED_VERSION, folder_fingerprint
 from privbench.engine.models import MODELS
@@ -20,40 +26,14 @@ from privbench.errors import UserError
 from privbench.plugin import stack
 from privbench.util.storage import file_digest
 
+# The presets and the default grid are data (defaults.toml, beside this module), so the core
+# names no plugin; a preset's lists are tuples, as the TrainConfig fields they set.
+DEFAULTS: dict[str, Any] = tomllib.loads((Path(__file__).parent / "defaults.toml").read_text())
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU minutes: a quarter-width VGG11 (z is still 8x8x8 with C8), 5,000 images, cosine lr per step.
-    # Tuned for precision, not only speed (docs/precision.md): batch 64 (twice the steps of 128
-    # for about the same CPU time; lr 0.05 at batch 128 was far worse), a 1-epoch warm-up, label
-    # smoothing 0.1 and a weight average (decay 0.99 per step) as the kept model; 25 epochs, chosen
-    # on seeds 20-23 (not the evaluation seeds): at 15 the model had not converged (training
-    # accuracy 0.88-0.94) and accuracy moved 1.4 points sd over 15 fresh seeds.
-    "quick": dict(
-        width=0.25, epochs=25, batch_size=64, lr=0.02, schedule="cosine",
-        warmup_epochs=1.0, label_smoothing=0.1, ema=0.99,
-        # Learned attacks train 6 epochs: at 3 the decoder had not converged (SSIM 0.03 to 0.07 lower)
-        # and its own training randomness was slot-cem's whole SSIM spread over seeds (docs/precision.md).
-        attack_epochs=6, attack_steps=200, eval_images=256, check_saturation=False,
-        # sem_acc (privbench.attack.semantic): its ResNet-20 trains once per data set (~1 CPU minute), then is cached.
-        semantic=True,
-        # A narrower, shallower decoder with small batches leaks clearly within ~20 CPU seconds
-        # (5,000 images); the reference decoder needs ~20 s per epoch on 2 cores.
-        # gan-prior: 15 generator epochs (3 leave its VAE below the mean image on C8 + noise);
-        # shadow: the decoder's quick inverse network (the reference size takes ~6 CPU minutes).
-        attack_options={
-            "decoder": {"channels": 32, "blocks": 2, "batch_size": 64, "lr": 3e-3},
-            "gan-prior": {"epochs": 15},
-            "shadow": {"channels": 32, "blocks": 2, "lr": 3e-3, "decoder_batch_size": 64},
-        },
-    ),
-    # The reference protocol (CEM paper / official code): full width, 240 epochs, MultiStep, and
-    # none of the quick preset's stabilisers.
-    "paper": dict(
-        width=1.0, epochs=240, batch_size=128, lr=0.05, schedule="multistep",
-        milestones=(60, 120, 180, 210), gamma=0.2, warmup_epochs=0.0, label_smoothing=0.0, ema=0.0,
-        attack_epochs=50, attack_steps=1000, eval_images=1000, check_saturation=True, semantic=True,
-        attack_options={},  # every attack at its reference defaults
-    ),
-}  # fmt: skip
+    name: {k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()}
+    for name, preset in DEFAULTS["presets"].items()
+}
+DEFAULT_GRID: dict[str, Any] = DEFAULTS["grid"]
 
 # Fields that say where or how a run executes, not what it computes: left out of its identity.
 NON_IDENTITY = ("device", "data_dir", "progress", "compile", "channels_last", "weights")

@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import torch
 
-from privbench.engine.config import PRESETS, TrainConfig, config_hash
+from privbench.engine.config import DEFAULT_GRID, PRESETS, TrainConfig, config_hash
 from privbench.engine.data import load_dataset
 from privbench.engine.models import parse_bottleneck
 from privbench.engine.train import attach_defense, make_model
@@ -42,8 +42,9 @@ from privbench.grid.executor import parse_executor
 from privbench.plugin import options, registry, stack, strength
 from privbench.store.rows import METRICS, channel_label
 
-DEFAULT_DEFENSES = ("none@plain", "none", "gmm-cem", "slot-cem")
-DEFAULT_ATTACKS = ("decoder", "optimization")
+# The default grid (privbench/engine/defaults.toml): defenses, attacks, sweep and reference.
+DEFAULT_DEFENSES = tuple(DEFAULT_GRID["defense"])
+DEFAULT_ATTACKS = tuple(DEFAULT_GRID["attack"])
 BASE_BOTTLENECK = 8  # C8, the reference
 BASE_NOISE = 0.025
 ATTACK_SETTINGS = ("epochs", "steps", "eval_images", "attacker_data", "check_saturation", "semantic")
@@ -60,9 +61,8 @@ MODEL_FIELDS = ("model", "cut", "bottleneck", "width", "model_options", "pretrai
 TOP_KEYS = ("preset", "dataset", "data_dir", "defense", "attack", "seeds", "cut", "bottleneck", "noise", "device",
             "results_dir", "out", *SHORTCUTS, "option", "train", "attacks", "defenses", "executor", "sweep",
             "reference", "privacy_metric", "bracket", "seeds_cap")  # fmt: skip
-# The default grid's sweep: the base channel's noise, the reference the verdicts compare against.
-DEFAULT_SWEEP = ("none.noise",)
-DEFAULT_REFERENCE = "none"
+DEFAULT_SWEEP = tuple(DEFAULT_GRID["sweep"])
+DEFAULT_REFERENCE = DEFAULT_GRID["reference"]
 AUTO = "auto"  # --reference auto: the default reference family; --seeds auto: sequential seeds
 SEEDS_AUTO_START = 2  # the first look: a verdict over seeds needs at least two
 SEEDS_CAP = 5
@@ -332,12 +332,19 @@ class Grid:
         first = configs[0]
         data = load_dataset(first.dataset, data_dir=first.data_dir, seed=first.data_seed, n_train=first.n_train,
                             image_size=first.image_size)  # fmt: skip
+        # Each distinct model, and each distinct defense on it, is built once (seeds and channel
+        # noise do not change whether a defense takes the model's z).
         models: dict[str, Any] = {}
+        checked: set[tuple[str, str]] = set()
         for cfg in configs:
-            defense = stack.create(cfg.defense, cfg.defense_options)
             key = config_hash({k: getattr(cfg, k) for k in MODEL_FIELDS})
+            pair = (key, config_hash([cfg.defense, cfg.defense_options]))
+            if pair in checked:
+                continue
+            checked.add(pair)
             if key not in models:
                 models[key] = make_model(cfg, data)
+            defense = stack.create(cfg.defense, cfg.defense_options)
             attach_defense(models[key], defense, data.image_shape, torch.device("cpu"))  # z's kind fits the defense
 
 

@@ -1,11 +1,12 @@
-"""The CEM paper's Table 1 layout: base defenses as rows, {alone, + gmm-cem, + slot-cem} as
-column groups, each with accuracy and the worst-case SSIM over attacks.
+"""The CEM paper's Table 1 layout: base defenses as rows, {alone, + each top defense} as column
+groups, each with accuracy and the worst-case SSIM over attacks.
 
-A configuration `B + T` on a channel, with T one of the "top" defenses (gmm-cem and slot-cem by
-default), is the cell (row B on that channel, column group "+ T"); a configuration without a top
-part is its row's "alone" cell; a top alone (`gmm-cem`) sits on the row `none`, the channel alone,
-as in the paper, where CEM is added to the bottleneck + noise base. The change that the top makes
-(its SSIM minus the alone cell's, and the same for accuracy) is shown beside it.
+A configuration `B + T` on a channel, with T one of the "top" defenses (by default the grid's
+`tops` in privbench/engine/defaults.toml: gmm-cem and slot-cem), is the cell (row B on that
+channel, column group "+ T"); a configuration without a top part is its row's "alone" cell; a top
+alone (`gmm-cem`) sits on the row `none`, the channel alone, as in the paper, where CEM is added to
+the bottleneck + noise base. The change that the top makes (its SSIM minus the alone cell's, and the
+same for accuracy) is shown beside it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import math
 
 import pandas as pd
 
+from privbench.engine.config import DEFAULT_GRID
 from privbench.errors import UserError
 from privbench.report.table_format import caption, plus_minus
 from privbench.util import stats
 
-TOPS = ("gmm-cem", "slot-cem")
+TOPS = tuple(DEFAULT_GRID["tops"])
 ALONE = "alone"
 
 

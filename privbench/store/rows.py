@@ -315,3 +315,9 @@ def run_info(path: str) -> dict[str, Any]:
     settings.update({(f"train.{k}" if k in settings else k): v for k, v in identity.items()})
     acc_n = metrics.get("test_images") or metrics.get("test_groups") or 0
     return {"spec": cfg.defense, "options": options, "settings": settings, "acc_n": int(acc_n)}
+
+
+def run_infos(long: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """`run_info` of every run folder in long-form rows: what privbench.analysis.frontier.points
+    needs besides the rows."""
+    return {p: run_info(p) for p in dict.fromkeys(long.path)}
