@@ -107,3 +107,17 @@ def test_train_option_naming_a_defense_outside_the_stack_exits_2(tmp_path, capsy
                            capsys)  # fmt: skip
     assert code == 2 and err.count("\n") == 1
     assert "names 'gmm-cem', which is not in the stack (defenses: dropout)" in err
+
+
+def test_a_run_option_is_parsed_once_and_built_into_its_plugin(monkeypatch):
+    """`run -o gmm-cem.lam=8`: the text is parsed once (plugin.options), stored canonical in the
+    TrainConfig (8 -> 8.0, the option's type), and the plugin is built with it."""
+    texts = []
+    real = options.parse_value
+    monkeypatch.setattr(options, "parse_value", lambda text: texts.append(text) or real(text))
+    grid = Grid(defense=["dropout+gmm-cem"], option=["gmm-cem.lam=8"], seeds=2, sweep="off")
+    configs = grid.train_configs()
+    assert texts == ["8"]
+    assert [c.defense_options for c in configs] == [{"gmm-cem": {"lam": 8.0}}] * 2
+    built = stack.create(configs[0].defense, configs[0].defense_options)
+    assert dict(built.members)["gmm-cem"].lam == 8.0

@@ -207,23 +207,24 @@ class Grid:
             if getattr(self, key) is not None:
                 getattr(self, table)[entry] = getattr(self, key)
         self.option = [str(o) for o in _as_list(self.option)] if self.option else []
-        model_options, _ = options.split_model(options.parse_all(self.option))
+        model_options, rest = options.split_model(options.parse_all(self.option))  # the one parse
         if model_options:  # `-o model.KEY=VALUE`: over the [train] table's model_options
             table = self.train.get("model_options") or {}
             if not isinstance(table, dict):
                 raise UserError("[train] model_options must be a table of the model factory's keyword arguments")
             self.train["model_options"] = {**table, **model_options}
-        for table, routed in zip((self.defenses, self.attacks), self._routed_options()):
+        for table, routed in zip((self.defenses, self.attacks), self._routed_options(rest)):
             for name, opts in routed.items():
                 table.setdefault(name, {}).update(opts)
 
-    def _routed_options(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    def _routed_options(
+        self, parsed: list[options.Option]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         """`-o NAME.key=value` to that defense part or attack; a bare `key=value` to every defense
         of the grid that takes `key` (privbench.plugin.options)."""
         for spec in self.defense:
             stack.parts(spec.partition("@")[0])  # unknown defense names fail here, with the installed ones
-        _, rest = options.split_model(options.parse_all(self.option))
-        return options.route(rest, defenses=self.defense, attacks=self.attack)
+        return options.route(parsed, defenses=self.defense, attacks=self.attack)
 
     def defense_parts(self) -> list[str]:
         """Every defense named in the grid, stacks split into their parts, in order."""
