@@ -14,26 +14,30 @@ on the command line: the same configuration maps to the same run folder and is r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from privbench import job
 from privbench.analysis import tables
 from privbench.engine import zoo
 from privbench.engine.config import PRESETS, TrainConfig
 from privbench.engine.cuts import CutInfo, list_cuts
+from privbench.engine.data import load_dataset
 from privbench.engine.models import MODELS, builtin_cuts, parse_bottleneck
+from privbench.engine.train import attach_defense, make_model
 from privbench.errors import UserError
-from privbench.grid.spec import Grid
+from privbench.grid.spec import DEFAULT_ATTACKS, Grid
 from privbench.job import GridResult
+from privbench.plugin import options as options_mod
 from privbench.plugin import stack
 from privbench.report import table_format
 from privbench.store import rows
 from privbench.store.attacks import attack_run
-from privbench.store.outputs import resolve_inputs
+from privbench.store.outputs import check_output_dir, resolve_inputs
 from privbench.store.runs import DEFAULT_RESULTS, Run, train_run
 
 
@@ -41,67 +45,124 @@ def train(
     defense: str = "none",
     *,
     bottleneck: int | str | None = None,
-    noise: float = 0.0,
+    noise: float | None = 0.0,
     epochs: int | None = None,
     seed: int = 0,
     dataset: str = "embedded",
     preset: str = "quick",
-    options: dict[str, Any] | None = None,
+    options: Mapping[str, Any] | Iterable[str] | None = None,
     results_dir: str | Path = DEFAULT_RESULTS,
     force: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = print,
+    model: str | None = None,
+    width: float | None = None,
+    cut: int | str | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    schedule: str | None = None,
+    n_train: int | None = None,
+    image_size: int | None = None,
+    pretrained: bool | None = None,
+    weights: str | Path | None = None,
+    model_options: Mapping[str, Any] | None = None,
+    device: str | None = None,
+    compile: bool | str | None = None,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+    data_dir: str | Path | None = None,
+    download: bool = False,
     **settings: Any,
 ) -> Run:
-    """Train a split model under `defense` (options in `options`) on the channel given by
-    `bottleneck` (C<c> channels, e.g. 8) and `noise` (std); reuses a finished identical run.
-    Other TrainConfig fields (width, cut, lr, n_train, model, device, ...) go in `settings`."""
-    stack.parts(defense)
+    """`privbench train`: train a split model under `defense` (a name or a stack `a+b`) on the
+    channel given by `bottleneck` (C<c> channels, e.g. 8 or "C8") and `noise` (std); reuses a
+    finished identical run (force=True retrains) and says so through `log`.
+
+    `options` holds defense options in any form privbench.plugin.options takes ({"lam": 8},
+    {"gmm-cem.lam": 8}, {"gmm-cem": {"lam": 8}}, or "gmm-cem.lam=8" strings) plus model options
+    as "model.KEY" entries; `model_options` gives the latter as a dict. None means the preset's
+    (or the training configuration's) value; other TrainConfig fields (momentum, ema, ...) go in
+    `settings`. `download` fetches CIFAR into `data_dir` when absent. Names, the data, the model,
+    its cut and whether the defense takes the cut's z are checked before training starts."""
+    check_output_dir(results_dir, "results folder")
+    model_opts, defense_opts = options_mod.split_model(options_mod.parse_all(options))
+    model_opts |= dict(model_options or {})
+    if width is not None and model is not None and model not in MODELS:
+        raise UserError(f"width applies to {' and '.join(MODELS)}; give {model} options with -o model.KEY=VALUE")
     cfg = TrainConfig.from_preset(
-        preset, defense=defense, defense_options=dict(options or {}), bottleneck=parse_bottleneck(bottleneck),
-        noise=noise, epochs=epochs, seed=seed, dataset=dataset, progress=progress, **settings,
+        preset, dataset=dataset, data_dir=None if data_dir is None else str(data_dir), defense=defense,
+        defense_options=options_mod.as_dict(defense_opts), model=model, width=width, epochs=epochs,
+        batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, cut=cut, bottleneck=parse_bottleneck(bottleneck),
+        noise=noise, n_train=n_train, device=device, compile=compile, amp=amp, channels_last=channels_last,
+        progress=progress, image_size=image_size, pretrained=pretrained,
+        weights=None if weights is None else str(weights), model_options=model_opts or None, **settings,
     )  # fmt: skip
-    run, _ = train_run(cfg, results_dir, force=force, log=log or (lambda _msg: None))
+    _check_train_config(cfg, download=download)
+    say = log or (lambda _msg: None)
+    run, trained = train_run(cfg, results_dir, force=force, log=say)
+    if not trained:
+        say("reused finished run (same configuration); --force / force=True retrains")
     return run
+
+
+def _check_train_config(cfg: TrainConfig, *, download: bool = False) -> None:
+    """Everything that can be checked cheaply before any training starts, so that a bad name,
+    cut or z kind costs one UserError rather than a run: the defense and its options, the data
+    (downloaded here when asked), the model and its cut, and whether the defense takes the
+    cut's z (built on the CPU)."""
+    defense = stack.create(cfg.defense, cfg.defense_options)
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=download, seed=cfg.data_seed, n_train=cfg.n_train,
+                        image_size=cfg.image_size)  # fmt: skip
+    attach_defense(make_model(cfg, data), defense, data.image_shape, torch.device("cpu"))
 
 
 def attack(
     run: Run | str | Path,
-    attacks: Iterable[str] = ("decoder", "optimization"),
+    attacks: Iterable[str] = DEFAULT_ATTACKS,
     *,
     attacker_data: str = "train",
     epochs: int | None = None,
     steps: int | None = None,
     eval_images: int | None = None,
-    options: dict[str, dict[str, Any]] | None = None,
+    options: Mapping[str, Any] | Iterable[str] | None = None,
     device: str = "auto",
     seed: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = print,
+    check_saturation: bool | None = None,
+    semantic: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Attack a trained run with each named attack; returns each attack's metrics.json content
-    plus "path" (its folder) and "reused". `options` maps attack name -> {option: value}."""
+    """`privbench attack`: attack a trained run with each named attack; returns each attack's
+    metrics.json content plus "path" (its folder) and "reused". `options` maps attack name ->
+    {option: value}, or takes any form privbench.plugin.options takes ({"decoder.channels": 64};
+    a bare key goes to the one attack run). `check_saturation` repeats every learned attack at twice
+    its budget and flags it unsaturated; `semantic` scores sem_acc; None: the run's preset's."""
+    names = list(dict.fromkeys([attacks] if isinstance(attacks, str) else attacks))
+    opts = options_mod.parse_all(options)
+    per_attack = options_mod.route(opts, attacks=names, where="the attacks run")[1] if opts else {}
     return attack_run(
-        _path(run), list(attacks), attacker_data=attacker_data, epochs=epochs, steps=steps,
-        eval_images=eval_images, options=options, device=device, seed=seed, progress=progress,
-        log=log or (lambda _msg: None),
+        _path(run), names, attacker_data=attacker_data, epochs=epochs, steps=steps, eval_images=eval_images,
+        options=per_attack, device=device, seed=seed, progress=progress, log=log or (lambda _msg: None),
+        check_saturation=check_saturation, semantic=semantic,
     )  # fmt: skip
 
 
 RunLike = Run | str | Path
 
 
-def results(runs: Iterable[RunLike] | RunLike = DEFAULT_RESULTS, *, long: bool = False) -> pd.DataFrame:
+def results(
+    runs: Iterable[RunLike] | RunLike = DEFAULT_RESULTS, *, long: bool = False, privacy_metric: str = "ssim"
+) -> pd.DataFrame:
     """The privacy-utility table of `runs` (run folders, results folders holding runs, or a
     `run()` output folder, which stands for that grid's cells): one row per defense
     configuration, raw numbers (`<attack>_<metric>_mean` / `_ci95`, `accuracy_mean`,
-    `worst_attack`, ...). With long=True, the long-form rows it is pivoted from (run, defense,
-    channel, seed, attack, metric, value, ...)."""
+    `worst_attack` by `privacy_metric`, ...). With long=True, the long-form rows it is pivoted
+    from (run, defense, channel, seed, attack, metric, value, ...)."""
     if isinstance(runs, RunLike):
         runs = [runs]
     paths, attack_dirs = resolve_inputs([_path(r) for r in runs])
     frame = rows.collect(paths, attack_dirs=attack_dirs)
-    return frame if long else tables.aggregate(frame, paths)
+    return frame if long else tables.aggregate(frame, paths, privacy_metric=privacy_metric)
 
 
 def table(df: pd.DataFrame, fmt: str = "md") -> str:

@@ -131,3 +131,28 @@ def test_plugins_are_leaves():
         if dst_pkg in PLUGIN_PACKAGES and dst != f"privbench.{dst_pkg}":
             bad.append(f"{src}:{line} imports plugin {dst}")
     assert not bad, "\n".join(bad)
+
+
+def _code_strings(path: Path) -> list[tuple[str, int]]:
+    """String constants of a module's code: docstrings and comments (which may name anything) left out."""
+    tree = ast.parse(path.read_text())
+    docs = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            docs.add(id(first.value))
+    return [(n.value, n.lineno) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]  # fmt: skip
+
+
+def test_the_core_names_no_plugin():
+    """The default grid, the presets' per-attack options and the CEM table's columns are data
+    (privbench/engine/defaults.toml); no core module spells a plugin's name in its code. `none`,
+    the undefended model, is a word the core needs in many other senses."""
+    names = {f.stem.replace("_", "-") for folder in PLUGIN_PACKAGES.values() for f in folder.glob("*.py")}
+    names -= {"--init--", "none"}
+    bad = [f"{module}:{line} names {value!r}"
+           for module, path in MODULES.items() if not set(module.split(".")[1:2]) & set(PLUGIN_PACKAGES)
+           for value, line in _code_strings(path) if value in names]  # fmt: skip
+    assert not bad, "\n".join(bad)

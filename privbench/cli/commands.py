@@ -13,7 +13,6 @@ from typing import Any
 
 import click
 import pandas as pd
-import torch
 
 from privbench import api
 from privbench.analysis import precision, tables
@@ -22,20 +21,16 @@ from privbench.cli.help import GroupedCommand, examples
 from privbench.cli.outputs import plot_cmd, report_cmd, table_cmd
 from privbench.engine.config import PRESETS, TrainConfig
 from privbench.engine.cuts import CutInfo
-from privbench.engine.data import DATASETS, load_dataset
-from privbench.engine.models import MODELS, parse_bottleneck
-from privbench.engine.train import attach_defense, make_model
+from privbench.engine.data import DATASETS
+from privbench.engine.models import MODELS
 from privbench.errors import UserError
 from privbench.executors.base import CellsFailed
 from privbench.grid.spec import Grid, grid_from_options
 from privbench.plugin import options as options_mod
-from privbench.plugin import registry, stack, strength
+from privbench.plugin import registry, strength
 from privbench.report import precision as precision_table
 from privbench.report.summary import summary_markdown
 from privbench.store import seeds as seed_store
-from privbench.store.attacks import attack_run
-from privbench.store.outputs import check_output_dir
-from privbench.store.runs import train_run
 from privbench.util.progress import reset_warnings
 from privbench.util.storage import atomic_write_text
 
@@ -212,28 +207,14 @@ def train(
     privbench train --model torchvision:resnet18 --cut layer2 --epochs 1 --n-train 200
     """
     load_plugins(plugins)
-    check_output_dir(results_dir, "results folder")
-    model_opts, rest = options_mod.split_model(options_mod.parse_all(options))
-    if width is not None and model is not None and model not in MODELS:
-        raise UserError(f"--width applies to {' and '.join(MODELS)}; give {model} options with -o model.KEY=VALUE")
-    cfg = TrainConfig.from_preset(
-        preset, dataset=dataset, data_dir=data_dir, defense=defense, defense_options=options_mod.as_dict(rest),
-        model=model, width=width, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
-        cut=cut, bottleneck=parse_bottleneck(bottleneck), noise=noise, n_train=n_train, device=device,
-        compile=compile_mode or False, amp=amp, channels_last=channels_last, progress=not quiet,
-        image_size=image_size, pretrained=pretrained, weights=weights, model_options=model_opts or None,
+    run = api.train(
+        defense, bottleneck=bottleneck, noise=noise, epochs=epochs, seed=seed, dataset=dataset, preset=preset,
+        options=parse_options(options), results_dir=results_dir, force=force, progress=not quiet, log=click.echo,
+        model=model, width=width, cut=cut, batch_size=batch_size, lr=lr, schedule=schedule, n_train=n_train,
+        image_size=image_size, pretrained=pretrained, weights=weights, device=device, compile=compile_mode, amp=amp,
+        channels_last=channels_last, data_dir=data_dir, download=download,
     )  # fmt: skip
-    # Validate everything that can be checked cheaply before any training starts: names, the data,
-    # the model and its cut, and whether the defense takes the cut's z.
-    defense_ = stack.create(cfg.defense, cfg.defense_options)
-    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=download, seed=cfg.data_seed, n_train=cfg.n_train,
-                        image_size=cfg.image_size)  # fmt: skip
-    attach_defense(make_model(cfg, data), defense_, data.image_shape, torch.device("cpu"))
-    run, trained = train_run(cfg, results_dir, force=force, log=click.echo)
-    acc = run.metrics()["test_accuracy"]
-    if not trained:
-        click.echo("reused finished run (same configuration); --force retrains")
-    click.echo(f"test accuracy: {acc:.4f}")
+    click.echo(f"test accuracy: {run.metrics()['test_accuracy']:.4f}")
     click.echo(str(run.path))
 
 
@@ -270,8 +251,8 @@ def attack(
 ) -> None:  # fmt: skip
     """Attack a trained run; writes RUN_DIR/attacks/<attack>-<hash>/ and prints a table."""
     load_plugins(plugins)
-    names = list(dict.fromkeys(attacks or ("decoder", "optimization")))
-    results = attack_run(
+    names = list(dict.fromkeys(attacks or api.DEFAULT_ATTACKS))
+    results = api.attack(
         run_dir, names, attacker_data=attacker_data, epochs=epochs, steps=steps, eval_images=eval_images,
         options=attack_options(options, names), device=device, seed=seed, progress=not quiet,
         log=click.echo, check_saturation=check_saturation, semantic=semantic,
@@ -537,8 +518,9 @@ def precision_cmd(results_dir, seeds, defenses, noises, attacks, settings, summa
             train[key] = options_mod.parse_value(value)
         grid = {"defense": list(defenses)} if defenses else {}
         grid |= {"noise": list(noises)} if noises else {}
-        api.run(seeds=seeds, attack=list(attacks) or ["decoder"], results_dir=str(folder), train=train,
-                log=click.echo, **grid)  # fmt: skip
+        # The default grid's first attack, the decoder: learned, so its own training spread is measured too.
+        api.run(seeds=seeds, attack=list(attacks) or list(api.DEFAULT_ATTACKS[:1]), results_dir=str(folder),
+                train=train, log=click.echo, **grid)  # fmt: skip
     if not folder.is_dir():
         raise UserError(f"results folder {folder} does not exist")
     cells = seed_store.collect_seeds(folder)

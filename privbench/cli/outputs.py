@@ -9,14 +9,15 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from privbench import api
 from privbench.analysis import frontier, tables
 from privbench.cli.help import examples
 from privbench.errors import UserError
-from privbench.report import blocks, plots, table_cem, table_format
+from privbench.report import blocks, plots, table_cem
 from privbench.report.plot_frontier import plot_frontier
 from privbench.report.run_diagnostics import write_run_diagnostics
 from privbench.store import rows
-from privbench.store.outputs import check_output_file, resolve_inputs
+from privbench.store.outputs import check_output_file
 from privbench.store.rows import METRICS, expand_run_dirs
 from privbench.util.storage import atomic_write_text
 
@@ -36,9 +37,9 @@ reference_option = click.option(
 
 
 def comparison_of(run_dirs: tuple[str, ...], reference: str, privacy_metric: str):  # -> frontier.Comparison
-    runs, attack_dirs = resolve_inputs(run_dirs or ("results",))
-    long = rows.collect(runs, attack_dirs=attack_dirs)
-    return frontier.compare(frontier.points(long, privacy_metric=privacy_metric), reference=reference)
+    long = api.results(list(run_dirs) or api.DEFAULT_RESULTS, long=True)
+    points = frontier.points(long, privacy_metric=privacy_metric, infos=rows.run_infos(long))
+    return frontier.compare(points, reference=reference)
 
 
 @click.command("table", epilog=examples(
@@ -83,15 +84,14 @@ def table_cmd(run_dirs, fmt, out, layout, tops, privacy_metric, reference) -> No
         for line in frontier.verdict_lines(comparison) + comparison.notes:
             click.echo(line, err=bool(out))
         return
-    runs, attack_dirs = resolve_inputs(run_dirs or ("results",))
-    table = tables.results_table(runs, attack_dirs=attack_dirs, privacy_metric=privacy_metric)
+    table = api.results(list(run_dirs) or api.DEFAULT_RESULTS, privacy_metric=privacy_metric)
     if layout == "cem":
         if fmt == "latex":
             raise UserError("--layout cem writes md or csv")
         top_names = tuple(t.strip() for t in tops.split(",") if t.strip())
         text = (table_cem.to_csv if fmt == "csv" else table_cem.to_markdown)(table, top_names)
     else:
-        text = table_format.render(table, fmt)
+        text = api.table(table, fmt)
     for line in tables.chance_warnings(table):
         click.echo(line, err=True)
     if out:
@@ -156,12 +156,12 @@ def plot_cmd(run_dirs, out, grid_out, curves, frontier_plot, privacy_metric, ref
         return
     if grid_out:
         check_output_file(grid_out, "--grid")
-    run_paths, attack_dirs = resolve_inputs(run_dirs or ("results",))
-    long = rows.collect(run_paths, attack_dirs=attack_dirs)
-    table = tables.aggregate(long, run_paths, privacy_metric=privacy_metric)
+    inputs = list(run_dirs) or api.DEFAULT_RESULTS
+    table = api.results(inputs, privacy_metric=privacy_metric)
     for line in tables.chance_warnings(table):
         click.echo(line, err=True)
-    if grid_out and plots.reconstruction_grid(table, long, grid_out) is None:
+    # The grid needs the long rows too: read a second time only when it is asked for.
+    if grid_out and plots.reconstruction_grid(table, api.results(inputs, long=True), grid_out) is None:
         click.echo("no stored reconstructions in these runs: no grid written", err=True)
     elif grid_out:
         click.echo(grid_out)
