@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 
 from privbench.analysis import frontier
 from privbench.analysis import frontier_stats as fs
@@ -360,3 +361,17 @@ def test_points_are_a_function_of_rows_and_run_facts(tmp_path):
     pd.testing.assert_frame_equal(got, expected)
     with pytest.raises(ValueError, match="no run facts for .*pass infos=privbench.store.rows.run_infos"):
         frontier.points(long, infos={})
+
+
+def test_table_and_plot_frontier_from_the_command_line(world, tmp_path, capsys):
+    """`privbench table --layout frontier` and `plot --frontier` read the rows and the run facts
+    through the store and print the verdicts the analysis gives."""
+    root, _, cmp = world
+    code, out, err = run_cli(["table", str(root), "--layout", "frontier", "--reference", "none"], capsys)
+    assert code == 0, err
+    assert "gmm-cem" in out and "dropout" in out
+    assert "leaks less" in out or "better" in out
+    png = tmp_path / "frontier.png"
+    code, out, err = run_cli(["plot", str(root), "--frontier", "--out", str(png), "--reference", "none"], capsys)
+    assert code == 0, err
+    assert png.stat().st_size > 0
