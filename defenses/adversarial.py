@@ -11,7 +11,6 @@ as a base defense. Our own code.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +19,6 @@ from privbench.attack.metrics import SSIM_K1, SSIM_K2, SSIM_WINDOW, valid_filter
 from privbench.engine.inverse import InverseNet
 from privbench.errors import UserError
 from privbench.plugin.base import Defense, TrainContext
-
-
-def _to_cpu(obj: Any) -> Any:
-    """A nested state (dicts, lists, tensors) with every tensor detached and on the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def ssim_mean(x: torch.Tensor, y: torch.Tensor, gh: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
@@ -87,6 +75,7 @@ class Adversarial(Defense):
     summary = "encoder trained against an alternating inversion decoder (ResSFL / DeepObfuscator)"
     strength_grid = (0.1, 0.3, 1.0)
     knob = "weight"
+    saved = ("decoder", "optimizer")  # built in setup: a state loaded before waits (restore_pending)
 
     def __init__(
         self,
@@ -121,7 +110,6 @@ class Adversarial(Defense):
         self.optimizer: torch.optim.Adam | None = None
         self.noise_std = 0.0
         self._filters: tuple[torch.Tensor, torch.Tensor] | None = None  # SSIM's Gaussian filter matrices
-        self._pending: dict[str, Any] | None = None  # state loaded before setup built the decoder
         self._sums: torch.Tensor | None = None  # [adv_fit_loss, adv_ssim] summed over the epoch's steps
         self._steps = 0
 
@@ -141,9 +129,7 @@ class Adversarial(Defense):
         self._filters = (valid_filter_matrix(h, ctx.device), valid_filter_matrix(w, ctx.device))
         self._sums = torch.zeros(2, device=ctx.device)
         self._steps = 0
-        if self._pending is not None:
-            state, self._pending = self._pending, None
-            self.load_state_dict(state)
+        self.restore_pending()  # a state loaded before setup built the decoder and its optimizer
 
     def _noisy(self, z: torch.Tensor) -> torch.Tensor:
         return z + self.noise_std * torch.randn_like(z) if self.noise_std > 0 else z
@@ -194,23 +180,3 @@ class Adversarial(Defense):
         self._sums.zero_()
         self._steps = 0
         return {"adv_fit_loss": fit, "adv_ssim": s}
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.decoder is None or self.optimizer is None:
-            return {}
-        return {"decoder": _to_cpu(self.decoder.state_dict()), "optimizer": _to_cpu(self.optimizer.state_dict())}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if not isinstance(state.get("decoder"), dict) or not isinstance(state.get("optimizer"), dict):
-            raise UserError("adversarial state lacks 'decoder' or 'optimizer'")
-        if self.decoder is None or self.optimizer is None:  # before setup: applied when setup builds them
-            self._pending = state
-            return
-        try:
-            self.decoder.load_state_dict(state["decoder"])
-            self.optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the decoder's device
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"adversarial state does not fit this model: {first}") from None

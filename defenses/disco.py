@@ -6,8 +6,6 @@ Sensitive Channel Obfuscation for deep neural networks", CVPR 2021 (arXiv 2012.1
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -65,6 +63,7 @@ class Disco(Defense):
     knob_range = (0.0, 1.0)
     knob_scale = "logit"
     z_kinds = ("map", "vector")  # the scorer convolves channels of a map (a vector: channels at 1x1)
+    saved = ("scorer",)
 
     def __init__(self, *, ratio: float = 0.5, hidden: int = 16):
         if not 0 < ratio <= 1:
@@ -116,19 +115,3 @@ class Disco(Defense):
         self._usage.zero_()
         self._seen = 0
         return {"kept_channels": float(self.keep), "channel_usage_min": lo, "channel_usage_max": hi}
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.scorer is None:
-            return {}
-        return {k: v.detach().cpu().clone() for k, v in self.scorer.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if self.scorer is None:
-            raise UserError("disco: build(z_shape, device) must run before load_state_dict")
-        try:
-            self.scorer.load_state_dict(state)  # copies in place: the optimizer keeps its parameters
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"disco state does not fit this z: {first}") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +90,8 @@ class GmmCem(Defense):
     summary = "conditional entropy maximization, per-class k-means mixture (Xia et al. CVPR'25)"
     strength_grid = (4.0, 16.0, 64.0)
     knob = "lam"
+    saved = ("centroids", "vbar", "pi", "var_diag")  # the fitted mixture
+    saved_optional = ("var_diag",)  # estimator="paper" only
 
     def __init__(
         self,
@@ -192,27 +193,6 @@ class GmmCem(Defense):
             "rob_loss": rob_v, "within_var": within, "empty_clusters": int(n_empty),
             "kmeans_iters": fit.iters, "refit_seconds": time.perf_counter() - t0,
         }  # fmt: skip
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.centroids is None:
-            return {}
-        state = {"centroids": self.centroids, "vbar": self.vbar, "pi": self.pi}
-        if self.var_diag is not None:
-            state["var_diag"] = self.var_diag
-        return {k: v.detach().cpu() for k, v in state.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        try:
-            self.centroids, self.vbar, self.pi = (state[k].float() for k in ("centroids", "vbar", "pi"))
-        except KeyError as exc:
-            raise UserError(f"gmm-cem state lacks {exc.args[0]!r}") from None
-        self.var_diag = state["var_diag"].float() if "var_diag" in state else None
-        if self.estimator == "paper" and self.var_diag is None:
-            self.var_diag = self.vbar[..., None].expand_as(self.centroids).clone()
-        if self._rob_sum is not None:
-            self._to(self._rob_sum.device)
 
     # -- the loss -----------------------------------------------------------------------------
 

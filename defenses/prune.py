@@ -60,6 +60,7 @@ class Prune(Defense):
     knob_scale = "logit"
     knob_lowers_accuracy = False  # the fraction kept
     z_kinds = ("map", "vector")  # dim 1 is the channel; on tokens [N,D] it would be the token
+    saved = ("mask",)
 
     def __init__(self, *, ratio: float = 0.5, select: str = "magnitude", warmup: int = 1):
         if not 0 < ratio <= 1:
@@ -112,18 +113,9 @@ class Prune(Defense):
         mask[kept.to(device)] = 1.0
         self.mask = mask
 
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.mask is None else {"mask": self.mask.detach().cpu()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if "mask" not in state:
-            raise UserError("prune state lacks 'mask'")
-        mask = state["mask"].float()
-        channels = getattr(self, "channels", len(mask))
-        if mask.shape != (channels,):
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        # Not generic: the mask is None until training fixes it, so check a loaded one against z's channels here.
+        mask, channels = (state or {}).get("mask"), getattr(self, "channels", None)
+        if isinstance(mask, torch.Tensor) and channels is not None and tuple(mask.shape) != (channels,):
             raise UserError(f"prune mask has shape {tuple(mask.shape)}; z has {channels} channels")
-        device = self._sums.device if self._sums is not None else mask.device
-        self.mask = mask.to(device)
-
+        super().load_state_dict(state)

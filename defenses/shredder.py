@@ -7,12 +7,10 @@ Noise Distributions to Protect Inference Privacy", ASPLOS 2020 (arXiv 1905.11814
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
-from privbench.errors import UserError
 from privbench.plugin.base import Defense, TrainContext
 
 MIN_SCALE, MAX_SCALE = 1e-4, 10.0  # the learned std is clamped here: it can neither vanish nor run away
@@ -61,6 +59,7 @@ class Shredder(Defense):
     strength_grid = (0.03, 0.1, 0.3)
     knob = "weight"
     knob_zero_is_off = False  # its noise is sampled whatever the weight of its loss
+    saved = ("log_scale",)
 
     def __init__(self, *, weight: float = 0.1, init_scale: float = 0.025, distribution: str = "laplace"):
         if not weight >= 0:
@@ -104,20 +103,3 @@ class Shredder(Defense):
         s = self.scale()
         mean, top = torch.stack([s.mean(), s.max()]).tolist()  # one sync per epoch
         return {"noise_scale": mean, "noise_scale_max": top}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.log_scale is None else {"log_scale": self.log_scale.detach().cpu().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if "log_scale" not in state:
-            raise UserError("shredder state lacks 'log_scale'")
-        saved = state["log_scale"]
-        if self.log_scale is None:
-            raise UserError("shredder: build(z_shape, device) must run before load_state_dict")
-        if tuple(saved.shape) != tuple(self.log_scale.shape):
-            shapes = f"{tuple(saved.shape)}, z is {tuple(self.log_scale.shape)}"
-            raise UserError(f"shredder state has noise of shape {shapes}")
-        with torch.no_grad():  # in place: the optimizer holds this parameter (resume)
-            self.log_scale.copy_(saved)

@@ -305,6 +305,7 @@ class SlotCem(Defense):
     summary = "CEM with a Slot-Attention + gated cross-attention mixture estimate (encoder regularizer)"
     strength_grid = (4.0, 16.0, 64.0)
     knob = "lam"
+    saved = ("shape", "module")
 
     def __init__(
         self,
@@ -336,6 +337,7 @@ class SlotCem(Defense):
         self.num_slots, self.num_iterations = int(num_slots), int(num_iterations)
         self.hidden, self.warmup = int(hidden), int(warmup)
         self.module: SlotEstimator | None = None
+        self.shape: torch.Tensor | None = None  # the module's [dim, classes, slots, hidden, iterations]
         self._guarded: SlotEstimator | None = None  # the module whose gradients _guard masks
         self._bad: torch.Tensor | None = None
         self.num_classes: int | None = None
@@ -473,25 +475,22 @@ class SlotCem(Defense):
             row.update(self.module.scalars())
         return row  # the loop logs it in the epoch line; a line of our own would print it twice
 
-    def state_dict(self) -> dict[str, Any]:
-        if self.module is None:
-            return {}
-        m = self.module
-        return {
-            "shape": torch.tensor([m.dim, m.num_classes, m.num_slots, m.hidden, m.num_iterations]),
-            "module": {k: v.detach().cpu() for k, v in m.state_dict().items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        # Not generic: the module's size (z's dims, the classes) is known only from the state, so build it first.
+        shape = (state or {}).get("shape")
+        if self.module is not None or not isinstance(shape, torch.Tensor):
+            super().load_state_dict(state)
             return
         try:
-            dim, classes, slots, hidden, iters = (int(v) for v in state["shape"].tolist())
-            module = SlotEstimator(dim, classes, num_slots=slots, hidden=hidden, num_iterations=iters)
-            module.load_state_dict(state["module"])
-        except (KeyError, RuntimeError, ValueError) as exc:
+            dim, classes, slots, hidden, iters = (int(v) for v in shape.tolist())
+            self.module = SlotEstimator(dim, classes, num_slots=slots, hidden=hidden, num_iterations=iters)
+        except (RuntimeError, ValueError, TypeError) as exc:
             raise UserError(f"slot-cem state does not load: {type(exc).__name__}: {exc}") from None
-        self.module = module
+        try:
+            super().load_state_dict(state)
+        except UserError:
+            self.module = None  # nothing half-loaded
+            raise
         self.num_slots, self.hidden, self.num_iterations = slots, hidden, iters
 
     # -- diagnostics --------------------------------------------------------------------------
@@ -576,6 +575,7 @@ class SlotCem(Defense):
         self.module = SlotEstimator(
             dim, self.num_classes, num_slots=self.num_slots, hidden=self.hidden, num_iterations=self.num_iterations
         ).to(device)
+        self.shape = torch.tensor([dim, self.num_classes, self.num_slots, self.hidden, self.num_iterations])
         if self.ctx is not None:
             self.ctx.add_parameters(list(self.module.parameters()), lr_scale=self.module_lr_scale)
 

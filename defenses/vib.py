@@ -8,8 +8,6 @@ BiDO/model.py *_vib), whose objective and sampling we follow. Our own code.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -58,6 +56,7 @@ class Vib(Defense):
     knob = "beta"
     knob_zero_is_off = False  # its noise is sampled whatever the weight of its loss
     z_kinds = ("map", "vector")  # the heads mix dim 1, the channels; on tokens [N,D] that is the token
+    saved = ("head",)
 
     def __init__(self, *, beta: float = 1e-3, inference: str = "sample"):
         if not beta >= 0:
@@ -140,19 +139,3 @@ class Vib(Defense):
         self._sigma_sum.zero_()
         self._steps = 0
         return {"vib_kl": kl, "vib_sigma": sigma}
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.head is None:
-            return {}
-        return {k: v.detach().cpu() for k, v in self.head.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if self.head is None:
-            raise UserError("vib: load_state_dict before build")
-        try:
-            self.head.load_state_dict(state)  # copies in place: the optimizer keeps its parameters
-        except RuntimeError as exc:
-            raise UserError(f"vib state does not fit z: {str(exc).splitlines()[0]}") from None
-

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from privbench.errors import UserError
 
 
 @dataclass
@@ -60,7 +62,9 @@ class Defense:
     Per epoch: `epoch_end(epoch, ctx)` whose dict is logged. When the run compiles the model the
     loop also calls `compile_hot_path(compile)` once after `setup`. A run that is attacked later
     rebuilds the defense from its options, calls `build` and then `load_state_dict`, so every
-    parameter the transform uses must be in `state_dict`. Channel options (bottleneck, noise)
+    parameter the transform uses must be saved: list the attributes that hold trained state
+    (modules, tensors, optimizers) in `saved`, and `state_dict` / `load_state_dict` save and
+    restore them for checkpoints, resume and attacks. Channel options (bottleneck, noise)
     belong to the model, so every defense composes with them; defenses stack with `a+b`
     (privbench.plugin.stack): transforms compose left to right, then every part's noise, and losses add up.
     """
@@ -85,6 +89,13 @@ class Defense:
     # sequence) and "vector" [D]. A defense that reads channels of a map narrows it; a run whose
     # cut sends another kind is refused before training.
     z_kinds: ClassVar[tuple[str, ...]] = ("map", "tokens", "vector")
+    # The attributes that hold the trained state (`state_dict` / `load_state_dict`): an nn.Module,
+    # a tensor (a parameter too), a torch optimizer, or a value torch.load(weights_only=True) reads
+    # back (numbers, lists and dicts of tensors; start a dict at {}, not None: a dict loaded into None
+    # is taken for the state of a module not built yet). A non-empty state must hold each of them,
+    # except those in `saved_optional` (an attribute that may still be None when the state is saved).
+    saved: ClassVar[tuple[str, ...]] = ()
+    saved_optional: ClassVar[tuple[str, ...]] = ()
 
     def build(self, z_shape: tuple[int, ...], device: torch.device) -> None:
         pass
@@ -119,10 +130,86 @@ class Defense:
         """
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """{attribute: value} for each `saved` attribute that is not None: a module's or optimizer's own
+        state_dict, a tensor or a plain value, every tensor detached, cloned and on the CPU. Where
+        the one saved attribute is a module, its state_dict alone (flat: the keys are the module's).
+        A state still waiting for its module (`restore_pending`) is saved as it was loaded."""
+        state = dict(vars(self).get("_pending_state") or {})
+        for attr in self.saved:
+            value = getattr(self, attr, None)
+            if value is not None:
+                state[attr] = _cpu_copy(value.state_dict() if isinstance(value, _LOADS_IN_PLACE) else value)
+        only = self.saved[0] if len(self.saved) == 1 else None
+        if only in state and isinstance(getattr(self, only, None), nn.Module):
+            return state[only]  # the format of checkpoints written before `saved` existed (disco, vib)
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore what `state_dict` saved; an empty state (an untrained defense's) changes nothing.
+
+        Modules and optimizers load in place (an optimizer keeps its parameters), tensors are copied
+        into the current one (its device, and the shape checked), or kept on the device of the
+        defense's other tensors while the attribute is None; other values are set. The state of a
+        module or optimizer that does not exist yet waits until `restore_pending`. The flat state of
+        a single saved module needs that module built (`build`). Anything that does not fit is one
+        line of UserError.
+        """
+        if not state:
+            return
+        vars(self).pop("_pending_state", None)  # a new state replaces one still waiting
+        if len(self.saved) == 1 and self.saved[0] not in state:
+            module = getattr(self, self.saved[0], None)
+            if isinstance(module, nn.Module) and all(isinstance(v, torch.Tensor) for v in state.values()):
+                state = {self.saved[0]: state}  # one module's flat state (see state_dict)
+        for attr in self.saved:
+            if attr not in state and attr not in self.saved_optional:
+                raise UserError(f"{self.name} state lacks {attr!r}")
+        self._apply_state({a: state[a] for a in self.saved if a in state})
+
+    def restore_pending(self) -> None:
+        """Load the state of saved modules and optimizers that did not exist when `load_state_dict`
+        ran (adversarial builds its decoder in `setup`). A defense that creates one after `build`
+        calls this once it exists; the stack also calls it after every part's `build` and `setup`."""
+        pending = vars(self).pop("_pending_state", None)
+        if pending:
+            self._apply_state(pending)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        # Check every tensor before anything changes; tensors are written last, after the modules
+        # (whose load may fail) have loaded.
+        device = _device_of(vars(self).values())
+        tensors, pending = {}, {}
+        for attr, value in state.items():
+            current = getattr(self, attr, None)
+            if isinstance(current, torch.Tensor):
+                if not isinstance(value, torch.Tensor):
+                    raise UserError(f"{self.name} state: {attr!r} is {type(value).__name__}, not a tensor")
+                if value.shape != current.shape:
+                    shapes = f"has shape {tuple(value.shape)}, z gives {tuple(current.shape)}"
+                    raise UserError(f"{self.name} state: {attr!r} {shapes}")
+                tensors[attr] = value
+            elif current is None and isinstance(value, dict):
+                pending[attr] = value  # a module's or optimizer's state: it is built later
+        for attr, value in state.items():
+            current = getattr(self, attr, None)
+            if isinstance(current, _LOADS_IN_PLACE):
+                try:
+                    current.load_state_dict(value)
+                except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+                    # torch's message is a heading ("Error(s) in loading ...:") over the errors: keep the first
+                    first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+                    raise UserError(f"{self.name} state does not fit {attr!r}: {first}") from None
+        for attr, value in state.items():
+            current = getattr(self, attr, None)
+            if attr in tensors:
+                with torch.no_grad():  # in place: an optimizer (or a compiled graph) holds this tensor
+                    current.copy_(value)
+            elif attr not in pending and not isinstance(current, _LOADS_IN_PLACE):
+                on = device if device is not None and isinstance(value, torch.Tensor) else None
+                setattr(self, attr, value.to(on) if on is not None else value)
+        if pending:
+            self._pending_state = pending
 
     def strength(self) -> tuple[str, float] | None:
         """(option name, value) of the knob that trades accuracy for privacy, if the defense has one."""
@@ -155,6 +242,34 @@ class Defense:
     def adds_noise(self) -> bool:
         """Whether this defense overrides `noise`."""
         return type(self).noise is not Defense.noise
+
+
+_LOADS_IN_PLACE = (nn.Module, torch.optim.Optimizer)
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A nested state (dicts, lists, tuples, tensors) with every tensor detached and copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
+
+
+def _device_of(values: Iterable[Any]) -> torch.device | None:
+    """Where a defense keeps its tensors: an accelerator if any tensor or module among `values` is
+    on one, else the CPU; None when there is none yet."""
+    found = None
+    for value in values:
+        if isinstance(value, nn.Module):
+            value = next(value.parameters(), next(value.buffers(), None))
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu":
+                return value.device
+            found = value.device
+    return found
 
 
 def takes_keyword(fn: Callable, name: str) -> bool:

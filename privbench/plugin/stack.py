@@ -120,6 +120,7 @@ class Stack(Defense):
     def build(self, z_shape: tuple[int, ...], device: torch.device) -> None:
         for _, d in self.members:
             d.build(z_shape, device)
+            d.restore_pending()  # a state loaded before build: its modules exist now
             if d.transforms:  # the next part sees this part's output
                 with torch.no_grad():
                     z_shape = tuple(d.transform(torch.zeros(2, *z_shape, device=device), training=False).shape[1:])
@@ -127,6 +128,7 @@ class Stack(Defense):
     def setup(self, ctx: TrainContext) -> None:
         for _, d in self.members:
             d.setup(ctx)
+            d.restore_pending()  # modules a part creates in setup get a state loaded before it
         zero = torch.zeros((), device=ctx.device)
         self._loss_sums = [zero.clone() for _ in self.members]
         self._bad = [torch.zeros((), dtype=torch.bool, device=ctx.device) for _ in self.members]
