@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from privbench import job
 from privbench.analysis import tables
@@ -28,12 +27,11 @@ from privbench.engine.config import PRESETS, TrainConfig
 from privbench.engine.cuts import CutInfo, list_cuts
 from privbench.engine.data import load_dataset
 from privbench.engine.models import MODELS, builtin_cuts, parse_bottleneck
-from privbench.engine.train import attach_defense, make_model
+from privbench.engine.train import check_trainable
 from privbench.errors import UserError
 from privbench.grid.spec import DEFAULT_ATTACKS, Grid
 from privbench.job import GridResult
 from privbench.plugin import options as options_mod
-from privbench.plugin import stack
 from privbench.report import table_format
 from privbench.store import rows
 from privbench.store.attacks import attack_run
@@ -110,10 +108,9 @@ def _check_train_config(cfg: TrainConfig, *, download: bool = False) -> None:
     cut or z kind costs one UserError rather than a run: the defense and its options, the data
     (downloaded here when asked), the model and its cut, and whether the defense takes the
     cut's z (built on the CPU)."""
-    defense = stack.create(cfg.defense, cfg.defense_options)
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=download, seed=cfg.data_seed, n_train=cfg.n_train,
                         image_size=cfg.image_size)  # fmt: skip
-    attach_defense(make_model(cfg, data), defense, data.image_shape, torch.device("cpu"))
+    check_trainable(cfg, data)
 
 
 def attack(

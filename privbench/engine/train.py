@@ -107,6 +107,16 @@ def attach_defense(model: SplitModel, defense: Defense, image_shape: tuple[int, 
     model.defense_noise = defense.noise if defense.adds_noise else None
 
 
+def check_trainable(cfg: TrainConfig, data: Dataset, model: SplitModel | None = None) -> SplitModel:
+    """Refuse, before any training, what would fail in it: a defense that cannot be built with its
+    options, or that does not take the cut's z (built on the CPU). Returns the model so that a
+    caller checking several defenses on one model builds it once."""
+    defense = stack.create(cfg.defense, cfg.defense_options)
+    model = model if model is not None else make_model(cfg, data)
+    attach_defense(model, defense, data.image_shape, torch.device("cpu"))
+    return model
+
+
 def load_data(cfg: TrainConfig, device: torch.device) -> Dataset:
     data = load_dataset(
         cfg.dataset, data_dir=cfg.data_dir, seed=cfg.data_seed, n_train=cfg.n_train, version=cfg.data_version,

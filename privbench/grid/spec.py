@@ -31,12 +31,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-import torch
 
 from privbench.engine.config import DEFAULT_GRID, PRESETS, TrainConfig, config_hash
 from privbench.engine.data import load_dataset
 from privbench.engine.models import parse_bottleneck
-from privbench.engine.train import attach_defense, make_model
+from privbench.engine.train import check_trainable
 from privbench.errors import UserError
 from privbench.grid.executor import parse_executor
 from privbench.plugin import options, registry, stack, strength
@@ -343,10 +342,7 @@ class Grid:
             if pair in checked:
                 continue
             checked.add(pair)
-            if key not in models:
-                models[key] = make_model(cfg, data)
-            defense = stack.create(cfg.defense, cfg.defense_options)
-            attach_defense(models[key], defense, data.image_shape, torch.device("cpu"))  # z's kind fits the defense
+            models[key] = check_trainable(cfg, data, models.get(key))
 
 
 def _as_list(value: Any) -> list[Any]:
