@@ -97,6 +97,22 @@ def test_gpu_fast_path_runs_on_cpu_when_enabled(monkeypatch):
     assert set(probe.seen) == {(torch.float32, False)}
 
 
+def test_cpu_amp_takes_the_fast_path_on_cpu_and_is_its_own_run():
+    """`cpu_amp` runs the bf16 + channels-last loop on a CPU; it changes the numbers, so it is part
+    of the identity (and left out at its default, so earlier runs keep their hashes)."""
+    probe = _LayoutProbe.register()
+    cfg = tiny_config(defense="probe-layout", device="cpu", cpu_amp=True)
+    a = train(cfg, log=lambda m: None)
+    assert set(probe.seen) == {(torch.bfloat16, True)}
+    b = train(cfg, log=lambda m: None)
+    fp32 = train(tiny_config(defense="probe-layout", device="cpu"), log=lambda m: None)
+    same = [torch.equal(a.model.state_dict()[k], b.model.state_dict()[k]) for k in a.model.state_dict()]
+    differ = [torch.equal(a.model.state_dict()[k], fp32.model.state_dict()[k]) for k in a.model.state_dict()]
+    assert all(same) and not all(differ)
+    assert cfg.hash() != tiny_config(defense="probe-layout", device="cpu").hash()
+    assert "cpu_amp" not in TrainConfig().identity() and TrainConfig(cpu_amp=True).identity()["cpu_amp"] is True
+
+
 @pytest.mark.parametrize("defense", ["gmm-cem", "slot-cem"])
 def test_defenses_train_under_bf16_channels_last(monkeypatch, defense):
     import math
