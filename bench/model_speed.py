@@ -4,7 +4,9 @@
     python bench/model_speed.py --image-size 224 --device cuda --steps 20
 
 Each arm is a real split model (privbench.engine.models.build_model) with a C8 bottleneck and
-channel noise 0.025, and the decoder is the attack's own inverse network on that model's z. The
+channel noise 0.025, and the decoder is the attack's own inverse network on that model's z.
+Training is timed twice per arm: in fp32 and in the fast path (bf16 autocast + channels-last,
+what CUDA runs by default and `--cpu-amp` asks for on a CPU), on a copy of the same model. The
 arms run interleaved (A B C A B C ...), so a machine whose load drifts moves every arm alike;
 the table gives the median images/s over the repetitions and the load average.
 """
@@ -12,6 +14,7 @@ the table gives the median images/s over the repetitions and the load average.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -58,9 +61,15 @@ def main() -> None:
         with torch.no_grad():
             z_shape = tuple(model.encoder(x[:1]).shape[1:])
         decoder = InverseNet(z_shape, (3, size, size), channels=32, blocks=2).to(device)
+        fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
         arms[name] = (model, decoder, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                      torch.optim.Adam(decoder.parameters(), lr=3e-3), x, y, z_shape)  # fmt: skip
-    rates: dict[str, dict[str, list[float]]] = {n: {"train": [], "decoder": []} for n in arms}
+                      torch.optim.Adam(decoder.parameters(), lr=3e-3), x, y, z_shape,
+                      fast, torch.optim.SGD(fast.parameters(), lr=0.01, momentum=0.9))  # fmt: skip
+    rates: dict[str, dict[str, list[float]]] = {n: {"train": [], "fast": [], "decoder": []} for n in arms}
+
+    def fast_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
 
     def images_per_s(loss_of: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> float:
         """args.steps optimizer steps on one batch, timed between device syncs."""
@@ -76,19 +85,22 @@ def main() -> None:
 
     load0 = os.getloadavg()[0]
     for _ in range(args.reps):
-        for name, (model, decoder, opt, dec_opt, x, y, _) in arms.items():
+        for name, (model, decoder, opt, dec_opt, x, y, _, fast, fast_opt) in arms.items():
             model.train()
+            fast.train()
             rates[name]["train"].append(images_per_s(lambda m=model, x=x, y=y: F.cross_entropy(m(x), y), opt))
+            rates[name]["fast"].append(images_per_s(lambda m=fast, x=x, y=y: fast_loss(m, x, y), fast_opt))
             with torch.no_grad():
                 z = model.channel(model.encoder(x))
             rates[name]["decoder"].append(images_per_s(lambda d=decoder, z=z, x=x: F.mse_loss(d(z), x), dec_opt))
     print(f"device {device}, {torch.get_num_threads()} threads, {size} px, batch {b}, torch {torch.__version__}, "
           f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print("| model | z | training images/s | decoder images/s |")
-    print("|---|---|---|---|")
-    for name, (*_, z_shape) in arms.items():
-        train, dec = (statistics.median(rates[name][k]) for k in ("train", "decoder"))
-        print(f"| {name} | {'x'.join(map(str, z_shape))} | {train:,.0f} | {dec:,.0f} |")
+    print("| model | z | training images/s | bf16 + channels-last | ratio | decoder images/s |")
+    print("|---|---|---|---|---|---|")
+    for name, arm in arms.items():
+        train, fast, dec = (statistics.median(rates[name][k]) for k in ("train", "fast", "decoder"))
+        z = "x".join(map(str, arm[6]))
+        print(f"| {name} | {z} | {train:,.0f} | {fast:,.0f} | {fast / train:.2f}x | {dec:,.0f} |")
 
 
 if __name__ == "__main__":
