@@ -31,10 +31,8 @@ from typing import Any
 import torch
 
 from privbench.engine.data import EMBEDDED_VERSIONS, augment
+from privbench.store.tiles import split_rates  # per-tile and per-class rates
 from privbench.util import stats
-
-sys.path.insert(0, str(Path(__file__).parent))
-from variance_split import split_rates  # noqa: E402  (per-tile and per-class rates)
 
 # name: (TrainConfig overrides, crop padding mode ("constant" is the library's) , padding px)
 ARMS: dict[str, tuple[dict[str, Any], str, int]] = {

@@ -22,6 +22,7 @@ import pandas as pd
 
 from privbench import job
 from privbench.analysis import tables
+from privbench.analysis import variance_split as seed_tile_split
 from privbench.engine import zoo
 from privbench.engine.config import PRESETS, TrainConfig
 from privbench.engine.cuts import CutInfo, list_cuts
@@ -37,6 +38,8 @@ from privbench.store import rows
 from privbench.store.attacks import attack_run
 from privbench.store.outputs import check_output_dir, resolve_inputs
 from privbench.store.runs import DEFAULT_RESULTS, Run, train_run
+from privbench.store.seeds import configuration_runs
+from privbench.store.tiles import evaluate_tiles
 
 
 def train(
@@ -182,6 +185,16 @@ def run(
     if grid is None:
         grid = Grid(executor=executor, **fields)
     return job.run_grid(grid, log=log or (lambda _msg: None))
+
+
+def variance_split(results_dir: str | Path, configuration: str) -> dict[str, Any]:
+    """Where the accuracy spread over seeds of `configuration` (a label as `privbench precision`
+    prints it, e.g. "none@C8+0.025") under `results_dir` comes from: every seed's model is read on
+    the test split per tile, and the variance over seeds is split into a model part and a test-set
+    part (privbench.analysis.variance_split.split describes the keys; accuracies in points, per-seed
+    rates as fractions). Needs a data set with test tiles and at least 2 seeds."""
+    runs = configuration_runs(Path(results_dir), configuration)
+    return seed_tile_split.split(configuration, evaluate_tiles(runs, configuration))
 
 
 def cuts(

@@ -497,14 +497,18 @@ def format_cuts(model: str, infos: list[CutInfo], image_size: int, *, builtin: b
 @click.option("--attack", "attacks", multiple=True, help="Repeatable [default: decoder].")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="A training setting over the preset.")
 @click.option("--summarize", is_flag=True, help="Train nothing: report the run folders already there.")
-@click.option("--json", "json_out", default=None, metavar="FILE", help="Also write the rows, per-seed values included.")
+@click.option("--json", "json_out", default=None, metavar="FILE",
+              help="Also write the rows (with --split: the split), per-seed values included.")  # fmt: skip
 @click.option("--resolve", multiple=True, metavar="QUANTITY=SIZE",
               help="The difference whose seeds to report, per metric (accuracy, ssim, psnr), repeatable "
                    "[default: accuracy=2 ssim=0.02].")  # fmt: skip
 @click.option("--paired-with", metavar="CONFIGURATION",
               help="Also report every configuration minus this one (its label, e.g. none@C8+0.025), seed by seed.")
+@click.option("--split", "split_label", metavar="CONFIGURATION",
+              help="Train nothing: split this configuration's accuracy sd over seeds into a model part and a "
+                   "test-set part (its label, e.g. \"none@C8+0.025\"), evaluating each seed's model per test tile.")
 def precision_cmd(results_dir, seeds, defenses, noises, attacks, settings, summarize, json_out, resolve,
-                  paired_with) -> None:  # fmt: skip
+                  paired_with, split_label) -> None:  # fmt: skip
     """How much accuracy and attack metrics move between training seeds, and how many seeds a
     difference of a given size needs (docs/precision.md).
 
@@ -513,7 +517,26 @@ def precision_cmd(results_dir, seeds, defenses, noises, attacks, settings, summa
     configuration the mean and sd over seeds with the sd's 95% interval, the minimum detectable
     difference at 3 and 5 seeds (two-sided t test, alpha 0.05, power 0.8), whether the sd meets
     the preset's target, and the seeds per arm that resolve a difference of a given size.
+
+    \b
+    With --split CONFIGURATION, trains nothing and reads every seed's model of that configuration
+    on its test split per tile: the seed sd split into a model part and a test-set part (which
+    more test tiles would average out) with the sd at 2x, 4x and unlimited test tiles, per-class
+    accuracy per seed, what each class is misread as, and the test tiles by training neighbours.
     """
+    if split_label is not None:
+        # The split reads finished runs only: options that train or shape the table would be ignored.
+        ctx = click.get_current_context()
+        given = [p.opts[0] for p in ctx.command.params if p.name in {"seeds", "defenses", "noises", "attacks",
+                 "settings", "resolve", "paired_with"} and ctx.get_parameter_source(p.name) is not
+                 click.core.ParameterSource.DEFAULT]  # fmt: skip
+        if given:
+            raise UserError(f"--split reads finished runs and takes no {', '.join(given)}")
+        split = api.variance_split(results_dir, split_label)
+        click.echo(precision_table.render_split(split))
+        if json_out:
+            atomic_write_text(json_out, json.dumps(split, indent=2) + "\n")
+        return
     sizes = precision.parse_resolve(list(resolve))
     folder = Path(results_dir)
     if not summarize:
@@ -545,6 +568,7 @@ def precision_cmd(results_dir, seeds, defenses, noises, attacks, settings, summa
         click.echo(precision_table.render(pairs))
     if json_out:
         atomic_write_text(json_out, json.dumps(rows + pairs, indent=2) + "\n")
+
 
 cli.add_command(table_cmd)
 cli.add_command(plot_cmd)

@@ -1,7 +1,8 @@
 """Seeds of one configuration, read from a results folder: the input of the precision report.
 
 Runs whose identity differs only in the seed are one configuration; each gives its test
-accuracy and every attack metric per seed (privbench.analysis.precision summarises them).
+accuracy and every attack metric per seed (privbench.analysis.precision summarises them), and
+`configuration_runs` opens the run folders of one configuration by its label.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from privbench.engine.config import PRESETS, TrainConfig, config_hash
+from privbench.errors import UserError
+from privbench.store.runs import Run
 from privbench.util.storage import read_json
 
 METRICS = ("ssim", "psnr")  # attack metrics collected; accuracy always comes first
@@ -71,3 +74,27 @@ def collect_seeds(results_dir: Path) -> dict[str, dict[str, Any]]:
             if stat.get("mean") is not None:
                 cell["values"][f"{name} {metric}"][seed] = stat["mean"]
     return dict(cells)
+
+
+def configuration_runs(results_dir: Path, label: str) -> list[Run]:
+    """The finished runs of the configuration `label`, one per seed, by seed. Runs are grouped as
+    `collect_seeds` groups them (every identity setting but the seed), so a label that two
+    configurations share (settings it does not show, such as the data seed) is refused, not pooled."""
+    if not results_dir.is_dir():
+        raise UserError(f"results folder {results_dir} does not exist")
+    groups: dict[str, dict[int, Path]] = defaultdict(dict)
+    labels: dict[str, str] = {}
+    for path in sorted(results_dir.iterdir()):
+        if (path / "metrics.json").is_file() and (path / "config.json").is_file():
+            train = read_json(path / "config.json")["train"]
+            key = configuration_key(train)
+            labels[key] = configuration_label(train)
+            groups[key][int(train["seed"])] = path
+    matches = [k for k, v in labels.items() if v == label]
+    if len(matches) != 1:
+        why = "no configuration" if not matches else f"{len(matches)} configurations share the label"
+        raise UserError(f"{why} {label!r} under {results_dir} (known: {', '.join(sorted(set(labels.values())))})")
+    found = groups[matches[0]]
+    if len(found) < 2:
+        raise UserError(f"{label!r} has one seed under {results_dir}: a spread needs at least 2")
+    return [Run.open(found[s]) for s in sorted(found)]
