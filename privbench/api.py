@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from privbench import job
+from privbench.analysis import frontier as frontier_analysis
 from privbench.analysis import tables
 from privbench.analysis import variance_split as seed_tile_split
 from privbench.engine import zoo
@@ -163,6 +164,17 @@ def results(
     paths, attack_dirs = resolve_inputs([_path(r) for r in runs])
     frame = rows.collect(paths, attack_dirs=attack_dirs)
     return frame if long else tables.aggregate(frame, paths, privacy_metric=privacy_metric)
+
+
+def frontier(
+    runs: Iterable[RunLike] | RunLike = DEFAULT_RESULTS, *, reference: str = "none", privacy_metric: str = "ssim"
+) -> frontier_analysis.Comparison:
+    """Every configuration of `runs` against the `reference` family at matched accuracy: the points
+    with their gains, one verdict per family (`.families`), and `frontier_analysis.verdict_lines`
+    turns it into the sentences `privbench run` prints (docs/frontier.md)."""
+    long = results(runs, long=True)
+    points = frontier_analysis.points(long, privacy_metric, infos=rows.run_infos(long))
+    return frontier_analysis.compare(points, reference=reference)
 
 
 def table(df: pd.DataFrame, fmt: str = "md") -> str:

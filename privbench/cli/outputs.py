@@ -16,7 +16,6 @@ from privbench.errors import UserError
 from privbench.report import blocks, plots, table_cem
 from privbench.report.plot_frontier import plot_frontier
 from privbench.report.run_diagnostics import write_run_diagnostics
-from privbench.store import rows
 from privbench.store.outputs import check_output_file
 from privbench.store.rows import METRICS, expand_run_dirs
 from privbench.util.storage import atomic_write_text
@@ -36,10 +35,8 @@ reference_option = click.option(
 )  # fmt: skip
 
 
-def comparison_of(run_dirs: tuple[str, ...], reference: str, privacy_metric: str):  # -> frontier.Comparison
-    long = api.results(list(run_dirs) or api.DEFAULT_RESULTS, long=True)
-    points = frontier.points(long, privacy_metric=privacy_metric, infos=rows.run_infos(long))
-    return frontier.compare(points, reference=reference)
+def comparison_of(run_dirs: tuple[str, ...], reference: str, privacy_metric: str) -> frontier.Comparison:
+    return api.frontier(list(run_dirs) or api.DEFAULT_RESULTS, reference=reference, privacy_metric=privacy_metric)
 
 
 @click.command("table", epilog=examples(
