@@ -2,6 +2,7 @@
 
     python bench/model_speed.py                    # CPU sizes: 32 px, batch 64
     python bench/model_speed.py --image-size 224 --device cuda --steps 20
+    python bench/model_speed.py --whole 3          # also the real training loop, fp32 against --cpu-amp
 
 Each arm is a real split model (privbench.engine.models.build_model) with a C8 bottleneck and
 channel noise 0.025, and the decoder is the attack's own inverse network on that model's z.
@@ -49,6 +50,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--whole",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="also time the real training loop, fp32 against cpu_amp, for this many epochs",
+    )
     args = parser.parse_args()
     device, size, b = torch.device(args.device), args.image_size, args.batch_size
     arms = {}
@@ -101,6 +109,33 @@ def main() -> None:
         train, fast, dec = (statistics.median(rates[name][k]) for k in ("train", "fast", "decoder"))
         z = "x".join(map(str, arm[6]))
         print(f"| {name} | {z} | {train:,.0f} | {fast:,.0f} | {fast / train:.2f}x | {dec:,.0f} |")
+    if args.whole:
+        whole_trainings(args.whole, args.reps)
+
+
+def whole_trainings(epochs: int, reps: int) -> None:
+    """The quick preset's base channel (C8 + noise 0.025) trained with the real loop for `epochs`
+    epochs, fp32 and `cpu_amp` interleaved: seconds per epoch, the first epoch (one-off kernel
+    set-up) apart, and the whole training's seconds."""
+    from privbench.engine.config import TrainConfig
+    from privbench.engine.train import train
+
+    seconds: dict[bool, list[list[float]]] = {False: [], True: []}
+    for rep in range(reps):
+        for cpu_amp in (False, True):
+            cfg = TrainConfig.from_preset("quick", bottleneck=8, noise=0.025, epochs=epochs, seed=rep,
+                                          cpu_amp=cpu_amp, device="cpu", progress=False)  # fmt: skip
+            t = time.perf_counter()
+            history = train(cfg, log=lambda _msg: None).history
+            seconds[cpu_amp].append([h["epoch_seconds"] for h in history] + [time.perf_counter() - t])
+    print(f"the real loop, {epochs} epochs x {reps} repetitions, load average {os.getloadavg()[0]:.1f}")
+    print("| | first epoch (s) | later epochs (s) | whole training (s) |")
+    print("|---|---|---|---|")
+    for cpu_amp, runs in seconds.items():
+        first = statistics.median(r[0] for r in runs)
+        later = statistics.median(x for r in runs for x in r[1:-1])
+        whole = statistics.median(r[-1] for r in runs)
+        print(f"| {'cpu_amp' if cpu_amp else 'fp32'} | {first:.1f} | {later:.1f} | {whole:.1f} |")
 
 
 if __name__ == "__main__":
