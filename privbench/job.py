@@ -178,7 +178,10 @@ def bracket_reference(
         family = frontier.reference_family(pts, grid.bracket_reference())
         ref = pts[pts.family == family]
         others = pts[(pts.family != family) & (pts.family != frontier.UNDEFENDED)]
-        targets = dict(zip(others.config, others.accuracy_mean))
+        names = [frontier.point_name(f, s) for f, s in zip(others.family, others.strength)]
+        if len(set(names)) < len(names):  # one family and strength in several groups: the config tells them apart
+            names = [f"{n} [{c}]" for n, c in zip(names, others.config)]
+        targets = dict(zip(names, others.accuracy_mean))
         return list(zip(ref.knob_value.astype(float), ref.accuracy_mean)), targets
 
     ref_rows, targets = reference_and_targets()

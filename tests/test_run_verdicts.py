@@ -71,6 +71,9 @@ def test_the_cap_is_respected_and_the_verdict_says_what_it_would_need(stand_in, 
     assert len(failed) == 1
     line = next(v for v in out.splitlines() if v.strip().startswith(f"{failed[0]}: no verdict"))
     assert "could not bracket" in line and "would be needed" in line
+    # The messages name the defense as the table does, not by its configuration hash.
+    assert f"could not bracket {failed[0]} (lam=" in line
+    assert f"bracketing: could not bracket {failed[0]} (lam=" in out
 
 
 def test_bracket_zero_keeps_the_reference_as_swept(stand_in, tmp_path, capsys):

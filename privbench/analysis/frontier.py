@@ -356,6 +356,11 @@ def _dcs_setup(
     return of
 
 
+def point_name(family: str, strength: Any) -> str:
+    """How a configuration is named in messages: 'gmm-cem (lam=16)', or the family alone."""
+    return f"{family} ({strength})" if isinstance(strength, str) and strength else str(family)
+
+
 def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
     """One line per defense family in words a newcomer reads without the docs, e.g.
     'gmm-cem: leaks less than none at the same accuracy (gain 0.041 SSIM, 95% CI 0.012..0.070) [...]'.
@@ -375,7 +380,8 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
             line = (head + f"no verdict: no {r.reference} point at its accuracy ({acc:.1f}%; {r.reference} spans "
                     f"{100 * r.ref_acc_min:.1f}-{100 * r.ref_acc_max:.1f}%): the reference was not swept {side} "
                     "enough")  # fmt: skip
-            reasons = [why_not[c] for c in members.config if c in why_not]
+            names = (point_name(m.family, m.strength) for m in members.itertuples())
+            reasons = [why_not[n] for n in names if n in why_not]
             lines.append(line + (f" ({reasons[0]})" if reasons else ""))
             continue
         ci = f"95% CI {r.gain_lo:.{d}f}..{r.gain_hi:.{d}f}"
