@@ -375,3 +375,15 @@ def test_table_and_plot_frontier_from_the_command_line(world, tmp_path, capsys):
     code, out, err = run_cli(["plot", str(root), "--frontier", "--out", str(png), "--reference", "none"], capsys)
     assert code == 0, err
     assert png.stat().st_size > 0
+
+
+def test_a_defense_beyond_the_reference_is_said_to_dominate_the_points_it_beats(tmp_path):
+    """More accurate than every reference point: no matched-accuracy verdict, but the line names
+    the most accurate reference points it also leaks less than (here 0.60 and 0.50, not 0.40)."""
+    write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
+    write_family(tmp_path, "gmm-cem", (0.93,), (0.45,))
+    (line,) = [v for v in frontier.verdict_lines(frontier.compare(points_of(tmp_path), resamples=50))
+               if v.startswith("gmm-cem")]  # fmt: skip
+    assert line.startswith("gmm-cem: no verdict: no none point at its accuracy (93.0%")
+    assert line.endswith("it leaks less than the 2 most accurate none points (85.0-90.0%, 0.500-0.600 against its "
+                         "0.450), each less accurate than it: a dominance, not a gain at matched accuracy")  # fmt: skip

@@ -382,7 +382,7 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
                     "enough")  # fmt: skip
             names = (point_name(m.family, m.strength) for m in members.itertuples())
             reasons = [why_not[n] for n in names if n in why_not]
-            lines.append(line + (f" ({reasons[0]})" if reasons else ""))
+            lines.append(line + (f" ({reasons[0]})" if reasons else "") + _dominance(members, pts, r, side, d))
             continue
         ci = f"95% CI {r.gain_lo:.{d}f}..{r.gain_hi:.{d}f}"
         gain = f"gain {r.mean_gain:.{d}f} {unit}, {ci}"  # > 0: leaks less, in the metric's units
@@ -400,6 +400,28 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
                 say += f"; about {need} seeds per configuration would resolve a gain of {abs(r.mean_gain):.{d}f}"
         lines.append(head + say + f" [{r.n_in_range} of {r.n_points} points at matched accuracy]")
     return lines
+
+
+def _dominance(members: pd.DataFrame, pts: pd.DataFrame, fam: Any, side: str, digits: int) -> str:
+    """For a defense more accurate than every reference point: the most accurate reference points
+    it also leaks less than, which says more than "no verdict" though it is not a gain at matched
+    accuracy."""
+    ref = pts[(pts.group == fam.group) & (pts.family == fam.reference)].sort_values("accuracy_mean", ascending=False)
+    if side != "high" or ref.empty:
+        return ""
+    sign = leak_sign(str(members.metric.iloc[0]))
+    own = float(members.privacy_mean.mean())
+    k = 0
+    while k < len(ref) and sign * (own - float(ref.privacy_mean.iloc[k])) < 0:
+        k += 1
+    if k == 0:
+        return ""
+    top = ref.iloc[:k]
+    which = f"all {k}" if k == len(ref) else f"the {k} most accurate"
+    accs = f"{100 * top.accuracy_mean.min():.1f}-{100 * top.accuracy_mean.max():.1f}%"
+    leaks = f"{top.privacy_mean.min():.{digits}f}-{top.privacy_mean.max():.{digits}f}"
+    return (f"; it leaks less than {which} {fam.reference} points ({accs}, {leaks} against its {own:.{digits}f}), "
+            "each less accurate than it: a dominance, not a gain at matched accuracy")  # fmt: skip
 
 
 def seeds_for_gain(gain: float, lo: float, hi: float, n_seeds: int) -> int | None:
