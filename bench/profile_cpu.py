@@ -146,6 +146,29 @@ def section(name: str):
         print(f"# section {name} done: {wall:.1f} s wall, {cpu:.1f} s CPU (this process), load {l1}", flush=True)
 
 
+def lever_rows(
+    res: dict[str, list[float]], states: dict[str, Any], *, digits: int, per_200_steps: bool = False
+) -> tuple[list[list[str]], dict[str, dict[str, float]]]:
+    """Table rows (variant, median rate, range, ratio to "eager (library)"[, seconds per 200 steps],
+    compile seconds) and the JSON summary of interleaved lever arms; `states[k].compile_s` is 0
+    for an arm that does not compile."""
+    base = summary(res["eager (library)"])["median"]
+    rows, summaries = [], {}
+    for k, v in res.items():
+        sm = summary(v)
+        summaries[k] = sm | {"ratio": sm["median"] / base}
+        row = [
+            k,
+            f"{sm['median']:.{digits}f}",
+            f"{sm['min']:.{digits}f}-{sm['max']:.{digits}f}",
+            f"{sm['median'] / base:.2f}x",
+        ]
+        if per_200_steps:
+            row.append(f"{200 / sm['median']:.1f}")
+        rows.append(row + [f"{states[k].compile_s:.1f}" if states[k].compile_s else ""])
+    return rows, summaries
+
+
 def interleave(arms: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
     """Call each arm once per repetition, in turn (A B C A B C ...); each returns a rate."""
     out: dict[str, list[float]] = {k: [] for k in arms}
@@ -1002,18 +1025,7 @@ def run_attack(args) -> None:
             st.rate(2)
             states[k] = st
         res = interleave({k: (lambda st=st: st.rate(args.steps)) for k, st in states.items()}, args.reps)
-        base = summary(res["eager (library)"])["median"]
-        rows = [
-            [
-                k,
-                f"{summary(v)['median']:.0f}",
-                f"{summary(v)['min']:.0f}-{summary(v)['max']:.0f}",
-                f"{summary(v)['median'] / base:.2f}x",
-                f"{states[k].compile_s:.1f}" if states[k].compile_s else "",
-            ]
-            for k, v in res.items()
-        ]
-        out["decoder_levers"] = {k: summary(v) | {"ratio": summary(v)["median"] / base} for k, v in res.items()}
+        rows, out["decoder_levers"] = lever_rows(res, states, digits=0)
         text += table(
             f"decoder training step levers, images/s ({args.reps} interleaved reps x {args.steps} steps)",
             ["variant", "img/s", "range", "vs eager", "compile s"],
@@ -1049,19 +1061,7 @@ def run_attack(args) -> None:
             o.rate(1)
             ostates[k] = o
         res = interleave({k: (lambda o=o: o.rate(max(3, args.steps // 3))) for k, o in ostates.items()}, args.reps)
-        base = summary(res["eager (library)"])["median"]
-        rows = [
-            [
-                k,
-                f"{summary(v)['median']:.2f}",
-                f"{summary(v)['min']:.2f}-{summary(v)['max']:.2f}",
-                f"{summary(v)['median'] / base:.2f}x",
-                f"{200 / summary(v)['median']:.1f}",
-                f"{ostates[k].compile_s:.1f}" if ostates[k].compile_s else "",
-            ]
-            for k, v in res.items()
-        ]
-        out["optimization_levers"] = {k: summary(v) | {"ratio": summary(v)["median"] / base} for k, v in res.items()}
+        rows, out["optimization_levers"] = lever_rows(res, ostates, digits=2, per_200_steps=True)
         text += table(
             "optimization attack step levers (256 images per step)",
             ["variant", "steps/s", "range", "vs eager", "s per 200 steps", "compile s"],

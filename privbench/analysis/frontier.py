@@ -380,7 +380,9 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
             line = (head + f"no verdict: no {r.reference} point at its accuracy ({acc:.1f}%; {r.reference} spans "
                     f"{100 * r.ref_acc_min:.1f}-{100 * r.ref_acc_max:.1f}%): the reference was not swept {side} "
                     "enough")  # fmt: skip
-            names = (point_name(m.family, m.strength) for m in members.itertuples())
+            # privbench.job names a target as point_name does, with its config where two groups share it
+            names = [n for m in members.itertuples() for n in (point_name(m.family, m.strength),
+                                                               f"{point_name(m.family, m.strength)} [{m.config}]")]
             reasons = [why_not[n] for n in names if n in why_not]
             lines.append(line + (f" ({reasons[0]})" if reasons else "") + _dominance(members, pts, r, side, d))
             continue
