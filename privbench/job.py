@@ -172,9 +172,12 @@ def bracket_reference(
     bracketing found. The added points are ordinary cells: cached, and reused by a rerun."""
     sweep, knob = reference_knob(grid)
 
+    undefended: list[float] = []
+
     def reference_and_targets() -> tuple[list[tuple[float, float]], dict[str, float]]:
         long = rows.collect(result.runs, attack_dirs=result.attack_dirs)
         pts = frontier.points(long, grid.privacy_metric, infos=rows.run_infos(long))
+        undefended[:] = pts[pts.family == frontier.UNDEFENDED].accuracy_mean.tolist()
         family = frontier.reference_family(pts, grid.bracket_reference())
         ref = pts[pts.family == family]
         others = pts[(pts.family != family) & (pts.family != frontier.UNDEFENDED)]
@@ -204,8 +207,12 @@ def bracket_reference(
 
     found = bracketing.bracket(train, ref_rows, targets, knob=knob, cap=grid.bracket)
     result.added_runs = [p for p in result.runs if p.resolve() not in before]
-    for line in found.failures:
-        log(f"bracketing: {line}")
+    top = max(undefended, default=math.nan)
+    for t in found.targets.values():
+        if t.message:  # compare() ends the reference at the undefended model: say where that judges a defense
+            judged = found.high < t.accuracy <= top
+            tail = "; it is judged against the line from the reference's most accurate point to the undefended model"
+            log(f"bracketing: {t.message}" + (f"{tail} ({100 * top:.1f}%)" if judged else ""))
     return found
 
 

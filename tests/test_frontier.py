@@ -15,7 +15,8 @@ from privbench.analysis import frontier
 from privbench.analysis import frontier_stats as fs
 from privbench.engine.config import TrainConfig
 from privbench.errors import UserError
-from privbench.report.plot_frontier import plot_frontier
+from privbench.report import blocks
+from privbench.report.plot_frontier import frontier_figure, plot_frontier
 from privbench.store.rows import collect, run_info, run_infos
 from privbench.util.storage import current_umask
 
@@ -81,7 +82,7 @@ def write_world(root, **kw):
     write_family(root, "gmm-cem", ACCS, [ref_ssim(a) - SHIFT for a in ACCS], **kw)  # below: better
     write_family(root, "slot-cem", ACCS, [ref_ssim(a) for a in ACCS], **kw)  # a copy: indistinguishable
     write_family(root, "dropout", ACCS, [ref_ssim(a) + SHIFT for a in ACCS], knob="rate", **kw)  # above: worse
-    write_family(root, "topk", (0.70, 0.95), (0.2, 0.5), knob="ratio", **kw)  # outside the range
+    write_family(root, "topk", (0.70, 0.97), (0.2, 0.5), knob="ratio", **kw)  # outside the range, both sides
     for s, off in zip(range(3), (0.0, -0.01, 0.01)):
         write_cell(root, defense="none", bottleneck=None, noise=0.0, seed=s, acc=UNDEFENDED[0] + off,
                    attacks={"decoder": UNDEFENDED[1] + off}, **kw)  # fmt: skip
@@ -143,8 +144,58 @@ def test_points_outside_the_reference_range_are_extrapolated(world):
     row = fam(cmp, "topk")
     assert row.verdict == "extrapolation only" and row.n_in_range == 0 and math.isnan(row.mean_gain)
     line = next(v for v in frontier.verdict_lines(cmp) if v.startswith("topk:"))
-    assert "no verdict: no none point at its accuracy" in line and "none spans 80.0-90.0%" in line
+    # the reference runs from its least accurate point to the undefended model (95%)
+    assert "no verdict: no none point at its accuracy" in line and "none spans 80.0-95.0%" in line
     assert "the reference was not swept" in line
+
+
+def test_the_reference_ends_at_the_undefended_model(tmp_path):
+    """A defense between the reference's most accurate point (90%, 0.60) and the undefended model
+    (95%, 0.80) is judged against the line between them: at 92% that line is at 0.68."""
+    write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
+    write_family(tmp_path, "gmm-cem", (0.92,), (0.63,))
+    for s, off in zip(range(3), (0.0, -0.01, 0.01)):
+        write_cell(tmp_path, defense="none", bottleneck=None, noise=0.0, seed=s, acc=UNDEFENDED[0] + off,
+                   attacks={"decoder": UNDEFENDED[1] + off, "optimization": UNDEFENDED[1] - 0.1})  # fmt: skip
+    pts = points_of(tmp_path)
+    cmp = frontier.compare(pts, resamples=RESAMPLES)
+    point = cmp.points.set_index("family").loc["gmm-cem"]
+    assert point.ref_value == pytest.approx(0.60 + 0.02 / 0.05 * 0.20) and point.gain == pytest.approx(0.05)
+    assert point.via_undefended and not point.extrapolated and point.gain_lo < 0.05 < point.gain_hi
+    row = fam(cmp, "gmm-cem")
+    assert row.verdict == "better" and (row.ref_acc_max, row.ref_own_max) == pytest.approx((0.95, 0.90))
+    line = frontier.verdict_lines(cmp)[0]
+    assert line.startswith("gmm-cem: leaks less than none at the same accuracy (gain 0.050 SSIM")
+    assert "1 above every none point (90.0%), judged against the line to the undefended model (95.0%)" in line
+    # The frontier plot draws that stretch of the reference, dashed, from (90, 0.60) to (95, 0.80).
+    ax = frontier_figure(cmp).axes[0]
+    dashed = [ln for ln in ax.lines if ln.get_linestyle() == "--" and ln.get_color() == "black"]
+    assert [list(ln.get_xdata()) for ln in dashed] == [pytest.approx([90.0, 95.0])]
+    # The README's verdict block (privbench report) says the same from verdicts.csv.
+    (tmp_path / "out").mkdir()
+    cmp.families.to_csv(tmp_path / "out" / "verdicts.csv", index=False)
+    block = blocks.regenerate("<!-- privbench: verdicts out -->\n<!-- privbench: end -->", tmp_path)
+    assert "1 of 1 points at matched accuracy (1 on the line from none's best point to the undefended model)" in block
+    # Without the undefended end the same point lies outside the reference's range.
+    off = frontier.compare(pts, resamples=RESAMPLES, undefended_end=False)
+    assert off.points.set_index("family").loc["gmm-cem"].extrapolated
+    assert fam(off, "gmm-cem").verdict == "extrapolation only"
+    assert "the reference was not swept high enough" in frontier.verdict_lines(off)[0]
+
+
+def test_a_defense_more_accurate_than_the_undefended_model_gets_no_verdict(tmp_path):
+    write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
+    write_family(tmp_path, "gmm-cem", (0.97,), (0.50,))
+    for s in range(3):
+        write_cell(tmp_path, defense="none", bottleneck=None, noise=0.0, seed=s, acc=UNDEFENDED[0],
+                   attacks={"decoder": UNDEFENDED[1], "optimization": UNDEFENDED[1] - 0.1})  # fmt: skip
+    cmp = frontier.compare(points_of(tmp_path), resamples=RESAMPLES)
+    assert fam(cmp, "gmm-cem").verdict == "extrapolation only"
+    line = frontier.verdict_lines(cmp)[0]
+    assert line.startswith("gmm-cem: no verdict: more accurate than the undefended model (97.0% against 95.0%) and "
+                           "every none point (up to 90.0%)")  # fmt: skip
+    # the dominance clause still applies: 0.500 is below the 90% point's 0.600, not the 85% point's 0.500
+    assert "; it leaks less than the most accurate none point (90.0%, 0.600 against its 0.500)" in line
 
 
 def test_verdict_lines(world):

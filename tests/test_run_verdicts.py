@@ -18,10 +18,11 @@ class FarDefenses(Frontier):
     0.70 - 2 noise; gmm-cem sits below the swept range (80%), slot-cem above it (94%), both 0.25
     SSIM under the reference line at their accuracy."""
 
-    @staticmethod
-    def point(cfg):
+    undefended = 0.96
+
+    def point(self, cfg):
         if cfg.defense == "none" and cfg.bottleneck is None:
-            return 0.96, 0.80
+            return self.undefended, 0.80
         if cfg.defense == "none":
             return 0.95 - cfg.noise, 0.70 - 2 * cfg.noise
         acc = 0.80 if cfg.defense == "gmm-cem" else 0.94
@@ -61,27 +62,40 @@ def test_reference_points_are_added_until_every_defense_is_judged(stand_in, tmp_
     assert "trained in" not in again  # every training cell, the added ones included, is reused
 
 
-def test_the_cap_is_respected_and_the_verdict_says_what_it_would_need(stand_in, tmp_path, capsys):
+@pytest.mark.parametrize("undefended", [0.93, 0.96])
+def test_the_cap_is_respected_and_the_verdict_says_what_it_would_need(stand_in, tmp_path, capsys, undefended):
+    """One added point brackets gmm-cem (80%, the larger gap); slot-cem (94%) stays above every
+    none point. With the undefended model at 96% the reference ends there and judges slot-cem
+    on the line to it; at 93% slot-cem is more accurate than it and gets no verdict."""
+    stand_in.undefended = undefended
     out, out_dir = run(["--bracket", "1"], tmp_path, capsys)
     assert out.count("bracketing: adding") == 1
     points = pd.read_csv(out_dir / "frontier.csv")
     assert points.added.sum() == 1
     verdicts = pd.read_csv(out_dir / "verdicts.csv").set_index("family")
-    failed = [f for f in ("gmm-cem", "slot-cem") if verdicts.loc[f, "verdict"] == "extrapolation only"]
-    assert len(failed) == 1
-    line = next(v for v in out.splitlines() if v.strip().startswith(f"{failed[0]}: no verdict"))
-    assert "could not bracket" in line and "would be needed" in line
-    # The messages name the defense as the table does, not by its configuration hash.
-    assert f"could not bracket {failed[0]} (lam=" in line
-    assert f"bracketing: could not bracket {failed[0]} (lam=" in out
+    assert verdicts.loc["gmm-cem", "verdict"] == "better"
+    assert "bracketing: could not bracket slot-cem (lam=" in out  # named as the table names it, not by hash
+    line = next(v for v in out.splitlines() if v.strip().startswith("slot-cem: "))
+    if undefended > 0.94:
+        assert verdicts.loc["slot-cem", "verdict"] == "better"
+        assert "judged against the line to the undefended model (96.0%)" in line
+        assert "(94.0%) within 1 added point" in out
+        assert "; it is judged against the line from the reference's most accurate point to the undefended model" in out
+        return
+    assert verdicts.loc["slot-cem", "verdict"] == "extrapolation only"
+    assert "more accurate than the undefended model (94.0% against 93.0%)" in line
+    assert "could not bracket slot-cem (lam=" in line and "would be needed" in line
 
 
 def test_bracket_zero_keeps_the_reference_as_swept(stand_in, tmp_path, capsys):
     out, out_dir = run(["--bracket", "0"], tmp_path, capsys)
     assert "bracketing" not in out
     verdicts = pd.read_csv(out_dir / "verdicts.csv").set_index("family")
-    assert set(verdicts.loc[["gmm-cem", "slot-cem"], "verdict"]) == {"extrapolation only"}
-    assert "the reference was not swept low enough" in out and "the reference was not swept high enough" in out
+    # gmm-cem (80%) lies below every none point; slot-cem (94%) above them, judged on the line
+    # from none's best point (92.5%) to the undefended model (96%)
+    assert verdicts.loc["gmm-cem", "verdict"] == "extrapolation only"
+    assert "the reference was not swept low enough" in out
+    assert verdicts.loc["slot-cem", "verdict"] == "better" and "judged against the line to the undefended" in out
 
 
 @pytest.mark.parametrize(
@@ -102,10 +116,9 @@ class OnTheLine(FarDefenses):
     """gmm-cem 0.25 SSIM under the reference line (resolved at the first look); slot-cem exactly on
     it (gain 0: never resolved, so the run adds seeds up to the cap)."""
 
-    @staticmethod
-    def point(cfg):
+    def point(self, cfg):
         if cfg.defense != "slot-cem":
-            return FarDefenses.point(cfg)
+            return super().point(cfg)
         return 0.90, 0.70 - 2 * 0.05
 
 

@@ -225,7 +225,10 @@ def reference_family(points: pd.DataFrame, reference: str) -> str:
     return family
 
 
-def compare(points: pd.DataFrame, reference: str = "none", resamples: int = 1000, seed: int = 0) -> Comparison:
+def compare(
+    points: pd.DataFrame, reference: str = "none", resamples: int = 1000, seed: int = 0, *,
+    undefended_end: bool = True,
+) -> Comparison:  # fmt: skip
     """Every family of `points` against the reference family's frontier at matched accuracy.
 
     Per point: ref_value (the reference's Pareto frontier, linear between its points, at the
@@ -234,7 +237,12 @@ def compare(points: pd.DataFrame, reference: str = "none", resamples: int = 1000
     over a run's attacks; accuracy Binomial), and `extrapolated` (accuracy outside the
     reference's range: gain NaN). Per family: mean_gain over its in-range points with CI, the
     verdict (better / worse / indistinguishable by that CI, or 'extrapolation only'), area (the
-    mean gap between the two frontiers over their common accuracy range) and DCS, with CIs."""
+    mean gap between the two frontiers over their common accuracy range) and DCS, with CIs.
+
+    `undefended_end`: where the undefended model is more accurate than every reference point,
+    the reference's frontier ends at it (a client can always drop the defense, and serving the
+    two at random reaches every point of the line between them); points between the two are
+    judged against that line and flagged `via_undefended`."""
     if points.empty or "cells" not in points:
         raise UserError("nothing to compare: pass the frame frontier.points() returns")
     metric, sign = points.metric.iloc[0], leak_sign(points.metric.iloc[0])
@@ -248,7 +256,7 @@ def compare(points: pd.DataFrame, reference: str = "none", resamples: int = 1000
     for group, grp in points.groupby("group", sort=False):
         grp = grp.reset_index(drop=True).copy()
         grp[["ref_value", "gain", "gain_lo", "gain_hi"]] = math.nan
-        grp["extrapolated"] = False
+        grp["extrapolated"] = grp["via_undefended"] = False
         ref = resolved[group][0]
         if ref is None:
             pts.append(grp)
@@ -267,6 +275,10 @@ def compare(points: pd.DataFrame, reference: str = "none", resamples: int = 1000
         leak_b = sign * np.stack([d[1] for d in draws], axis=1)
         acc_o, leak_o = grp.accuracy_mean.to_numpy(float), sign * grp.privacy_mean.to_numpy(float)
         r = (grp.family == ref).to_numpy()
+        own_hi = acc_o[r].max()  # the reference family's own most accurate point
+        und = (grp.family == UNDEFENDED).to_numpy() & (acc_o > own_hi)
+        if undefended_end and und.any():
+            r = r | (und & (acc_o == acc_o[und].max()))
         ra, rl, rab, rlb = acc_o[None, r], leak_o[None, r], acc_b[:, r], leak_b[:, r]
         lo, hi = ra.min(), ra.max()
         o = ~r
@@ -275,6 +287,7 @@ def compare(points: pd.DataFrame, reference: str = "none", resamples: int = 1000
         out = (acc_o[o] < lo - 1e-12) | (acc_o[o] > hi + 1e-12)
         g_lo, g_hi = fs.interval(gain_b)
         grp.loc[o, "extrapolated"] = out
+        grp.loc[o, "via_undefended"] = ~out & (acc_o[o] > own_hi + 1e-12)
         grp.loc[o, "ref_value"] = np.where(out, np.nan, sign * ref_o)
         grp.loc[o, "gain"] = np.where(out, np.nan, ref_o - leak_o[o])
         grp.loc[o, "gain_lo"], grp.loc[o, "gain_hi"] = np.where(out, np.nan, g_lo), np.where(out, np.nan, g_hi)
@@ -285,7 +298,8 @@ def compare(points: pd.DataFrame, reference: str = "none", resamples: int = 1000
         for fam, members in grp[grp.family != UNDEFENDED].groupby("family", sort=False):
             m = members.index.to_numpy()
             row = {k: members[k].iloc[0] for k in (*GROUP, "group", "family", "family_key", "defense", "knob")}
-            row |= {"reference": ref, "ref_acc_min": lo, "ref_acc_max": hi, "n_points": len(m)}
+            row |= {"reference": ref, "ref_acc_min": lo, "ref_acc_max": hi, "ref_own_max": own_hi,
+                    "n_points": len(m), "n_via_undefended": int(grp.via_undefended.to_numpy()[m].sum())}  # fmt: skip
             row |= dcs_of(m)
             if fam == ref:
                 fams.append(row | {"verdict": REFERENCE, "n_in_range": len(m)})
@@ -305,7 +319,7 @@ def compare(points: pd.DataFrame, reference: str = "none", resamples: int = 1000
     families = pd.DataFrame(fams)
     cols = [*GROUP, "group", "family", "family_key", "defense", "knob", "reference", "verdict", "n_points",
             "n_in_range", "mean_gain", "gain_lo", "gain_hi", "area", "area_lo", "area_hi", "area_from", "area_to",
-            "dcs", "dcs_lo", "dcs_hi", "ref_acc_min", "ref_acc_max"]  # fmt: skip
+            "dcs", "dcs_lo", "dcs_hi", "ref_acc_min", "ref_acc_max", "ref_own_max", "n_via_undefended"]  # fmt: skip
     families = families.reindex(columns=cols)
     table = pd.concat(pts, ignore_index=True).drop(columns=["cells"])
     return Comparison(metric, reference, table, families, resamples, seed, list(dict.fromkeys(notes)))
@@ -377,9 +391,15 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
         acc = 100 * float(members.accuracy_mean.mean())
         if r.verdict == "extrapolation only":
             side = "low" if acc < 100 * r.ref_acc_min else "high"
-            line = (head + f"no verdict: no {r.reference} point at its accuracy ({acc:.1f}%; {r.reference} spans "
-                    f"{100 * r.ref_acc_min:.1f}-{100 * r.ref_acc_max:.1f}%): the reference was not swept {side} "
-                    "enough")  # fmt: skip
+            above = float(members.accuracy_mean.min()) > r.ref_acc_max  # every point more accurate than the reference
+            if above and r.ref_acc_max > r.ref_own_max:  # the reference already ends at the undefended model
+                line = (head + f"no verdict: more accurate than the undefended model ({acc:.1f}% against "
+                        f"{100 * r.ref_acc_max:.1f}%) and every {r.reference} point (up to "
+                        f"{100 * r.ref_own_max:.1f}%)")  # fmt: skip
+            else:
+                line = (head + f"no verdict: no {r.reference} point at its accuracy ({acc:.1f}%; {r.reference} spans "
+                        f"{100 * r.ref_acc_min:.1f}-{100 * r.ref_acc_max:.1f}%): the reference was not swept {side} "
+                        "enough")  # fmt: skip
             # privbench.job names a target as point_name does, with its config where two groups share it
             names = [n for m in members.itertuples() for n in (point_name(m.family, m.strength),
                                                                f"{point_name(m.family, m.strength)} [{m.config}]")]
@@ -400,7 +420,11 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
             need = seeds_for_gain(r.mean_gain, r.gain_lo, r.gain_hi, n_seeds)
             if need is not None and need > n_seeds:
                 say += f"; about {need} seeds per configuration would resolve a gain of {abs(r.mean_gain):.{d}f}"
-        lines.append(head + say + f" [{r.n_in_range} of {r.n_points} points at matched accuracy]")
+        via = ""
+        if r.n_via_undefended:  # judged on the line from the reference's top to the undefended model
+            via = (f"; {r.n_via_undefended} above every {r.reference} point ({100 * r.ref_own_max:.1f}%), judged "
+                   f"against the line to the undefended model ({100 * r.ref_acc_max:.1f}%)")  # fmt: skip
+        lines.append(head + say + f" [{r.n_in_range} of {r.n_points} points at matched accuracy{via}]")
     return lines
 
 
@@ -419,11 +443,15 @@ def _dominance(members: pd.DataFrame, pts: pd.DataFrame, fam: Any, side: str, di
     if k == 0:
         return ""
     top = ref.iloc[:k]
-    which = f"all {k}" if k == len(ref) else f"the {k} most accurate"
-    accs = f"{100 * top.accuracy_mean.min():.1f}-{100 * top.accuracy_mean.max():.1f}%"
-    leaks = f"{top.privacy_mean.min():.{digits}f}-{top.privacy_mean.max():.{digits}f}"
-    return (f"; it leaks less than {which} {fam.reference} points ({accs}, {leaks} against its {own:.{digits}f}), "
-            "each less accurate than it: a dominance, not a gain at matched accuracy")  # fmt: skip
+    if k == 1:
+        which = f"the most accurate {fam.reference} point"
+        accs, leaks = f"{100 * top.accuracy_mean.iloc[0]:.1f}%", f"{top.privacy_mean.iloc[0]:.{digits}f}"
+    else:
+        which = f"{'all' if k == len(ref) else 'the'} {k} most accurate {fam.reference} points"
+        accs = f"{100 * top.accuracy_mean.min():.1f}-{100 * top.accuracy_mean.max():.1f}%"
+        leaks = f"{top.privacy_mean.min():.{digits}f}-{top.privacy_mean.max():.{digits}f}"
+    return (f"; it leaks less than {which} ({accs}, {leaks} against its {own:.{digits}f}), each less accurate "
+            "than it: a dominance, not a gain at matched accuracy")  # fmt: skip
 
 
 def seeds_for_gain(gain: float, lo: float, hi: float, n_seeds: int) -> int | None:

@@ -2,9 +2,10 @@
 
 Accuracy (x, %) against the worst-case privacy metric over attacks (y), one panel per data set,
 model and preset: every configuration with 95% CI bars cut at the axes' ranges and labelled
-with its strength, each family's Pareto frontier as a line, the reference's frontier in bold,
-the undefended model as a star and the mean-image baseline as a horizontal line. Points outside
-the reference's accuracy range (no gain computed) are drawn hollow.
+with its strength, each family's Pareto frontier as a line, the reference's frontier in bold
+(dashed where it ends at the undefended model), the undefended model as a star and the
+mean-image baseline as a horizontal line. Points outside the reference's accuracy range (no
+gain computed) are drawn hollow.
 """
 
 from __future__ import annotations
@@ -87,7 +88,15 @@ def _panel(ax: Any, rows: pd.DataFrame, fams: pd.DataFrame, comparison: Comparis
                    marker="s" if added else markers[fam])  # fmt: skip
             ax.annotate(r.strength, (100 * r.accuracy_mean, r.privacy_mean), xytext=(4, 4),
                         textcoords="offset points", fontsize=6, color=colour)  # fmt: skip
-    for r in rows[rows.family == UNDEFENDED].itertuples():
+    und = rows[rows.family == UNDEFENDED].sort_values("accuracy_mean")
+    ref_row = fams[fams.family == ref] if ref is not None else fams.iloc[:0]
+    if len(ref_row) and len(und) and float(ref_row.ref_acc_max.iloc[0]) > float(ref_row.ref_own_max.iloc[0]):
+        # compare() ends the reference at the undefended model: draw that stretch of its frontier
+        top = rows[(rows.family == ref) & rows.on_frontier.astype(bool)].sort_values("accuracy_mean").iloc[-1]
+        end = und.iloc[-1]
+        ax.plot([100 * top.accuracy_mean, 100 * end.accuracy_mean], [top.privacy_mean, end.privacy_mean],
+                color="black", lw=1.6, ls="--", zorder=3, label="reference, ended at the undefended model")  # fmt: skip
+    for r in und.itertuples():
         _point(ax, r, "0.3", lo, hi, marker="*", size=11)
         ax.annotate("undefended", (100 * r.accuracy_mean, r.privacy_mean), xytext=(4, -9),
                     textcoords="offset points", fontsize=6, color="0.3")  # fmt: skip
