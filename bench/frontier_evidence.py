@@ -50,7 +50,8 @@ def main() -> None:
         attack_dirs.append(folder)
     print(f"{len(runs)} cells read; missing: {', '.join(missing) or 'none'}")
     long = rows.collect(runs, attack_dirs=attack_dirs)
-    comparison = frontier.compare(frontier.points(long, infos=rows.run_infos(long)), reference="none")
+    pts = frontier.points(long, infos=rows.run_infos(long), per_image=rows.per_image(long, "ssim"))
+    comparison = frontier.compare(pts, reference="none")
     cols = ["family", "strength", "n_seeds", "accuracy_mean", "accuracy_ci95", "privacy_mean", "privacy_ci95",
             "gain", "gain_lo", "gain_hi", "extrapolated"]  # fmt: skip
     print(comparison.points[cols].round(4).to_string(index=False))

@@ -4,10 +4,11 @@
     python bench/frontier_speed.py --configs 50 --seeds 3 --images 256 --resamples 1000 --repeats 3
 
 Writes the run folders (config.json, metrics.json, two attacks with metrics.json and
-per_image.csv each) into a temporary folder, reads them with `store.rows.collect` (timed
-apart: the tables pay it too), then times `points` + `compare` per repeat. The first repeat
-also pays one-off imports (scipy's t quantiles, the defense plugins that name the strength
-knobs); later repeats show the steady cost. The target: under 2 s on a 2-core CPU.
+per_image.csv each) into a temporary folder, reads them with `store.rows.collect`, `run_infos`
+and `per_image` (timed apart: the store's reading), then times `points` + `compare` per
+repeat. The first repeat also pays one-off imports (scipy's t quantiles, the defense plugins
+that name the strength knobs); later repeats show the steady cost. The target: under 2 s on a
+2-core CPU.
 """
 
 from __future__ import annotations
@@ -73,20 +74,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     from privbench.analysis import frontier
-    from privbench.store.rows import collect, run_infos
+    from privbench.store.rows import collect, per_image, run_infos
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         n_runs = write_runs(root, args.configs, args.seeds, args.images, np.random.default_rng(0))
         t = time.perf_counter()
         rows = collect([root])
-        infos = run_infos(rows)  # the store's reading, timed with collect
+        infos, images = run_infos(rows), per_image(rows, "ssim")  # the store's reading, timed with collect
         collect_s = time.perf_counter() - t
         print(f"{args.configs} configurations, {n_runs} runs, {args.images} images, 2 attacks, "
-              f"{args.resamples} resamples; collect {collect_s:.2f} s")  # fmt: skip
+              f"{args.resamples} resamples; collect + run facts + per-image values {collect_s:.2f} s")  # fmt: skip
         for i in range(args.repeats):
             t0 = time.perf_counter()
-            pts = frontier.points(rows, infos=infos)
+            pts = frontier.points(rows, infos=infos, per_image=images)
             t1 = time.perf_counter()
             cmp = frontier.compare(pts, resamples=args.resamples)
             t2 = time.perf_counter()

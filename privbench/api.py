@@ -22,6 +22,7 @@ import pandas as pd
 
 from privbench import job
 from privbench.analysis import frontier as frontier_analysis
+from privbench.analysis import precision as precision_stats
 from privbench.analysis import tables
 from privbench.analysis import variance_split as seed_tile_split
 from privbench.engine import zoo
@@ -29,7 +30,6 @@ from privbench.engine.config import PRESETS, TrainConfig
 from privbench.engine.cuts import CutInfo, list_cuts
 from privbench.engine.data import load_dataset
 from privbench.engine.models import MODELS, builtin_cuts, parse_bottleneck
-from privbench.engine.train import check_trainable
 from privbench.errors import UserError
 from privbench.grid.spec import DEFAULT_ATTACKS, Grid
 from privbench.job import GridResult
@@ -39,7 +39,7 @@ from privbench.store import rows
 from privbench.store.attacks import attack_run
 from privbench.store.outputs import check_output_dir, resolve_inputs
 from privbench.store.runs import DEFAULT_RESULTS, Run, train_run
-from privbench.store.seeds import configuration_runs
+from privbench.store.seeds import collect_seeds, configuration_runs
 from privbench.store.tiles import evaluate_tiles
 
 
@@ -85,7 +85,8 @@ def train(
     as "model.KEY" entries; `model_options` gives the latter as a dict. None means the preset's
     (or the training configuration's) value; other TrainConfig fields (momentum, ema, ...) go in
     `settings`. `download` fetches CIFAR into `data_dir` when absent. Names, the data, the model,
-    its cut and whether the defense takes the cut's z are checked before training starts."""
+    its cut and whether the defense takes the cut's z are checked before the first step: training
+    builds the defense and the model once, and refuses before it starts."""
     check_output_dir(results_dir, "results folder")
     model_opts, defense_opts = options_mod.split_model(options_mod.parse_all(options))
     model_opts |= dict(model_options or {})
@@ -99,22 +100,14 @@ def train(
         progress=progress, image_size=image_size, pretrained=pretrained,
         weights=None if weights is None else str(weights), model_options=model_opts or None, **settings,
     )  # fmt: skip
-    _check_train_config(cfg, download=download)
+    if download:  # fetched here, so that training finds it in data_dir
+        load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=True, seed=cfg.data_seed, n_train=cfg.n_train,
+                     image_size=cfg.image_size)  # fmt: skip
     say = log or (lambda _msg: None)
     run, trained = train_run(cfg, results_dir, force=force, log=say)
     if not trained:
         say("reused finished run (same configuration); --force / force=True retrains")
     return run
-
-
-def _check_train_config(cfg: TrainConfig, *, download: bool = False) -> None:
-    """Everything that can be checked cheaply before any training starts, so that a bad name,
-    cut or z kind costs one UserError rather than a run: the defense and its options, the data
-    (downloaded here when asked), the model and its cut, and whether the defense takes the
-    cut's z (built on the CPU)."""
-    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=download, seed=cfg.data_seed, n_train=cfg.n_train,
-                        image_size=cfg.image_size)  # fmt: skip
-    check_trainable(cfg, data)
 
 
 def attack(
@@ -159,11 +152,12 @@ def results(
     configuration, raw numbers (`<attack>_<metric>_mean` / `_ci95`, `accuracy_mean`,
     `worst_attack` by `privacy_metric`, ...). With long=True, the long-form rows it is pivoted
     from (run, defense, channel, seed, attack, metric, value, ...)."""
+    tables.check_privacy_metric(privacy_metric)  # before any folder is read
     if isinstance(runs, RunLike):
         runs = [runs]
     paths, attack_dirs = resolve_inputs([_path(r) for r in runs])
     frame = rows.collect(paths, attack_dirs=attack_dirs)
-    return frame if long else tables.aggregate(frame, paths, privacy_metric=privacy_metric)
+    return frame if long else tables.aggregate(frame, rows.train_settings(frame), privacy_metric=privacy_metric)
 
 
 def frontier(
@@ -172,8 +166,10 @@ def frontier(
     """Every configuration of `runs` against the `reference` family at matched accuracy: the points
     with their gains, one verdict per family (`.families`), and `frontier_analysis.verdict_lines`
     turns it into the sentences `privbench run` prints (docs/frontier.md)."""
-    long = results(runs, long=True)
-    points = frontier_analysis.points(long, privacy_metric, infos=rows.run_infos(long))
+    long = results(runs, long=True, privacy_metric=privacy_metric)
+    points = frontier_analysis.points(
+        long, privacy_metric, infos=rows.run_infos(long), per_image=rows.per_image(long, privacy_metric)
+    )
     return frontier_analysis.compare(points, reference=reference)
 
 
@@ -197,6 +193,60 @@ def run(
     if grid is None:
         grid = Grid(executor=executor, **fields)
     return job.run_grid(grid, log=log or (lambda _msg: None))
+
+
+def precision(
+    results_dir: str | Path,
+    *,
+    seeds: int = 5,
+    defense: Iterable[str] | None = None,
+    noise: Iterable[float] | None = None,
+    attack: Iterable[str] | None = None,
+    train: Mapping[str, Any] | Iterable[str] | None = None,
+    summarize: bool = False,
+    resolve: Mapping[str, float] | Iterable[str] | None = None,
+    paired_with: str | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, list[dict[str, Any]]]:
+    """`privbench precision`: how much accuracy and attack metrics move between training seeds.
+
+    Unless `summarize`, trains seeds 0..seeds-1 of the grid's defenses (`defense`, `noise`,
+    `attack` narrow it; `train` sets training fields over the preset, as {"epochs": 10} or
+    "epochs=10" strings), reusing finished cells; then reads every configuration under
+    `results_dir`. Returns {"rows": one per (configuration, quantity): n, mean, sd and its 95%
+    interval, MDD at 3 and 5 seeds, target met, seeds to resolve `resolve` (QUANTITY: SIZE, or
+    "accuracy=2" strings; default accuracy 2 points, SSIM 0.02)}, and "pairs": the same for the
+    seed-by-seed differences against the configuration labelled `paired_with`
+    (docs/precision.md)."""
+    sizes = precision_stats.parse_resolve(
+        [f"{k}={v}" for k, v in resolve.items()] if isinstance(resolve, Mapping) else list(resolve or ())
+    )
+    folder = Path(results_dir)
+    if not summarize:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
+            raise UserError(f"invalid --seeds {seeds}: a spread needs at least 2 seeds")
+        try:
+            fields = options_mod.parse_all(train)
+        except UserError as exc:
+            raise UserError(f"invalid training setting: {exc}") from None
+        named = [str(o) for o in fields if o.target is not None]
+        if named:
+            raise UserError(f"invalid training setting {named[0]!r}: a TrainConfig field, without a NAME. part")
+        grid = {"defense": list(defense)} if defense else {}
+        grid |= {"noise": list(noise)} if noise else {}
+        # The default grid's first attack, the decoder: learned, so its own training spread is measured too.
+        run(seeds=seeds, attack=list(attack or ()) or list(DEFAULT_ATTACKS[:1]), results_dir=str(folder),
+            train={o.key: o.value for o in fields}, log=log, **grid)  # fmt: skip
+    if not folder.is_dir():
+        raise UserError(f"results folder {folder} does not exist")
+    cells = collect_seeds(folder)
+    found = precision_stats.summarize(cells, sizes)
+    if not found:
+        raise UserError(f"no finished run folders under {folder}")
+    if all(r["n"] < 2 for r in found):
+        raise UserError(f"every configuration under {folder} has one seed: no spread to report")
+    pairs = precision_stats.paired(cells, paired_with, sizes) if paired_with else []
+    return {"rows": found, "pairs": pairs}
 
 
 def variance_split(results_dir: str | Path, configuration: str) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class GridResult:
     timings: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     verdicts: list[str] = field(default_factory=list)  # one line per defense family (privbench.analysis.frontier)
+    comparison: frontier.Comparison | None = None  # what the lines say, as frames (verdicts.csv: .families)
     # Reference points added to bracket the defenses' accuracy (run folders), and what bracketing said.
     added_runs: list[Path] = field(default_factory=list)
     bracket: bracketing.BracketResult | None = None
@@ -98,7 +99,7 @@ def run_grid(
             )  # fmt: skip
 
     long = rows.collect(result.runs, attack_dirs=result.attack_dirs)
-    table = tables.aggregate(long, result.runs)
+    table = tables.aggregate(long, rows.train_settings(long))
     result.long, result.table = long, table
     out_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(out_dir, result.runs, result.attack_dirs)  # lets `table` / `plot` read this folder back
@@ -117,9 +118,10 @@ def run_grid(
         result.files.append(grid_path)
     ref = grid.verdict_reference()
     if ref is not None:
-        result.verdicts, paths = write_frontier(long, out_dir, reference=ref, privacy_metric=grid.privacy_metric,
-                                                added=result.added_runs, bracket=result.bracket,
-                                                sequential=result.sequential)  # fmt: skip
+        result.comparison, result.verdicts, paths = write_frontier(
+            long, out_dir, reference=ref, privacy_metric=grid.privacy_metric, added=result.added_runs,
+            bracket=result.bracket, sequential=result.sequential,
+        )  # fmt: skip
         if result.sequential:
             result.verdicts.append(f"sequential seeds: {result.seeds_used} per configuration (Pocock, overall "
                                    f"false-verdict rate 5%, cap {grid.seeds_cap}; docs/frontier.md)")  # fmt: skip
@@ -131,11 +133,13 @@ def run_grid(
 def write_frontier(
     long: Any, out_dir: Path, *, reference: str, privacy_metric: str, added: list[Path] | None = None,
     bracket: bracketing.BracketResult | None = None, sequential: dict[str, str] | None = None,
-) -> tuple[list[str], list[Path]]:  # fmt: skip
+) -> tuple[frontier.Comparison, list[str], list[Path]]:  # fmt: skip
     """frontier.csv (every point with its gain at matched accuracy; `added` marks the reference
     points added to bracket the defenses), verdicts.csv (one row per family) and frontier.png /
-    .pdf into out_dir; returns the verdict lines and the files."""
-    pts = frontier.points(long, privacy_metric, infos=rows.run_infos(long))
+    .pdf into out_dir; returns the comparison, the verdict lines and the files."""
+    pts = frontier.points(
+        long, privacy_metric, infos=rows.run_infos(long), per_image=rows.per_image(long, privacy_metric)
+    )
     added_paths = {str(p) for p in added or ()}
     pts["added"] = [bool(added_paths & {c.path for c in cells}) for cells in pts.cells]
     comparison = frontier.compare(pts, reference=reference)
@@ -146,7 +150,7 @@ def write_frontier(
         atomic_write_text(out_dir / name, frame.to_csv(index=False))
         files.append(out_dir / name)
     files += plot_frontier(comparison, out_dir / "frontier")
-    return frontier.verdict_lines(comparison, bracket=bracket) + comparison.notes, files
+    return comparison, frontier.verdict_lines(comparison, bracket=bracket) + comparison.notes, files
 
 
 # ---------------------------------------------------------------------------- bracketing
@@ -176,6 +180,7 @@ def bracket_reference(
 
     def reference_and_targets() -> tuple[list[tuple[float, float]], dict[str, float]]:
         long = rows.collect(result.runs, attack_dirs=result.attack_dirs)
+        # Bracketing reads accuracies only: no per-image values, no comparison on these points.
         pts = frontier.points(long, grid.privacy_metric, infos=rows.run_infos(long))
         undefended[:] = pts[pts.family == frontier.UNDEFENDED].accuracy_mean.tolist()
         family = frontier.reference_family(pts, grid.bracket_reference())
@@ -235,8 +240,9 @@ def sequential_seeds(
             log(f"sequential seeds: adding seed {look.n - 1} ({open_} not yet resolved)")
             compute([c for c in grid.train_configs() if (Path(grid.results_dir) / run_name(c)).resolve() not in done])
         long = rows.collect(result.runs, attack_dirs=result.attack_dirs)
-        cmp = frontier.compare(frontier.points(long, grid.privacy_metric, infos=rows.run_infos(long)),
-                               reference=grid.verdict_reference())  # fmt: skip
+        per_image = rows.per_image(long, grid.privacy_metric)
+        pts = frontier.points(long, grid.privacy_metric, infos=rows.run_infos(long), per_image=per_image)
+        cmp = frontier.compare(pts, reference=grid.verdict_reference())
         judged = cmp.families[~cmp.families.verdict.isin([frontier.REFERENCE, "extrapolation only"])]
         decisions = {r.family: sequential.decide(look, r.mean_gain, r.gain_lo, r.gain_hi, dof=look.n - 1)
                      for r in judged.itertuples()}  # fmt: skip

@@ -8,6 +8,7 @@ import pytest
 
 from privbench import api
 from privbench.errors import UserError
+from privbench.plugin import stack
 
 TINY = dict(epochs=1, n_train=200, width=0.125, log=None)
 
@@ -43,6 +44,16 @@ def test_train_routes_a_stack_option_in_every_form(stacked_run):
         again = api.train("dropout+gmm-cem", options=options, results_dir=root, **{**TINY, "log": logged.append})
         assert again.path == run.path
     assert sum("reused finished run" in line for line in logged) == 3
+
+
+def test_train_builds_the_defense_once_and_a_reused_run_not_at_all(tmp_path, monkeypatch):
+    built: list[str] = []
+    real = stack.create
+    monkeypatch.setattr(stack, "create", lambda spec, *a, **k: built.append(spec) or real(spec, *a, **k))
+    api.train("dropout", results_dir=tmp_path, **TINY)
+    assert built == ["dropout"]
+    api.train("dropout", results_dir=tmp_path, **TINY)
+    assert built == ["dropout"]
 
 
 def test_attack_passes_semantic_through(stacked_run, monkeypatch):

@@ -156,3 +156,24 @@ def test_the_core_names_no_plugin():
            for module, path in MODULES.items() if not set(module.split(".")[1:2]) & set(PLUGIN_PACKAGES)
            for value, line in _code_strings(path) if value in names]  # fmt: skip
     assert not bad, "\n".join(bad)
+
+
+FILE_ACCESS = {
+    "open", "read_text", "read_bytes", "write_text", "write_bytes", "read_json", "write_json", "read_csv", "to_csv",
+    "load", "save", "exists", "is_file", "is_dir", "iterdir", "glob", "rglob", "mkdir",
+}  # fmt: skip
+
+
+def test_analysis_reads_and_writes_no_file():
+    """privbench.analysis is functions over rows: reading run folders is the store's job, writing
+    results the job's and the report's."""
+    bad = []
+    for module, path in MODULES.items():
+        if module.startswith("privbench.analysis."):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+                    if name in FILE_ACCESS:
+                        bad.append(f"{module}:{node.lineno} calls {name}")
+    assert not bad, "\n".join(bad)

@@ -17,7 +17,7 @@ from privbench.engine.config import TrainConfig
 from privbench.errors import UserError
 from privbench.report import blocks
 from privbench.report.plot_frontier import frontier_figure, plot_frontier
-from privbench.store.rows import collect, run_info, run_infos
+from privbench.store.rows import collect, per_image, run_info, run_infos
 from privbench.util.storage import current_umask
 
 ACCS = (0.80, 0.85, 0.90)  # the reference sweep: SSIM = 2 * accuracy - 1.2, i.e. 0.40, 0.50, 0.60
@@ -28,9 +28,9 @@ RESAMPLES = 300
 
 
 def points_of(folder, privacy_metric: str = "ssim"):
-    """frontier.points over every run in `folder`, with the run facts the store reads."""
+    """frontier.points over every run in `folder`, with the run facts and per-image values the store reads."""
     long = collect([folder])
-    return frontier.points(long, privacy_metric, infos=run_infos(long))
+    return frontier.points(long, privacy_metric, infos=run_infos(long), per_image=per_image(long, privacy_metric))
 
 
 def ref_ssim(acc):
@@ -412,6 +412,28 @@ def test_points_are_a_function_of_rows_and_run_facts(tmp_path):
     pd.testing.assert_frame_equal(got, expected)
     with pytest.raises(ValueError, match="no run facts for .*pass infos=privbench.store.rows.run_infos"):
         frontier.points(long, infos={})
+
+
+def test_compare_resamples_the_per_image_values_it_is_given_and_reads_no_file(tmp_path):
+    """The store reads per_image.csv (store.rows.per_image); compare resamples what the points
+    carry: the same numbers after the run folders are gone, and without per_image every run falls
+    back to its run means with the note a run without per_image.csv gets."""
+    write_world(tmp_path / "w")
+    long = collect([tmp_path / "w"])
+    infos, images = run_infos(long), per_image(long, "ssim")
+    assert len(images) == long[long.metric == "ssim"].attack_dir.ne("").sum()
+    assert all(v is not None and len(v[0]) == 256 for v in images.values())
+    pts = frontier.points(long, infos=infos, per_image=images)
+    before = frontier.compare(pts, resamples=RESAMPLES)
+    assert not any("resampled over seeds only" in n for n in before.notes)
+    shutil.rmtree(tmp_path / "w")
+    after = frontier.compare(pts, resamples=RESAMPLES)
+    pd.testing.assert_frame_equal(after.points, before.points, check_exact=True)
+    pd.testing.assert_frame_equal(after.families, before.families, check_exact=True)
+    assert after.notes == before.notes
+    means_only = frontier.compare(frontier.points(long, infos=infos), resamples=RESAMPLES)
+    assert sum("resampled over seeds only" in n for n in means_only.notes) == long.path.nunique()
+    assert fam(means_only, "gmm-cem").mean_gain == pytest.approx(fam(before, "gmm-cem").mean_gain)
 
 
 def test_table_and_plot_frontier_from_the_command_line(world, tmp_path, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from privbench import api
 from privbench.analysis import tables
 from privbench.attack.images import GRID_TENSORS
 from privbench.engine.config import TrainConfig
@@ -100,7 +101,7 @@ def seeds3(tmp_path):
 
 
 def test_headers_units_caption_and_seed_statistics(seeds3):
-    table = tables.results_table([seeds3])
+    table = api.results([seeds3])
     md = table_format.render(table, "md")
     header, rows = md_header_and_rows(md)
     assert {"decoder SSIM [0,1]", "decoder PSNR (dB)", "optimization SSIM [0,1]", "seeds", "accuracy (%)"} <= set(
@@ -119,7 +120,7 @@ def test_headers_units_caption_and_seed_statistics(seeds3):
 
 
 def test_dagger_marks_cells_at_or_below_the_mean_image(seeds3):
-    md = table_format.render(tables.results_table([seeds3]), "md")
+    md = table_format.render(api.results([seeds3]), "md")
     _, rows = md_header_and_rows(md)
     assert rows[0]["optimization SSIM [0,1]"].endswith("†")  # 0.25 <= 0.30
     assert rows[0]["optimization PSNR (dB)"].endswith("†")  # 11 dB <= 12 dB
@@ -129,14 +130,14 @@ def test_dagger_marks_cells_at_or_below_the_mean_image(seeds3):
 
 def test_dagger_absent_when_every_attack_beats_the_baseline(tmp_path):
     write_run(tmp_path, attacks={"decoder": {"ssim": 0.6}}, baseline_ssim=0.3)
-    md = table_format.render(tables.results_table([tmp_path]), "md")
+    md = table_format.render(api.results([tmp_path]), "md")
     assert "†" not in md
 
 
 def test_two_variants_of_one_attack_are_named_by_the_option_that_differs(tmp_path):
     write_run(tmp_path, attacks={"decoder#a": {"ssim": 0.5}, "decoder#b": {"ssim": 0.6}},
               options={"decoder#a": {"blocks": 2, "lr": 0.003}, "decoder#b": {"blocks": 4, "lr": 0.003}})  # fmt: skip
-    table = tables.results_table([tmp_path])
+    table = api.results([tmp_path])
     header, rows = md_header_and_rows(table_format.render(table, "md"))
     assert "decoder (blocks=2) SSIM [0,1]" in header and "decoder (blocks=4) SSIM [0,1]" in header
     assert rows[0]["decoder (blocks=4) SSIM [0,1]"].startswith("0.600")
@@ -144,7 +145,7 @@ def test_two_variants_of_one_attack_are_named_by_the_option_that_differs(tmp_pat
 
 
 def test_latex_splits_wide_tables_and_has_no_local_paths(seeds3):
-    table = tables.results_table([seeds3])
+    table = api.results([seeds3])
     table.loc[:, "notes"] = "lpips missing: weights not found at /home/someone/.cache/torch/hub/alexnet.pth"
     latex = table_format.render(table, "latex")
     tabulars = latex.split(r"\begin{tabular}")[1:]
@@ -161,13 +162,13 @@ def test_latex_splits_wide_tables_and_has_no_local_paths(seeds3):
 
 def test_narrow_latex_stays_one_table(tmp_path):
     write_run(tmp_path, attacks={"decoder": {"ssim": 0.5}})
-    latex = table_format.render(tables.results_table([tmp_path]), "latex")
+    latex = table_format.render(api.results([tmp_path]), "latex")
     assert latex.count(r"\begin{tabular}") == 1
 
 
 def test_one_seed_keeps_the_interval_over_images(tmp_path):
     write_run(tmp_path, attacks={"decoder": {"ssim": 0.5}})
-    md = table_format.render(tables.results_table([tmp_path]), "md")
+    md = table_format.render(api.results([tmp_path]), "md")
     _, rows = md_header_and_rows(md)
     assert rows[0]["seeds"] == "n=1" and rows[0]["decoder SSIM [0,1]"] == "0.500 ± 0.010"
     assert "over test images (one seed)" in md and "1 seed per configuration (n=1)" in md
@@ -180,7 +181,7 @@ def test_resolution_line_pools_the_seed_sd_by_hand(tmp_path):
         write_run(tmp_path, seed=seed, acc=a, attacks={"decoder": {"ssim": 0.5}})
         write_run(tmp_path, seed=seed, acc=b, noise=0.1, attacks={"decoder": {"ssim": 0.5}})
     write_run(tmp_path, seed=0, acc=0.5, noise=0.2, attacks={"decoder": {"ssim": 0.5}})  # one seed: not pooled
-    md = table_format.render(tables.results_table([tmp_path]), "md")
+    md = table_format.render(api.results([tmp_path]), "md")
     pooled = math.sqrt(2.5)
     mdd = (T975[4] + T80_4) * pooled * math.sqrt(2 / 3)  # 4.80 points
     assert (
@@ -201,7 +202,7 @@ def test_mixed_environment_line_only_when_threads_differ(tmp_path, threads, expe
         prov = ENV | ({} if n is None else {"num_threads": n})  # None: not recorded = unknown
         write_run(tmp_path, defense="gmm-cem", seed=seed, prov=prov, attacks={"decoder": {"ssim": 0.5}})
     write_run(tmp_path, defense="none", prov=ENV | {"num_threads": 4}, attacks={"decoder": {"ssim": 0.6}})
-    table = tables.results_table([tmp_path])
+    table = api.results([tmp_path])
     note = table_format.environment_note(table)
     md = table_format.render(table, "md")
     lines = [line for line in md.splitlines() if "different environments" in line]
@@ -222,7 +223,7 @@ def test_privacy_utility_plot_clips_bars_and_labels_panels(tmp_path):
     write_run(tmp_path, defense="gmm-cem", noise=0.1, attacks={"decoder": {"ssim": 0.995}})
     write_run(tmp_path, defense="none", attacks={"decoder": {"ssim": 0.6}})
     write_run(tmp_path, defense="none", dataset="cifar10", eval_images=32, attacks={"decoder": {"ssim": 0.5}})
-    table = tables.results_table([tmp_path])
+    table = api.results([tmp_path])
     fig = plots.privacy_utility_figure(table)
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert len(panels) == 2  # one per data set and preset
@@ -261,7 +262,7 @@ def test_reconstruction_grid_has_row_labels_column_headers_and_tile_ssim(tmp_pat
         lines = "".join(f"{i},{s},20.0,0.01,\n" for i, s in enumerate(ssim))
         (folder / "per_image.csv").write_text("index,ssim,psnr,mse,lpips\n" + lines)
     long = rows.collect([tmp_path])
-    table = tables.aggregate(long, rows.expand_run_dirs([tmp_path]))
+    table = tables.aggregate(long, rows.train_settings(long))
     fig = plots.reconstruction_figure(table, long, images=4)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert {"image 1", "image 4", "original", "mean image"} <= set(texts)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_config
 
+from privbench import api
 from privbench.analysis import precision
 from privbench.engine.config import TrainConfig
 from privbench.engine.data import EMBEDDED_VERSIONS, Split, embedded, embedded_crops
@@ -254,11 +255,43 @@ def test_precision_report_needs_two_seeds(tmp_path, capsys):
     assert code == 2 and "one seed" in err
 
 
-@pytest.mark.parametrize("defense", ["none", "gmm-cem", "slot-cem"])
-def test_interrupted_training_resumes_to_the_same_numbers(tmp_path, defense):
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--set", "epochs"], "invalid training setting: invalid option 'epochs'"),
+     (["--set", "model.depth=3"], "invalid training setting 'model.depth'"),
+     (["--resolve", "accuracy=-1"], "invalid --resolve 'accuracy=-1'")],
+)  # fmt: skip
+def test_precision_bad_input_exits_2_before_training(args, message, tmp_path, capsys):
+    code, _, err = run_cli(["precision", str(tmp_path / "r"), *args], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_precision_api_returns_the_rows_the_command_prints(tmp_path, capsys):
+    for seed, (a, s) in enumerate(zip([0.80, 0.82, 0.84], [0.50, 0.51, 0.505])):
+        _fake_run(tmp_path, f"none-{seed}", seed, a, s)
+        _fake_run(tmp_path, f"noisy-{seed}", seed, a - [0.02, 0.02, 0.01][seed], s, noise=0.1)
+    found = api.precision(tmp_path, summarize=True, resolve={"accuracy": 4}, paired_with="none@C8+0.025")
+    acc = next(r for r in found["rows"] if r["quantity"] == "accuracy" and r["configuration"] == "none@C8+0.025")
+    assert acc["sd"] == pytest.approx(2.0) and acc["n"] == 3
+    # seed by seed, noise 0.1 lies 2, 2 and 1 points below: mean -5/3, sd sqrt(1/3)
+    diff = next(r for r in found["pairs"] if r["quantity"] == "accuracy")
+    assert diff["mean"] == pytest.approx(-5 / 3) and diff["sd"] == pytest.approx(math.sqrt(1 / 3))
+    code, out, _ = run_cli(["precision", str(tmp_path), "--summarize", "--resolve", "accuracy=4"], capsys)
+    assert code == 0 and "| none@C8+0.025 | accuracy | 3 | 82.00 | 2.00 |" in out
+
+
+@pytest.mark.parametrize(
+    "defense,options",
+    # slot-cem with warmup 1 builds its module in epoch 2: the checkpoint holds it, and the
+    # optimizer's parameter group for it, which a fresh start has not created yet
+    [("none", {}), ("gmm-cem", {}), ("slot-cem", {}), ("slot-cem", {"warmup": 1})],
+)
+def test_interrupted_training_resumes_to_the_same_numbers(tmp_path, defense, options):
     from privbench.store.runs import run_name, train_run
 
-    cfg = tiny_config(epochs=3, ema=0.9, warmup_epochs=0.5, defense=defense, bottleneck=4, noise=0.05)
+    cfg = tiny_config(epochs=3, ema=0.9, warmup_epochs=0.5, defense=defense, bottleneck=4, noise=0.05,
+                      defense_options=options)  # fmt: skip
     whole, _ = train_run(cfg, tmp_path / "a", log=lambda m: None)
 
     def interrupt_after_epoch_2(msg: str) -> None:
@@ -289,6 +322,34 @@ def test_a_damaged_epoch_checkpoint_is_ignored(tmp_path):
     lines: list[str] = []
     run, built = train_run(cfg, tmp_path, log=lines.append)
     assert built and any("ignoring the epoch checkpoint" in line for line in lines)
+
+
+def test_a_checkpoint_whose_state_does_not_fit_trains_from_scratch_to_the_same_numbers(tmp_path):
+    """A checkpoint of this configuration whose defense state fits but whose model state does not
+    (loaded halfway, then refused): the run starts again from scratch, with nothing carried over."""
+    from privbench.store.runs import run_name, train_run
+
+    cfg = tiny_config(epochs=2, defense="slot-cem", defense_options={"warmup": 0}, bottleneck=4, noise=0.05)
+    whole, _ = train_run(cfg, tmp_path / "a", log=lambda m: None)
+
+    def interrupt_after_epoch_1(msg: str) -> None:
+        if msg.startswith("epoch=1 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "b", log=interrupt_after_epoch_1)
+    checkpoint = tmp_path / "b" / f".{run_name(cfg)}.epoch.pt"
+    blob = torch.load(checkpoint, weights_only=True)
+    blob["model"] = {k: v[..., :1] if v.ndim else v for k, v in blob["model"].items()}  # wrong shapes
+    torch.save(blob, checkpoint)
+    lines: list[str] = []
+    again, _ = train_run(cfg, tmp_path / "b", log=lines.append)
+    assert sum("ignoring the epoch checkpoint" in line for line in lines) == 1
+    assert sum(line.startswith("epoch=") for line in lines) == 2  # both epochs trained again
+    a = torch.load(whole.path / "checkpoint.pt", weights_only=True)
+    b = torch.load(again.path / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["defense"]["module"].values(), b["defense"]["module"].values()))
 
 
 def test_seed_tile_components_by_hand():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_config
 
-from privbench.analysis import tables
+from privbench import api
 from privbench.attack import saturation
 from privbench.plugin import registry
 from privbench.plugin.base import Attack
@@ -77,7 +77,7 @@ def test_a_budget_too_small_is_flagged_and_a_saturated_one_is_not(run):
     check = read_json(run.path / "attacks" / grow["doubled_folder"] / "metrics.json")
     assert check["saturation_check_of"] == by_name["test-blend"]["path"].split("/")[-1]
     # The table marks the cell, explains the mark, and leaves the check folder out.
-    table = tables.results_table([run.path])
+    table = api.results([run.path])
     assert sorted(table.attrs["attacks"]) == ["optimization", "test-blend", "test-flat"]  # no doubled variants
     md = table_format.render(table, "md")
     assert "(unsaturated)" in md and "the attack had not converged" in md

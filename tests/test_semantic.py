@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_config
 
-from privbench.analysis import tables
+from privbench import api
 from privbench.attack import semantic
 from privbench.attack.harness import eval_indices, split_attacker_eval
 from privbench.engine import train as training
@@ -106,7 +106,7 @@ def test_sem_acc_in_metrics_json_table_and_plot(run, tmp_path, capsys):
     assert code == 0 and png.stat().st_size > 0
     from privbench.report import plots
 
-    table = tables.results_table([run.path], privacy_metric="sem_acc")
+    table = api.results([run.path], privacy_metric="sem_acc")
     ax = plots.privacy_utility_figure(table).axes[0]
     assert "sem_acc" in ax.get_xlabel() and "clean images" in {t.get_text() for t in ax.texts}
 
@@ -141,12 +141,12 @@ def test_worst_case_per_metric_names_the_attack(tmp_path):
         "alpha": {"ssim": 0.6, "psnr": 18.0, "lpips": 0.30, "mse": 0.020, "sem_acc": 0.2},
         "beta": {"ssim": 0.5, "psnr": 22.0, "lpips": 0.40, "mse": 0.010, "sem_acc": 0.7},
     })  # fmt: skip
-    row = tables.results_table([tmp_path]).iloc[0]
+    row = api.results([tmp_path]).iloc[0]
     picks = {m: row[f"worst_{m}_attack"] for m in ("ssim", "psnr", "lpips", "mse", "sem_acc")}
     assert picks == {"ssim": "alpha", "psnr": "beta", "lpips": "alpha", "mse": "beta", "sem_acc": "beta"}
     assert (row.worst_psnr_mean, row.worst_lpips_mean, row.worst_mse_mean) == (22.0, 0.30, 0.010)
     assert row.worst_attack == "alpha" and row.clean_sem_acc_mean == 0.875
-    by_sem = tables.results_table([tmp_path], privacy_metric="sem_acc")
+    by_sem = api.results([tmp_path], privacy_metric="sem_acc")
     assert by_sem.worst_attack[0] == "beta" and by_sem.worst_sem_acc_mean[0] == 0.7
     md = table_format.render(by_sem, "md")
     header, _, cells = (line.strip("|").split("|") for line in md.splitlines()[:3])

@@ -3,12 +3,14 @@
 import io
 import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
 from conftest import run_cli
 from scipy import stats
 
+from privbench import api
 from privbench.analysis import tables
 from privbench.engine.config import TrainConfig
 from privbench.errors import UserError
@@ -64,7 +66,7 @@ def three_seeds(tmp_path):
 
 def test_mean_and_t_ci_over_seeds(three_seeds):
     root, ssims, accs = three_seeds
-    table = tables.results_table([root])
+    table = api.results([root])
     assert len(table) == 2
     row = table[table.defense == "gmm-cem"].iloc[0]
     mean = sum(ssims) / 3
@@ -83,7 +85,7 @@ def test_mean_and_t_ci_over_seeds(three_seeds):
 def test_single_seed_uses_image_ci_and_worst_case(tmp_path):
     optimization = attack_values(0.55) | {"ssim": {"mean": 0.55, "ci95": 0.03, "n": 64}}
     write_run(tmp_path, attacks={"decoder": attack_values(0.40), "optimization": optimization})
-    table = tables.results_table([tmp_path])
+    table = api.results([tmp_path])
     row = table.iloc[0]
     assert row.worst_attack == "optimization"
     assert row.worst_ssim_mean == pytest.approx(0.55) and row.worst_ssim_ci95 == pytest.approx(0.03)
@@ -96,7 +98,7 @@ def test_worst_case_picks_highest_ssim_per_configuration(three_seeds):
     write_run(
         root, defense="slot-cem", seed=0, attacks={"decoder": attack_values(0.3), "optimization": attack_values(0.4)}
     )
-    table = tables.results_table([root]).set_index("defense")
+    table = api.results([root]).set_index("defense")
     assert table.at["gmm-cem", "worst_attack"] == "decoder"
     assert table.at["slot-cem", "worst_attack"] == "optimization"
     assert table.at["slot-cem", "worst_ssim_mean"] == pytest.approx(0.4)
@@ -117,7 +119,7 @@ def test_long_form_rows(three_seeds):
 def test_chance_flag_and_warning(tmp_path):
     write_run(tmp_path, defense="gmm-cem", acc=0.14, attacks={"decoder": attack_values(0.2)})  # < 1.5 / 10
     write_run(tmp_path, defense="none", acc=0.16, attacks={"decoder": attack_values(0.2)})  # >= 0.15
-    table = tables.results_table([tmp_path])
+    table = api.results([tmp_path])
     flags = dict(zip(table.defense, table.near_chance))
     assert flags == {"gmm-cem": True, "none": False}
     md = table_format.render(table, "md")
@@ -131,7 +133,7 @@ def test_chance_flag_and_warning(tmp_path):
 
 def test_markdown_csv_latex_read_back(three_seeds):
     root, ssims, _ = three_seeds
-    table = tables.results_table([root])
+    table = api.results([root])
     md = table_format.render(table, "md")
     lines = [line for line in md.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -158,7 +160,7 @@ def test_markdown_csv_latex_read_back(three_seeds):
 
 def test_lpips_missing_says_missing(tmp_path):
     write_run(tmp_path, attacks={"decoder": {**attack_values(0.5), "lpips": {"missing": "no AlexNet weights offline"}}})
-    table = tables.results_table([tmp_path])
+    table = api.results([tmp_path])
     md = table_format.render(table, "md")
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
     cells = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
@@ -169,7 +171,7 @@ def test_lpips_missing_says_missing(tmp_path):
 def test_settings_that_differ_get_a_column(tmp_path):
     write_run(tmp_path, epochs=1, acc=0.5, attacks={"decoder": attack_values(0.5)})
     write_run(tmp_path, epochs=3, acc=0.7, attacks={"decoder": attack_values(0.6)})
-    table = tables.results_table([tmp_path])
+    table = api.results([tmp_path])
     assert len(table) == 2 and sorted(table.epochs) == [1, 3]  # not averaged together as seeds
     header = [c.strip() for c in table_format.render(table, "md").splitlines()[0].strip("|").split("|")]
     assert "epochs" in header and "width" not in header
@@ -177,10 +179,43 @@ def test_settings_that_differ_get_a_column(tmp_path):
 
 def test_not_a_run_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="not a privbench run folder"):
-        tables.results_table([tmp_path / "empty"])
+    with pytest.raises(UserError, match="empty is not a run folder, a results folder .*, and holds none"):
+        api.results([tmp_path / "empty"])
+    with pytest.raises(UserError, match="nowhere: no such folder"):
+        api.results([tmp_path / "nowhere"])
+    with pytest.raises(UserError, match="not a privbench run folder"):  # the store's own reading
+        rows.collect([tmp_path / "empty"])
     with pytest.raises(UserError, match="no such run folder"):
-        tables.results_table([tmp_path / "nowhere"])
+        rows.collect([tmp_path / "nowhere"])
+    with pytest.raises(UserError, match="unknown privacy metric 'fid'"):  # before any folder is read
+        api.results([tmp_path / "nowhere"], privacy_metric="fid")
+
+
+def test_aggregate_is_a_function_of_rows_and_settings(tmp_path):
+    """The store reads the training fields (store.rows.train_settings); aggregate reads no file:
+    the same table after the run folders are gone, and without settings no settings column."""
+    write_run(tmp_path / "r", epochs=1, acc=0.5, attacks={"decoder": attack_values(0.5)})
+    write_run(tmp_path / "r", epochs=3, acc=0.7, attacks={"decoder": attack_values(0.6)})
+    expected = api.results([tmp_path / "r"])
+    long = rows.collect([tmp_path / "r"])
+    settings = rows.train_settings(long)
+    assert sorted(s["epochs"] for s in settings.values()) == [1, 3]
+    shutil.rmtree(tmp_path / "r")
+    pd.testing.assert_frame_equal(tables.aggregate(long, settings), expected, check_exact=True)
+    plain = tables.aggregate(long)
+    assert "epochs" not in plain and plain.attrs["settings"] == []
+    assert list(plain.columns) == [c for c in expected.columns if c != "epochs"]
+    with pytest.raises(ValueError, match="no settings for config .*pass privbench.store.rows.train_settings"):
+        tables.aggregate(long, {})
+
+
+def test_unreadable_config_is_a_one_line_error(tmp_path):
+    run = write_run(tmp_path, attacks={"decoder": attack_values(0.5)})
+    long = rows.collect([tmp_path])
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable run files") as info:
+        rows.train_settings(long)
+    assert "\n" not in str(info.value) and run.name in str(info.value)
 
 
 def test_cli_table(three_seeds, capsys, tmp_path_factory):
@@ -204,6 +239,6 @@ def test_aux_attacker_data_gets_its_own_columns_and_train_baseline(tmp_path):
     m["metrics"]["ssim"]["mean"] = 0.4
     m["baseline"]["ssim"]["mean"] = 0.05  # another mean image: not the one the table reports
     (aux / "metrics.json").write_text(json.dumps(m))
-    row = tables.results_table([run]).iloc[0]
+    row = api.results([run]).iloc[0]
     assert row["decoder_ssim_mean"] == 0.6 and row["decoder[aux]_ssim_mean"] == 0.4
     assert row["baseline_ssim_mean"] == 0.1

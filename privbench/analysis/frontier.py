@@ -76,7 +76,13 @@ def _plugin_knob(spec: str, options: str) -> str | None:
         return None
 
 
-def points(rows: pd.DataFrame, privacy_metric: str = "ssim", *, infos: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
+def points(
+    rows: pd.DataFrame,
+    privacy_metric: str = "ssim",
+    *,
+    infos: Mapping[str, dict[str, Any]],
+    per_image: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray] | None] | None = None,
+) -> pd.DataFrame:
     """One row per configuration (over seeds) that an attack scored with `privacy_metric`.
 
     Columns: dataset, model, preset, group, family, family_key, defense, bottleneck, noise,
@@ -86,7 +92,12 @@ def points(rows: pd.DataFrame, privacy_metric: str = "ssim", *, infos: Mapping[s
     CIs: Student t over seeds, or over test images with one seed (as in the tables). The
     undefended model is family 'undefended'. `cells` holds what `compare` resamples. `infos`
     maps each run path to what a row does not hold (options in force, the settings that may
-    differ inside a family, accuracy's sample size): privbench.store.rows.run_infos(rows)."""
+    differ inside a family, accuracy's sample size): privbench.store.rows.run_infos(rows).
+    `per_image` maps each attack folder, by the rows' (path, attack_dir), to its per-image
+    (image indices, values) of `privacy_metric`: privbench.store.rows.per_image(rows,
+    privacy_metric); `compare` resamples test images with them. Without it every run is
+    represented by its run means, resampled over seeds only, as a run without per-image values
+    is (`compare` notes it). Nothing here reads a file."""
     if privacy_metric not in METRICS:
         raise UserError(f"unknown privacy metric {privacy_metric!r} (known: {', '.join(METRICS)})")
     sign = leak_sign(privacy_metric)
@@ -123,11 +134,11 @@ def points(rows: pd.DataFrame, privacy_metric: str = "ssim", *, infos: Mapping[s
         accs = [float(acc_value.get(p, math.nan)) for p in runs]
         info = infos[runs[0]]
         n_img = [_num(x[2]) for x in wv.values() if not math.isnan(_num(x[2]))]
-        run_cells = tuple(
-            fs.Cell(p, int(seeds.get(p, -1)), a, infos[p]["acc_n"],
-                 tuple((at, str(v[p][3]), float(v[p][0])) for at, v in by_attack.items() if p in v))
-            for p, a in zip(runs, accs)
-        )  # fmt: skip
+        run_cells = []
+        for p, a in zip(runs, accs):
+            have = tuple((at, str(v[p][3]), float(v[p][0])) for at, v in by_attack.items() if p in v)
+            images = None if per_image is None else tuple(per_image.get((p, d)) for _, d, _ in have)
+            run_cells.append(fs.Cell(p, int(seeds.get(p, -1)), a, infos[p]["acc_n"], have, images))
         recs.append({
             **{k: getattr(f, k) for k in GROUP}, "group": group_name(*(getattr(f, k) for k in GROUP)),
             "defense": f.defense, "spec": info["spec"], "settings": info["settings"], "opts": info["options"],
@@ -138,7 +149,7 @@ def points(rows: pd.DataFrame, privacy_metric: str = "ssim", *, infos: Mapping[s
             "privacy_mean": means[worst], "privacy_ci95": ci, "privacy_attack": worst,
             "baseline_mean": stats.mean(base.get(p, math.nan) for p in runs), "num_classes": f.num_classes,
             "n_seeds": len(runs), "n_images": int(min(n_img)) if n_img else None,
-            "metric": privacy_metric, "cells": run_cells,
+            "metric": privacy_metric, "cells": tuple(run_cells),
         })  # fmt: skip
     out = pd.DataFrame(recs)
     out = pd.concat([_families(grp) for _, grp in out.groupby("group", sort=False)], ignore_index=True)

@@ -9,7 +9,7 @@ missing point. docs/frontier.md defines every quantity.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,56 +36,36 @@ class Seed:
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of a configuration: what `compare` needs to resample it."""
+    """One run of a configuration: what `compare` needs to resample it. `per_image`: per entry of
+    `attacks`, its (image indices, values) (privbench.store.rows.per_image), None where the
+    folder has none; None for all when they were not read."""
 
     path: str
     seed: int
     acc: float
     acc_n: int  # test outcomes accuracy is drawn from: the test image count, else test_groups; 0 unknown
     attacks: tuple[tuple[str, str, float], ...]  # (attack, attack folder, run mean)
+    per_image: tuple[tuple[np.ndarray, np.ndarray] | None, ...] | None = field(default=None, compare=False)
 
 
 def load_seeds(cells: tuple[Cell, ...], metric: str, attacks: list[str], notes: list[str]) -> list[Seed]:
-    """Per run, the per-image values of every attack of the configuration (one row of run
-    means where a per_image.csv lacks the metric: that run is then resampled over seeds only)."""
+    """Per run, the per-image values of every attack of the configuration, as the cells carry them
+    (one row of run means where an attack has none: that run is then resampled over seeds only)."""
     out = []
     for cell in cells:
-        have = {a: (d, m) for a, d, m in cell.attacks}
-        reads = [read_per_image(Path(cell.path) / "attacks" / have[a][0] / "per_image.csv", metric)
-                 for a in attacks if a in have]  # fmt: skip
-        joint = joint_images(reads)
+        have = {a: m for a, _, m in cell.attacks}
+        got = {a: v for (a, _, _), v in zip(cell.attacks, cell.per_image or ())}
+        joint = joint_images([got.get(a) for a in attacks if a in have])
         if joint is None:
             notes.append(f"{Path(cell.path).name}: no per-image {metric} for every attack; its run means are "
                          "resampled over seeds only")  # fmt: skip
-            images, joint_values = None, np.array([[have[a][1] for a in attacks if a in have]], dtype=float)
+            images, joint_values = None, np.array([[have[a] for a in attacks if a in have]], dtype=float)
         else:
             images, joint_values = joint[0].tobytes(), joint[1]
         values = np.full((joint_values.shape[0], len(attacks)), np.nan)
         values[:, [i for i, a in enumerate(attacks) if a in have]] = joint_values
         out.append(Seed(values, cell.acc, cell.acc_n, images, cell.seed))
     return out
-
-
-def read_per_image(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(image indices, values) of `metric` in an attack's per_image.csv; None when the file or
-    the column is absent, the file is damaged, or no value is finite (LPIPS offline)."""
-    try:
-        lines = path.read_text().split()
-    except (OSError, UnicodeDecodeError):
-        return None
-    header = lines[0].split(",") if lines else []
-    if len(lines) < 2 or metric not in header or "index" not in header:
-        return None
-    width = len(header)
-    cells = ",".join(lines[1:]).split(",")  # the CSV holds numbers and empty cells only
-    if len(cells) != width * (len(lines) - 1):
-        return None
-    try:
-        idx = np.array(cells[header.index("index") :: width], dtype=np.int64)
-        values = np.array([c or "nan" for c in cells[header.index(metric) :: width]], dtype=Z)
-    except ValueError:
-        return None
-    return (idx, values) if np.isfinite(values).any() else None
 
 
 def joint_images(per_attack: list[tuple[np.ndarray, np.ndarray] | None]) -> tuple[np.ndarray, np.ndarray] | None:

@@ -1,8 +1,10 @@
-"""Privacy-utility tables, built from run folders alone.
+"""Privacy-utility tables, built from long-form rows; nothing here reads a file.
 
 `collect` (privbench.store.rows) reads each run into long-form rows, one number per row.
 `aggregate` pivots them into one row per defense configuration (defense + channel + options,
-over seeds) with raw numbers: mean and 95% CI half width in separate columns. `render`
+over seeds) with raw numbers: mean and 95% CI half width in separate columns; given the
+configurations' training fields (privbench.store.rows.train_settings), it adds a column for each
+field that differs between them. privbench.api.results does both steps for run folders. `render`
 (privbench.report.table_format) formats that frame as Markdown, CSV or LaTeX; only the rendering
 formats numbers, so the CSV stays raw.
 
@@ -18,8 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -32,21 +33,20 @@ from privbench.store.rows import (
     ID_COLUMNS,
     METRICS,
     NOT_A_SETTING,
-    collect,
     environment_differences,
-    expand_run_dirs,
     metric_of,
     natural_key,
 )  # fmt: skip
 from privbench.util import stats
-from privbench.util.storage import read_json
 
 
-def _settings_that_vary(long: pd.DataFrame, run_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Per config: the TrainConfig fields (beyond the id columns) that differ between configs."""
-    per_config: dict[str, dict[str, Any]] = {}
-    for config, run in long.groupby("config").run.first().items():
-        per_config[config] = read_json(run_dirs[run] / "config.json")["train"]
+def _settings_that_vary(long: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per config of `long`: its training fields (beyond the id columns) that differ between configs."""
+    configs = sorted(set(long.config))
+    missing = [c for c in configs if c not in settings]
+    if missing:
+        raise ValueError(f"no settings for config {missing[0]}: pass privbench.store.rows.train_settings(long)")
+    per_config = {c: settings[c] for c in configs}
     shown = set(ID_COLUMNS) | NOT_A_SETTING
     keys = sorted({k for d in per_config.values() for k in d} - shown)
     varying = [k for k in keys if len({json.dumps(d.get(k), sort_keys=True) for d in per_config.values()}) > 1]
@@ -77,7 +77,7 @@ def _worst(table: pd.DataFrame, attacks: list[str], metric: str) -> list[str]:
 
 
 def aggregate(
-    long: pd.DataFrame, run_dirs: Iterable[Path] | None = None, *, privacy_metric: str = "ssim"
+    long: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]] | None = None, *, privacy_metric: str = "ssim"
 ) -> pd.DataFrame:
     """One row per defense configuration, raw numbers: `<attack>_<metric>_mean` / `_ci95`.
 
@@ -85,6 +85,8 @@ def aggregate(
     worst_attack (by `privacy_metric`), per metric worst_<metric>_attack/_mean/_ci95, n_seeds,
     eval_images, attacker_data, near_chance, environments (what differs between the cells'
     environments, '' if nothing), notes (e.g. why LPIPS is missing) and the run folder names.
+    `settings` maps each config to its training fields (privbench.store.rows.train_settings(long));
+    with it, every field that differs between the configurations gets a column after the id columns.
     """
     check_privacy_metric(privacy_metric)
     if long.empty:
@@ -121,11 +123,11 @@ def aggregate(
     )
     info["eval_images"] = [_joined(attack_rows.eval_images[attack_rows.config == c]) for c in info.index]
     info["attacker_data"] = [_joined(attack_rows.attacker_data[attack_rows.config == c]) for c in info.index]
-    settings: list[str] = []
-    if run_dirs is not None:
-        extra = _settings_that_vary(long, {p.name: p for p in run_dirs})
-        settings = sorted({k for d in extra.values() for k in d})
-        for k in settings:
+    varying: list[str] = []
+    if settings is not None:
+        extra = _settings_that_vary(long, settings)
+        varying = sorted({k for d in extra.values() for k in d})
+        for k in varying:
             values = [extra[c][k] for c in info.index]
             info[k] = [json.dumps(v) if isinstance(v, list | dict) else v for v in values]
     table = info.join(wide)
@@ -154,7 +156,7 @@ def aggregate(
     table["environments"] = [envs.get(c, "") for c in table.index]
     table["bottleneck"] = table.bottleneck.astype("Int64")
     front = [
-        *ID_COLUMNS, *settings, "num_classes", "n_seeds", "seeds", "eval_images", "attacker_data",
+        *ID_COLUMNS, *varying, "num_classes", "n_seeds", "seeds", "eval_images", "attacker_data",
         "accuracy_mean", "accuracy_ci95",
         *[c for c in (f"{CLEAN_SEM_ACC}_mean", f"{CLEAN_SEM_ACC}_ci95") if c in table],
     ]  # fmt: skip
@@ -166,19 +168,9 @@ def aggregate(
     order = ["dataset", "model", "preset", "cut", "bottleneck", "noise", "_rank"]
     table = table.sort_values(order, na_position="first", kind="stable").drop(columns="_rank").reset_index()
     table.attrs["attacks"] = attacks
-    table.attrs["settings"] = settings
+    table.attrs["settings"] = varying
     table.attrs["privacy_metric"] = privacy_metric
     return table
-
-
-def results_table(
-    paths: Iterable[str | Path], *, attack_dirs: Iterable[str | Path] | None = None, privacy_metric: str = "ssim"
-) -> pd.DataFrame:
-    """`collect` + `aggregate`: the numeric privacy-utility table of the runs in `paths`."""
-    check_privacy_metric(privacy_metric)
-    run_dirs = expand_run_dirs(paths)
-    long = collect(run_dirs, attack_dirs=attack_dirs)
-    return aggregate(long, run_dirs, privacy_metric=privacy_metric)
 
 
 def chance_warnings(table: pd.DataFrame) -> list[str]:

@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import click
-import pandas as pd
 
 from privbench import api
-from privbench.analysis import precision, tables
+from privbench.analysis import tables
 from privbench.attack.harness import format_table
 from privbench.cli.help import GroupedCommand, examples
 from privbench.cli.outputs import plot_cmd, report_cmd, table_cmd
@@ -30,7 +28,6 @@ from privbench.plugin import options as options_mod
 from privbench.plugin import registry, strength
 from privbench.report import precision as precision_table
 from privbench.report.summary import summary_markdown
-from privbench.store import seeds as seed_store
 from privbench.util.progress import reset_warnings
 from privbench.util.storage import atomic_write_text
 
@@ -415,8 +412,8 @@ def run(
         click.echo(str(exc), err=True)
         sys.exit(1)
     click.echo("")
-    verdicts = result.out_dir / "verdicts.csv"
-    click.echo(summary_markdown(result.table, pd.read_csv(verdicts) if verdicts.is_file() else None), nl=False)
+    verdicts = None if result.comparison is None else result.comparison.families
+    click.echo(summary_markdown(result.table, verdicts), nl=False)
     click.echo(f"(every attack and metric: {result.out_dir / 'table.md'})")
     for line in tables.chance_warnings(result.table):
         click.echo(line, err=True)
@@ -537,31 +534,9 @@ def precision_cmd(results_dir, seeds, defenses, noises, attacks, settings, summa
         if json_out:
             atomic_write_text(json_out, json.dumps(split, indent=2) + "\n")
         return
-    sizes = precision.parse_resolve(list(resolve))
-    folder = Path(results_dir)
-    if not summarize:
-        if seeds < 2:
-            raise UserError(f"invalid --seeds {seeds}: a spread needs at least 2 seeds")
-        train = {}
-        for pair in settings:
-            key, eq, value = pair.partition("=")
-            if not eq or not key:
-                raise UserError(f"invalid --set {pair!r}: expected key=value")
-            train[key] = options_mod.parse_value(value)
-        grid = {"defense": list(defenses)} if defenses else {}
-        grid |= {"noise": list(noises)} if noises else {}
-        # The default grid's first attack, the decoder: learned, so its own training spread is measured too.
-        api.run(seeds=seeds, attack=list(attacks) or list(api.DEFAULT_ATTACKS[:1]), results_dir=str(folder),
-                train=train, log=click.echo, **grid)  # fmt: skip
-    if not folder.is_dir():
-        raise UserError(f"results folder {folder} does not exist")
-    cells = seed_store.collect_seeds(folder)
-    rows = precision.summarize(cells, sizes)
-    pairs = precision.paired(cells, paired_with, sizes) if paired_with else []
-    if not rows:
-        raise UserError(f"no finished run folders under {folder}")
-    if all(r["n"] < 2 for r in rows):
-        raise UserError(f"every configuration under {folder} has one seed: no spread to report")
+    found = api.precision(results_dir, seeds=seeds, defense=defenses, noise=noises, attack=attacks, train=settings,
+                          summarize=summarize, resolve=resolve, paired_with=paired_with, log=click.echo)  # fmt: skip
+    rows, pairs = found["rows"], found["pairs"]
     click.echo(precision_table.render(rows))
     if pairs:
         click.echo(f"\nPaired with {paired_with} over common seeds (mean and sd of the differences; paired MDD):\n")

@@ -46,35 +46,41 @@ def save(path: Path, key: str, epoch: int, history: list[dict[str, float]], seco
     atomic_write_bytes(path, buf.getvalue())
 
 
-def restore(path: Path | None, key: str, s: LoopState, log: Callable[[str], None]) -> tuple[int, list, float]:
-    """Load a checkpoint of configuration `key` into `s`. Returns (epochs done, history, seconds);
-    (0, [], 0.0) when there is none or it cannot be used, leaving `s` untouched."""
+def read(path: Path | None, key: str, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The checkpoint of configuration `key` at `path`; None (with a message where a file was
+    there) when there is none or it is damaged or foreign."""
     if path is None or not path.is_file():
-        return 0, [], 0.0
+        return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict) or blob.get("key") != key:
             raise ValueError("it belongs to another configuration")
-        snapshot = {k: v.clone() for k, v in s.model.state_dict().items()}
-        try:
-            s.model.load_state_dict(blob["model"])
-            s.optimizer.load_state_dict(blob["optimizer"])
-            s.defense.load_state_dict(blob["defense"])
-        except Exception:
-            s.model.load_state_dict(snapshot)  # leave a fresh start clean
-            raise
-        if s.average is not None and blob["average"] is not None:
-            for a, b in zip(s.average.avg, blob["average"]["avg"]):
-                a.copy_(b)
-            s.average.steps = blob["average"]["steps"]
-        torch.set_rng_state(blob["rng"])
-        s.generator.set_state(blob["generator"])
-        if blob["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        return blob
     except Exception as exc:  # a damaged or foreign file only costs the epochs it held
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        log(f"ignoring the epoch checkpoint {path.name} ({first}); training from epoch 1")
-        return 0, [], 0.0
+        ignoring(path, exc, log)
+        return None
+
+
+def ignoring(path: Path, exc: BaseException, log: Callable[[str], None]) -> None:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    log(f"ignoring the epoch checkpoint {path.name} ({first}); training from epoch 1")
+
+
+def restore(path: Path, blob: dict[str, Any], s: LoopState, log: Callable[[str], None]) -> tuple[int, list, float]:
+    """Load the loop's state from `blob` into `s` (the defense's state is loaded before its
+    `setup`: a defense may build modules from it and register their parameters with the
+    optimizer, whose state needs them). Returns (epochs done, history, seconds); raises where
+    the blob does not fit, and the caller then trains from scratch."""
+    s.model.load_state_dict(blob["model"])
+    s.optimizer.load_state_dict(blob["optimizer"])
+    if s.average is not None and blob["average"] is not None:
+        for a, b in zip(s.average.avg, blob["average"]["avg"]):
+            a.copy_(b)
+        s.average.steps = blob["average"]["steps"]
+    torch.set_rng_state(blob["rng"])
+    s.generator.set_state(blob["generator"])
+    if blob["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
     epoch = int(blob["epoch"])
     log(f"resuming from the epoch checkpoint {path.name} after epoch {epoch}")
     return epoch, list(blob["history"]), float(blob["seconds"])

@@ -244,12 +244,21 @@ def train(
     data: Dataset | None = None,
     log: Callable[[str], None] = print,
     checkpoint: Path | None = None,
+    resume_from_checkpoint: bool = True,
 ) -> TrainResult:
     """Train the split model of `cfg` under its defense and report test accuracy.
 
     With `checkpoint`, the state after every epoch is written there and a run interrupted
-    before (same configuration) resumes from it (privbench.engine.resume).
+    before (same configuration) resumes from it (privbench.engine.resume); a checkpoint that does
+    not fit is ignored, and training starts again from scratch.
     """
+    blob = resume.read(checkpoint, cfg.hash(), log) if resume_from_checkpoint else None
+
+    def from_scratch(exc: BaseException) -> TrainResult:  # state may be half loaded: build everything anew
+        assert checkpoint is not None
+        resume.ignoring(checkpoint, exc, log)
+        return train(cfg, data=data, log=log, checkpoint=checkpoint, resume_from_checkpoint=False)
+
     device = pick_device(cfg.device)
     defense = stack.create(cfg.defense, cfg.defense_options)
     seed_everything(cfg.seed)
@@ -280,6 +289,11 @@ def train(
         batch_size=cfg.batch_size, steps_per_epoch=steps, seed=cfg.seed,
         add_parameters=add_parameters, log=log, client=model.client_view(),
     )  # fmt: skip
+    if blob is not None:  # before setup: a defense may build modules from its state and register them
+        try:
+            defense.load_state_dict(blob["defense"])
+        except Exception as exc:
+            return from_scratch(exc)
     defense.setup(ctx)
     dev_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     encoder = compiled(model.encoder, cfg.compile_mode)
@@ -292,7 +306,12 @@ def train(
     defense_params = [p for group in opt.param_groups[2:] for p in group["params"]]  # added by the defense
     average = WeightAverage(model, cfg.ema, defense_params) if cfg.ema > 0 else None
     loop = resume.LoopState(model, opt, defense, dev_gen, average)
-    start, history, done_seconds = resume.restore(checkpoint, cfg.hash(), loop, log)
+    start, history, done_seconds = 0, [], 0.0
+    if blob is not None:
+        try:
+            start, history, done_seconds = resume.restore(checkpoint, blob, loop, log)
+        except Exception as exc:
+            return from_scratch(exc)
     t0 = time.perf_counter() - done_seconds
     for epoch in range(start, cfg.epochs):
         lr = lr_at(cfg, epoch, 0, steps)  # the epoch's first step, as logged

@@ -4,7 +4,8 @@ For each attack it writes RUN/attacks/<attack>-<hash12>/ with metrics.json, per_
 grid.png (see the result format in docs/plugins.md). The hash covers the attack name, its
 resolved options, the attacker data choice, the number of evaluation images and the seed, so
 a finished folder is reused instead of recomputed. The harness that fits and scores an attack
-is privbench.attack.harness; this module adds the folders.
+is privbench.attack.harness; this module adds the folders and reads their per-image values
+back (`read_per_image`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from privbench.attack import saturation
@@ -62,6 +64,28 @@ def _per_image_csv(per_image: dict[str, list[float] | None]) -> str:
     for i, (s, p, m) in enumerate(zip(per_image["ssim"], per_image["psnr"], per_image["mse"])):
         writer.writerow([i, repr(s), repr(p), repr(m), "" if lp is None else repr(lp[i])])
     return buf.getvalue()
+
+
+def read_per_image(path: Path, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(image indices, values) of `metric` in an attack's per_image.csv; None when the file or
+    the column is absent, the file is damaged, or no value is finite (LPIPS offline)."""
+    try:
+        lines = path.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    header = lines[0].split(",") if lines else []
+    if len(lines) < 2 or metric not in header or "index" not in header:
+        return None
+    width = len(header)
+    cells = ",".join(lines[1:]).split(",")  # the CSV holds numbers and empty cells only
+    if len(cells) != width * (len(lines) - 1):
+        return None
+    try:
+        idx = np.array(cells[header.index("index") :: width], dtype=np.int64)
+        values = np.array([c or "nan" for c in cells[header.index(metric) :: width]], dtype=np.float64)
+    except ValueError:
+        return None
+    return (idx, values) if np.isfinite(values).any() else None
 
 
 def attack_run(

@@ -3,7 +3,9 @@
 `collect` reads config.json, metrics.json, provenance.json and attacks/*/metrics.json of each
 run into rows (run, defense, channel, seed, attack, metric, value, ...). Each row also carries
 the environment of its cell (torch version, device, threads, determinism), so a table can say
-when the seeds of one configuration were computed on different machines.
+when the seeds of one configuration were computed on different machines. What the analysis needs
+besides the rows is read here too: `run_infos` (run facts) and `per_image` (per-image values of
+the attack folders) for frontiers, `train_settings` (training fields) for tables.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from privbench.engine.config import TrainConfig, config_hash
 from privbench.errors import UserError
 from privbench.plugin.stack import label as stack_label
+from privbench.store.attacks import read_per_image
 from privbench.util.storage import read_json
 
 # Table order; higher ssim/psnr/sem_acc = better reconstruction. sem_acc: the fraction of
@@ -321,3 +325,30 @@ def run_infos(long: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """`run_info` of every run folder in long-form rows: what privbench.analysis.frontier.points
     needs besides the rows."""
     return {p: run_info(p) for p in dict.fromkeys(long.path)}
+
+
+def per_image(long: pd.DataFrame, metric: str) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray] | None]:
+    """Per attack folder of long-form rows that reports `metric`, keyed by the rows' (path,
+    attack_dir): the (image indices, values) of its per_image.csv, None where that file gives none
+    (`read_per_image`). What privbench.analysis.frontier.points(..., per_image=) resamples test
+    images with; read for the same metric as the points."""
+    scored = long[(long.metric == metric) & long.attack_dir.notna() & (long.attack_dir != "")]
+    folders = dict.fromkeys(zip(scored.path.astype(str), scored.attack_dir.astype(str)))
+    return {(p, d): read_per_image(Path(p) / "attacks" / d / "per_image.csv", metric) for p, d in folders}
+
+
+# ------------------------------------------------------------------------------ run facts for tables
+
+
+def train_settings(long: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per configuration of long-form rows: the training fields of its first run's config.json
+    (`train`), from which privbench.analysis.tables.aggregate(..., settings=) shows those that
+    differ between configurations. An unreadable file is a one-line UserError."""
+    out: dict[str, dict[str, Any]] = {}
+    for config, path in long.groupby("config").path.first().items():
+        run = Path(path)
+        try:
+            out[config] = dict(read_json(run / "config.json")["train"])
+        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+            raise UserError(f"{run}: unreadable run files ({type(exc).__name__}: {exc})") from None
+    return out
