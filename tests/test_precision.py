@@ -281,6 +281,22 @@ def test_precision_api_returns_the_rows_the_command_prints(tmp_path, capsys):
     assert code == 0 and "| none@C8+0.025 | accuracy | 3 | 82.00 | 2.00 |" in out
 
 
+def interrupted(cfg, tmp_path, *, after_epoch: int):
+    """(the run trained whole in tmp_path/a, the epoch checkpoint left in tmp_path/b by a training
+    stopped after `after_epoch` epochs)."""
+    from privbench.store.runs import run_name, train_run
+
+    whole, _ = train_run(cfg, tmp_path / "a", log=lambda m: None)
+
+    def interrupt(msg: str) -> None:
+        if msg.startswith(f"epoch={after_epoch} "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "b", log=interrupt)
+    return whole, tmp_path / "b" / f".{run_name(cfg)}.epoch.pt"
+
+
 @pytest.mark.parametrize(
     "defense,options",
     # slot-cem with warmup 1 builds its module in epoch 2: the checkpoint holds it, and the
@@ -292,15 +308,7 @@ def test_interrupted_training_resumes_to_the_same_numbers(tmp_path, defense, opt
 
     cfg = tiny_config(epochs=3, ema=0.9, warmup_epochs=0.5, defense=defense, bottleneck=4, noise=0.05,
                       defense_options=options)  # fmt: skip
-    whole, _ = train_run(cfg, tmp_path / "a", log=lambda m: None)
-
-    def interrupt_after_epoch_2(msg: str) -> None:
-        if msg.startswith("epoch=2 "):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, tmp_path / "b", log=interrupt_after_epoch_2)
-    checkpoint = tmp_path / "b" / f".{run_name(cfg)}.epoch.pt"
+    whole, checkpoint = interrupted(cfg, tmp_path, after_epoch=2)
     assert checkpoint.is_file() and not (tmp_path / "b" / run_name(cfg)).exists()
     lines: list[str] = []
     resumed, built = train_run(cfg, tmp_path / "b", log=lines.append)
@@ -327,18 +335,10 @@ def test_a_damaged_epoch_checkpoint_is_ignored(tmp_path):
 def test_a_checkpoint_whose_state_does_not_fit_trains_from_scratch_to_the_same_numbers(tmp_path):
     """A checkpoint of this configuration whose defense state fits but whose model state does not
     (loaded halfway, then refused): the run starts again from scratch, with nothing carried over."""
-    from privbench.store.runs import run_name, train_run
+    from privbench.store.runs import train_run
 
     cfg = tiny_config(epochs=2, defense="slot-cem", defense_options={"warmup": 0}, bottleneck=4, noise=0.05)
-    whole, _ = train_run(cfg, tmp_path / "a", log=lambda m: None)
-
-    def interrupt_after_epoch_1(msg: str) -> None:
-        if msg.startswith("epoch=1 "):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, tmp_path / "b", log=interrupt_after_epoch_1)
-    checkpoint = tmp_path / "b" / f".{run_name(cfg)}.epoch.pt"
+    whole, checkpoint = interrupted(cfg, tmp_path, after_epoch=1)
     blob = torch.load(checkpoint, weights_only=True)
     blob["model"] = {k: v[..., :1] if v.ndim else v for k, v in blob["model"].items()}  # wrong shapes
     torch.save(blob, checkpoint)
