@@ -69,11 +69,17 @@ class DecoderAttack(Attack):
         for k in range(self.ensemble):  # each member draws its own initialisation and batch order
             net = InverseNet(target.z_shape(), target.image_shape, channels=self.channels, blocks=self.blocks)
             self.history += train_inverse(
-                net.to(target.device), images, target.query, epochs=self.epochs, batch_size=self.batch_size,
-                lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay,
+                net.to(target.device),
+                images,
+                target.query,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                lr=self.lr,
+                min_lr=self.min_lr,
+                weight_decay=self.weight_decay,
                 desc="decoder" if self.ensemble == 1 else f"decoder {k + 1}/{self.ensemble}",
                 show=getattr(self, "progress", True),
-            )  # fmt: skip
+            )
             self.nets.append(net)
 
     @torch.no_grad()

@@ -74,17 +74,29 @@ class VAE(nn.Module):
         self.base = (max(1, h // 8), max(1, w // 8))
         flat = 4 * width * self.base[0] * self.base[1]
         self.enc = nn.Sequential(
-            nn.Conv2d(c, width, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.BatchNorm2d(4 * width), nn.LeakyReLU(0.2),
-            nn.AdaptiveAvgPool2d(self.base), nn.Flatten(), nn.Linear(flat, 2 * latent),
-        )  # fmt: skip
+            nn.Conv2d(c, width, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, 2, 1),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 4 * width, 4, 2, 1),
+            nn.BatchNorm2d(4 * width),
+            nn.LeakyReLU(0.2),
+            nn.AdaptiveAvgPool2d(self.base),
+            nn.Flatten(),
+            nn.Linear(flat, 2 * latent),
+        )
         self.fc = nn.Linear(latent, flat)
         self.up = nn.Sequential(
-            nn.BatchNorm2d(4 * width), nn.ReLU(),
-            nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
-        )  # fmt: skip
+            nn.BatchNorm2d(4 * width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
         self.last = nn.ConvTranspose2d(width, c, 4, 2, 1)  # the block `tune_last` adapts per batch
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,10 +154,18 @@ class GanPriorAttack(Attack):
     def cache_key(self, images: torch.Tensor) -> dict:
         digest = hashlib.sha256(images.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
         return {
-            "version": CACHE_VERSION, "images": digest, "n": len(images), "shape": list(images.shape[1:]),
-            "seed": torch.initial_seed(), "latent": self.latent, "width": self.width, "epochs": self.epochs,
-            "gen_batch_size": self.gen_batch_size, "gen_lr": self.gen_lr, "beta": self.beta,
-        }  # fmt: skip
+            "version": CACHE_VERSION,
+            "images": digest,
+            "n": len(images),
+            "shape": list(images.shape[1:]),
+            "seed": torch.initial_seed(),
+            "latent": self.latent,
+            "width": self.width,
+            "epochs": self.epochs,
+            "gen_batch_size": self.gen_batch_size,
+            "gen_lr": self.gen_lr,
+            "beta": self.beta,
+        }
 
     def fit(self, target: Target, images: torch.Tensor) -> None:
         self.target = target

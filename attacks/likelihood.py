@@ -105,10 +105,21 @@ class LikelihoodAttack(Attack):
         self.info |= {"reduces_to": "rMLE"} if sigma == 0 else {"objective": "MAP under Gaussian channel noise"}
         if self.init == "decoder":
             # The decoder attack's network and reference training (Adam 1e-3, weight decay 1e-4, batch 256).
-            net = InverseNet(target.z_shape(), target.image_shape, channels=self.decoder_channels,
-                             blocks=self.decoder_blocks).to(target.device)  # fmt: skip
-            train_inverse(net, images, target.query, epochs=self.epochs, batch_size=256, lr=1e-3, min_lr=1e-5,
-                          weight_decay=1e-4, desc="decoder", show=getattr(self, "progress", True))  # fmt: skip
+            net = InverseNet(
+                target.z_shape(), target.image_shape, channels=self.decoder_channels, blocks=self.decoder_blocks
+            ).to(target.device)
+            train_inverse(
+                net,
+                images,
+                target.query,
+                epochs=self.epochs,
+                batch_size=256,
+                lr=1e-3,
+                min_lr=1e-5,
+                weight_decay=1e-4,
+                desc="decoder",
+                show=getattr(self, "progress", True),
+            )
             self.decoder = net
 
     def _sigma(self) -> float:

@@ -146,17 +146,29 @@ class ShadowAttack(Attack):
         self._train_inverse(images, show)
         objective = "cross-entropy on attacker labels" if labels is not None else "information maximisation"
         accuracy = self.history["accuracy"][-1] if self.history["accuracy"] else None
-        self.info = {"query_free": True, "threat_model": THREAT_MODEL, "shadow_objective": objective,
-                     "shadow_server_accuracy": accuracy, "bn_weight": self.bn_weight,
-                     "bn_layers_matched": self._bn_layers}  # fmt: skip
+        self.info = {
+            "query_free": True,
+            "threat_model": THREAT_MODEL,
+            "shadow_objective": objective,
+            "shadow_server_accuracy": accuracy,
+            "bn_weight": self.bn_weight,
+            "bn_layers_matched": self._bn_layers,
+        }
 
     def _train_shadow(self, images: torch.Tensor, labels: torch.Tensor | None, show: bool) -> None:
         server, shadow = self.target.server, self.shadow.train()
         opt = torch.optim.Adam(shadow.parameters(), lr=self.shadow_lr)
         epochs = self.shadow_epochs or self.epochs
         gaps: list[torch.Tensor] = []
-        norms = [m for m in server.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 and m.running_mean is not None] if self.bn_weight > 0 else []  # fmt: skip
+        norms = (
+            [
+                m
+                for m in server.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+            ]
+            if self.bn_weight > 0
+            else []
+        )
         hooks = [m.register_forward_hook(_stat_gap(gaps)) for m in norms]
         self._bn_layers = len(hooks)
         bar = progress_bar(range(epochs), desc="shadow encoder", show=show)
@@ -196,10 +208,17 @@ class ShadowAttack(Attack):
 
     def _train_inverse(self, images: torch.Tensor, show: bool) -> None:
         self.history["inverse"] += train_inverse(
-            self.net.to(images.device), images, torch.no_grad()(self._sent), epochs=self.epochs,
+            self.net.to(images.device),
+            images,
+            torch.no_grad()(self._sent),
+            epochs=self.epochs,
             batch_size=self.decoder_batch_size,
-            lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay, desc="shadow inverse", show=show,
-        )  # fmt: skip
+            lr=self.lr,
+            min_lr=self.min_lr,
+            weight_decay=self.weight_decay,
+            desc="shadow inverse",
+            show=show,
+        )
 
     @torch.no_grad()
     def reconstruct(self, z: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,13 @@ def parse_pair(text: str) -> tuple[int, float]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pair", action="append", type=parse_pair, metavar="BATCH:LR",
-                   help="default: 128:0.05 (the paper) and 512:0.2 (linear scaling)")  # fmt: skip
+    p.add_argument(
+        "--pair",
+        action="append",
+        type=parse_pair,
+        metavar="BATCH:LR",
+        help="default: 128:0.05 (the paper) and 512:0.2 (linear scaling)",
+    )
     p.add_argument("--defense", action="append", help="default: none")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
@@ -57,17 +62,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for batch, lr in pairs:
                 cfg = TrainConfig.from_preset(
-                    "paper", defense=defense, width=args.width, epochs=args.epochs,
-                    milestones=milestones(args.epochs), batch_size=batch, lr=lr, cut=4, bottleneck=8,
-                    noise=0.025, n_train=args.n_train, seed=seed, device=args.device,
-                    compile=args.compile or False, progress=False,
-                )  # fmt: skip
+                    "paper",
+                    defense=defense,
+                    width=args.width,
+                    epochs=args.epochs,
+                    milestones=milestones(args.epochs),
+                    batch_size=batch,
+                    lr=lr,
+                    cut=4,
+                    bottleneck=8,
+                    noise=0.025,
+                    n_train=args.n_train,
+                    seed=seed,
+                    device=args.device,
+                    compile=args.compile or False,
+                    progress=False,
+                )
                 result = train(cfg, log=lambda m: None)
-                rows.append({"defense": defense, "batch_size": batch, "lr": lr, "seed": seed,
-                             "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
-                             "epochs": args.epochs, "width": args.width, "n_train": args.n_train})  # fmt: skip
-                print(f"{defense} batch {batch} lr {lr} seed {seed}: acc {result.test_accuracy:.4f} "
-                      f"({result.seconds:.0f} s)", flush=True)  # fmt: skip
+                rows.append(
+                    {
+                        "defense": defense,
+                        "batch_size": batch,
+                        "lr": lr,
+                        "seed": seed,
+                        "test_accuracy": result.test_accuracy,
+                        "train_seconds": result.seconds,
+                        "epochs": args.epochs,
+                        "width": args.width,
+                        "n_train": args.n_train,
+                    }
+                )
+                print(
+                    f"{defense} batch {batch} lr {lr} seed {seed}: acc {result.test_accuracy:.4f} "
+                    f"({result.seconds:.0f} s)",
+                    flush=True,
+                )
                 out.write_text(json.dumps(rows, indent=2))
     print("\n| defense | batch | lr | test accuracy % (mean ± 95% CI over seeds) | vs first pair | train s |")
     print("|---|---|---|---|---|---|")

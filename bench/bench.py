@@ -64,9 +64,13 @@ class Lever:
 
 # --levers: each lever on and off, ending at the fastest expected setting.
 CUDA_LEVERS = [
-    Lever(False, False, None), Lever(True, False, None), Lever(False, True, None), Lever(True, True, None),
-    Lever(True, True, "default"), Lever(True, True, "reduce-overhead"),
-]  # fmt: skip
+    Lever(False, False, None),
+    Lever(True, False, None),
+    Lever(False, True, None),
+    Lever(True, True, None),
+    Lever(True, True, "default"),
+    Lever(True, True, "reduce-overhead"),
+]
 CPU_LEVERS = [Lever(False, False, None), Lever(False, False, "default")]
 
 # The paper's protocol: 240 training epochs and a 50-epoch decoder on 50,000 CIFAR-sized images.
@@ -78,11 +82,22 @@ def bench_training(args, defense: str, data, lever: Lever) -> dict:
     takes_warmup = "+" not in defense and "warmup" in registry.option_defaults(registry.get("defense", defense))
     options = {"warmup": 1} if takes_warmup else {}
     cfg = TrainConfig.from_preset(
-        "quick", defense=defense, defense_options=options, epochs=args.epochs, width=args.width,
-        batch_size=args.batch_size, cut=4, bottleneck=8, noise=0.025, n_train=args.n_train,
-        device=args.device, amp=lever.amp, channels_last=lever.channels_last, compile=lever.compile or False,
+        "quick",
+        defense=defense,
+        defense_options=options,
+        epochs=args.epochs,
+        width=args.width,
+        batch_size=args.batch_size,
+        cut=4,
+        bottleneck=8,
+        noise=0.025,
+        n_train=args.n_train,
+        device=args.device,
+        amp=lever.amp,
+        channels_last=lever.channels_last,
+        compile=lever.compile or False,
         progress=False,
-    )  # fmt: skip
+    )
     if args.device != "cpu" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = train(cfg, data=data, log=lambda m: None)
@@ -94,11 +109,16 @@ def bench_training(args, defense: str, data, lever: Lever) -> dict:
     timed = [h["epoch_seconds"] for h in result.history[skip:]]
     sec = statistics.mean(timed)
     return {
-        "what": f"train {defense} [{lever.label}]", "defense": defense, "lever": lever.label, "epoch_seconds": sec,
+        "what": f"train {defense} [{lever.label}]",
+        "defense": defense,
+        "lever": lever.label,
+        "epoch_seconds": sec,
         "epoch_seconds_all": [h["epoch_seconds"] for h in result.history],
-        "images_per_s": len(data.train) / sec, "test_accuracy": result.test_accuracy,
-        "peak_memory_mb": peak_memory_mb(pick_device(args.device)), "model": result.model,
-    }  # fmt: skip
+        "images_per_s": len(data.train) / sec,
+        "test_accuracy": result.test_accuracy,
+        "peak_memory_mb": peak_memory_mb(pick_device(args.device)),
+        "model": result.model,
+    }
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -129,9 +149,13 @@ def bench_reference_style(args, data) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
-        PILDataset(data.train.images, data.train.labels), batch_size=128, shuffle=True,
-        num_workers=workers, pin_memory=device.type == "cuda", drop_last=False,
-    )  # fmt: skip
+        PILDataset(data.train.images, data.train.labels),
+        batch_size=128,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
     times = []
     for _ in range(args.epochs):
         sync(device)
@@ -145,15 +169,24 @@ def bench_reference_style(args, data) -> dict:
         sync(device)
         times.append(time.perf_counter() - t)
     sec = statistics.mean(times[1:] or times)
-    return {"what": f"reference-style train none ({workers} workers, fp32, batch 128)", "epoch_seconds": sec,
-            "epoch_seconds_all": times, "images_per_s": len(data.train) / sec}  # fmt: skip
+    return {
+        "what": f"reference-style train none ({workers} workers, fp32, batch 128)",
+        "epoch_seconds": sec,
+        "epoch_seconds_all": times,
+        "images_per_s": len(data.train) / sec,
+    }
 
 
 def bench_attacks(args, data, model) -> list[dict]:
     device = pick_device(args.device)
     shape = data.image_shape
-    target = Target(model.encoder.eval().requires_grad_(False), 0.025, shape, device,
-                    server=model.server.eval().requires_grad_(False))  # fmt: skip
+    target = Target(
+        model.encoder.eval().requires_grad_(False),
+        0.025,
+        shape,
+        device,
+        server=model.server.eval().requires_grad_(False),
+    )
     images = to_float(data.train.images[: args.attack_images])
     rows = []
     if "decoder" in registry.names("attack"):
@@ -178,8 +211,9 @@ def bench_attacks(args, data, model) -> list[dict]:
         attack.reconstruct(z)
         sync(device)
         sec = time.perf_counter() - t
-        rows.append({"what": f"optimization attack ({steps} steps, 256 images)", "seconds": sec,
-                     "images_per_s": 256 / sec})  # fmt: skip
+        rows.append(
+            {"what": f"optimization attack ({steps} steps, 256 images)", "seconds": sec, "images_per_s": 256 / sec}
+        )
     rows += bench_attack_pack(args, data, target, images)
     return rows
 
@@ -217,8 +251,13 @@ def bench_attack_pack(args, data, target: Target, images: torch.Tensor) -> list[
         sync(target.device)
         rec = time.perf_counter() - t
         epochs = budget.get("epochs")
-        rows.append({"what": f"{name} fit ({', '.join(f'{k} {v}' for k, v in budget.items())})", "seconds": fit,
-                     "images_per_s": (epochs or 1) * len(images) / fit})  # fmt: skip
+        rows.append(
+            {
+                "what": f"{name} fit ({', '.join(f'{k} {v}' for k, v in budget.items())})",
+                "seconds": fit,
+                "images_per_s": (epochs or 1) * len(images) / fit,
+            }
+        )
         rows.append({"what": f"{name} reconstruction (64 images)", "seconds": rec, "images_per_s": 64 / rec})
     return rows
 
@@ -276,8 +315,14 @@ def project_paper_protocol(args, train_rows: list[dict], rows: list[dict]) -> li
     out = []
     for r in train_rows:
         train_minutes = PAPER_EPOCHS * PAPER_IMAGES / r["images_per_s"] / 60
-        out.append({"what": r["what"], "train_minutes": train_minutes, "decoder_minutes": decoder_minutes,
-                    "minutes": train_minutes + decoder_minutes})  # fmt: skip
+        out.append(
+            {
+                "what": r["what"],
+                "train_minutes": train_minutes,
+                "decoder_minutes": decoder_minutes,
+                "minutes": train_minutes + decoder_minutes,
+            }
+        )
     return out
 
 
@@ -301,8 +346,11 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="MODE",
         help="torch.compile the model halves; MODE: default, reduce-overhead (CUDA graphs), ...",
     )
-    p.add_argument("--levers", action="store_true",
-                   help="train under each lever setting (bf16, channels-last, compile, on and off)")  # fmt: skip
+    p.add_argument(
+        "--levers",
+        action="store_true",
+        help="train under each lever setting (bf16, channels-last, compile, on and off)",
+    )
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--attack-images", type=int, default=5000)
     p.add_argument("--metric-images", type=int, default=10000)
@@ -344,13 +392,19 @@ def main(argv: list[str] | None = None) -> dict:
     rows += bench_metrics(args, data)
     projections = project_paper_protocol(args, train_rows, rows)
     report = {
-        "date": time.strftime("%Y-%m-%d"), "device": str(device), "device_name": device_name(device),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         # PASSIVE makes idle OpenMP threads sleep: fairer on a shared box, slower for many small ops.
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "torch": torch.__version__,
-        "args": vars(args), "rows": rows,
-        "peak_memory_mb": peak_memory_mb(device), "paper_protocol_projection": projections,
-    }  # fmt: skip
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "torch": torch.__version__,
+        "args": vars(args),
+        "rows": rows,
+        "peak_memory_mb": peak_memory_mb(device),
+        "paper_protocol_projection": projections,
+    }
     for row in rows:
         extra = "".join(
             f"  {k}={v:.3g}" for k, v in row.items() if k in ("ratio_to_none", "privbench_speedup", "test_accuracy")
@@ -359,11 +413,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['what']:<62} {f'{ips:10.0f} img/s' if ips else '':>16}{extra}")
     print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
     if projections:
-        print(f"\nprojected paper protocol ({PAPER_EPOCHS} epochs x {PAPER_IMAGES:,} images + "
-              f"{PAPER_DECODER_EPOCHS}-epoch decoder), width {args.width:g}, batch {args.batch_size}:")  # fmt: skip
+        print(
+            f"\nprojected paper protocol ({PAPER_EPOCHS} epochs x {PAPER_IMAGES:,} images + "
+            f"{PAPER_DECODER_EPOCHS}-epoch decoder), width {args.width:g}, batch {args.batch_size}:"
+        )
         for p in projections:
-            print(f"  {p['what']:<60} {p['minutes']:8.1f} min  (train {p['train_minutes']:.1f} + decoder "
-                  f"{p['decoder_minutes']:.1f})")  # fmt: skip
+            print(
+                f"  {p['what']:<60} {p['minutes']:8.1f} min  (train {p['train_minutes']:.1f} + decoder "
+                f"{p['decoder_minutes']:.1f})"
+            )
     out = Path(args.out) if args.out else OUT / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -33,8 +33,10 @@ def run_row(run: Run) -> dict:
         data = load_data(cfg, torch.device("cpu"))
         m |= z_spread(run.load_model(data).encoder, data.train.images, data.train.labels, data.num_classes)
     row = {
-        "accuracy": 100 * m["test_accuracy"], "z_intra": m["z_intra_class_var"], "z_total": m["z_total_var"],
-    }  # fmt: skip
+        "accuracy": 100 * m["test_accuracy"],
+        "z_intra": m["z_intra_class_var"],
+        "z_total": m["z_total_var"],
+    }
     epochs = [h["epoch_seconds"] for h in m.get("history", []) if "epoch_seconds" in h]
     if epochs:
         row["epoch_s"] = statistics.mean(epochs)

@@ -22,9 +22,12 @@ from privbench.store import rows
 MODELS = {
     "resnet18": ("torchvision:resnet18", [], ["layer1", "layer2", "layer3", "layer4"]),
     # A ViT small enough for a CPU: 32 px images in 4 px patches (64 tokens + a class token).
-    "vit": ("timm:vit_tiny_patch16_224", ["model.img_size=32", "model.patch_size=4", "model.embed_dim=96",
-                                          "model.num_heads=3", "model.depth=9"], ["blocks.1", "blocks.3", "blocks.7"]),
-}  # fmt: skip
+    "vit": (
+        "timm:vit_tiny_patch16_224",
+        ["model.img_size=32", "model.patch_size=4", "model.embed_dim=96", "model.num_heads=3", "model.depth=9"],
+        ["blocks.1", "blocks.3", "blocks.7"],
+    ),
+}
 
 
 def main() -> None:
@@ -38,9 +41,17 @@ def main() -> None:
     spec, options, cuts = MODELS[args.model]
     frames = []
     for cut in cuts:
-        result = pb.run(defense=["none@plain"], attack=["decoder", "optimization"], model=spec, cut=cut,
-                        option=options, epochs=args.epochs, seeds=args.seeds, results_dir=args.results_dir,
-                        progress=False)  # fmt: skip
+        result = pb.run(
+            defense=["none@plain"],
+            attack=["decoder", "optimization"],
+            model=spec,
+            cut=cut,
+            option=options,
+            epochs=args.epochs,
+            seeds=args.seeds,
+            results_dir=args.results_dir,
+            progress=False,
+        )
         frames.append(rows.read_csv(result.out_dir / "results.csv"))
         print(f"{cut}: {result.out_dir}", flush=True)
     out = Path(args.out)

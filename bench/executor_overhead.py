@@ -39,10 +39,16 @@ EXECUTORS = {
 
 def tiny_grid(seeds: int, results_dir: Path, executor: dict) -> Grid:
     return Grid(
-        defense=["none@plain", "none"], attack=["optimization"], seeds=seeds, device="cpu", progress=False,
-        train={"epochs": 1, "n_train": 300, "width": 0.125}, attacks={"steps": 5, "eval_images": 16},
-        results_dir=str(results_dir), executor=executor,
-    )  # fmt: skip
+        defense=["none@plain", "none"],
+        attack=["optimization"],
+        seeds=seeds,
+        device="cpu",
+        progress=False,
+        train={"epochs": 1, "n_train": 300, "width": 0.125},
+        attacks={"steps": 5, "eval_images": 16},
+        results_dir=str(results_dir),
+        executor=executor,
+    )
 
 
 def measure(name: str, seeds: int, cpus: int, root: Path) -> dict:
@@ -56,19 +62,23 @@ def measure(name: str, seeds: int, cpus: int, root: Path) -> dict:
     with open_executor(grid, log=lambda _m: None):
         startup = time.perf_counter() - t0  # started once here, to time it alone; run_grid starts its own
     # Overhead: 2 training + 2 attack cells on 2 slots, so no cell queues behind another.
-    small = sweep.run_grid(tiny_grid(1, root / f"{name}-overhead", executor | {"cpus_per_task": max(1, cpus // 2)}),
-                           log=lambda _m: None)  # fmt: skip
+    small = sweep.run_grid(
+        tiny_grid(1, root / f"{name}-overhead", executor | {"cpus_per_task": max(1, cpus // 2)}), log=lambda _m: None
+    )
     queued = [t["queued_seconds"] for t in small.timings if "queued_seconds" in t]
     t0 = time.perf_counter()
     result = sweep.run_grid(grid, log=lambda _m: None)
     wall = time.perf_counter() - t0
     return {
-        "executor": name, "cells": result.computed, "startup_s": startup, "wall_s": wall,
+        "executor": name,
+        "cells": result.computed,
+        "startup_s": startup,
+        "wall_s": wall,
         "compute_s": sum(t["seconds"] for t in result.timings),
         "overhead_median_s": statistics.median(queued) if queued else 0.0,
         "overhead_max_s": max(queued) if queued else 0.0,
         "results": pd.read_csv(result.out_dir / "results.csv").drop(columns=["path"]),
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,9 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.executor or list(EXECUTORS):
             rows.append(measure(name, args.seeds, args.cpus, root))
             r = rows[-1]
-            print(f"{name:12s} {r['cells']:3d} cells  start-up {r['startup_s']:5.1f} s  wall {r['wall_s']:6.1f} s  "
-                  f"cell compute {r['compute_s']:6.1f} s  submit-to-start median {r['overhead_median_s']:.2f} s, "
-                  f"max {r['overhead_max_s']:.2f} s", flush=True)  # fmt: skip
+            print(
+                f"{name:12s} {r['cells']:3d} cells  start-up {r['startup_s']:5.1f} s  wall {r['wall_s']:6.1f} s  "
+                f"cell compute {r['compute_s']:6.1f} s  submit-to-start median {r['overhead_median_s']:.2f} s, "
+                f"max {r['overhead_max_s']:.2f} s",
+                flush=True,
+            )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

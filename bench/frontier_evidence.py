@@ -36,8 +36,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="frontier-evidence")
     args = p.parse_args()
-    grid = Grid(defense=["none@plain", "none", "gmm-cem", "slot-cem"], sweep=SWEEPS, attack=["decoder"],
-                seeds=args.seeds, results_dir=args.results)  # fmt: skip
+    grid = Grid(
+        defense=["none@plain", "none", "gmm-cem", "slot-cem"],
+        sweep=SWEEPS,
+        attack=["decoder"],
+        seeds=args.seeds,
+        results_dir=args.results,
+    )
     runs, attack_dirs, missing = [], [], []
     settings = grid.attack_settings()
     for cfg in grid.train_configs():
@@ -52,8 +57,19 @@ def main() -> None:
     long = rows.collect(runs, attack_dirs=attack_dirs)
     pts = frontier.points(long, infos=rows.run_infos(long), per_image=rows.per_image(long, "ssim"))
     comparison = frontier.compare(pts, reference="none")
-    cols = ["family", "strength", "n_seeds", "accuracy_mean", "accuracy_ci95", "privacy_mean", "privacy_ci95",
-            "gain", "gain_lo", "gain_hi", "extrapolated"]  # fmt: skip
+    cols = [
+        "family",
+        "strength",
+        "n_seeds",
+        "accuracy_mean",
+        "accuracy_ci95",
+        "privacy_mean",
+        "privacy_ci95",
+        "gain",
+        "gain_lo",
+        "gain_hi",
+        "extrapolated",
+    ]
     print(comparison.points[cols].round(4).to_string(index=False))
     print("\n".join(frontier.verdict_lines(comparison) + comparison.notes))
     spread: dict[tuple, list[tuple[float, float]]] = defaultdict(list)

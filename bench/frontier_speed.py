@@ -23,8 +23,18 @@ from pathlib import Path
 import numpy as np
 
 DEFENSES = ("none", "gmm-cem", "slot-cem", "dropout", "topk", "prune", "vib", "nopeek", "shredder", "disco")
-KNOB = {"none": None, "gmm-cem": "lam", "slot-cem": "lam", "dropout": "rate", "topk": "ratio", "prune": "ratio",
-        "vib": "beta", "nopeek": "weight", "shredder": "weight", "disco": "ratio"}  # fmt: skip
+KNOB = {
+    "none": None,
+    "gmm-cem": "lam",
+    "slot-cem": "lam",
+    "dropout": "rate",
+    "topk": "ratio",
+    "prune": "ratio",
+    "vib": "beta",
+    "nopeek": "weight",
+    "shredder": "weight",
+    "disco": "ratio",
+}
 
 
 def write_runs(root: Path, configs: int, seeds: int, images: int, rng: np.random.Generator) -> int:
@@ -43,8 +53,15 @@ def write_runs(root: Path, configs: int, seeds: int, images: int, rng: np.random
         defense, options, noise = ("none", {}, 0.0) if undefended else (defense, options, noise)
         acc, ssim = (0.94, 0.75) if undefended else (acc, ssim)
         for seed in range(seeds):
-            cfg = TrainConfig(defense=defense, bottleneck=None if undefended else 8, noise=noise, seed=seed,
-                              epochs=1 + c // 50, defense_options=options, progress=False)  # fmt: skip
+            cfg = TrainConfig(
+                defense=defense,
+                bottleneck=None if undefended else 8,
+                noise=noise,
+                seed=seed,
+                epochs=1 + c // 50,
+                defense_options=options,
+                progress=False,
+            )
             run = root / f"{defense}-{cfg.hash()}"
             (run / "attacks").mkdir(parents=True)
             (run / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "defense_options": options}))
@@ -55,10 +72,18 @@ def write_runs(root: Path, configs: int, seeds: int, images: int, rng: np.random
                 folder = run / "attacks" / f"{attack}-{seed:012d}"
                 folder.mkdir()
                 stat = {"mean": float(values.mean()), "ci95": 1.96 * float(values.std()) / images**0.5, "n": images}
-                (folder / "metrics.json").write_text(json.dumps({
-                    "attack": attack, "options": {}, "attacker_data": "train", "eval_images": images,
-                    "metrics": {"ssim": stat}, "baseline": {"ssim": {"mean": 0.46, "ci95": 0.05, "n": images}},
-                }))  # fmt: skip
+                (folder / "metrics.json").write_text(
+                    json.dumps(
+                        {
+                            "attack": attack,
+                            "options": {},
+                            "attacker_data": "train",
+                            "eval_images": images,
+                            "metrics": {"ssim": stat},
+                            "baseline": {"ssim": {"mean": 0.46, "ci95": 0.05, "n": images}},
+                        }
+                    )
+                )
                 lines = ["index,ssim,psnr,mse,lpips", *(f"{i},{float(v)!r},20.0,0.01," for i, v in enumerate(values))]
                 (folder / "per_image.csv").write_text("\n".join(lines) + "\n")
             n_runs += 1
@@ -83,8 +108,10 @@ def main() -> None:
         rows = collect([root])
         infos, images = run_infos(rows), per_image(rows, "ssim")  # the store's reading, timed with collect
         collect_s = time.perf_counter() - t
-        print(f"{args.configs} configurations, {n_runs} runs, {args.images} images, 2 attacks, "
-              f"{args.resamples} resamples; collect + run facts + per-image values {collect_s:.2f} s")  # fmt: skip
+        print(
+            f"{args.configs} configurations, {n_runs} runs, {args.images} images, 2 attacks, "
+            f"{args.resamples} resamples; collect + run facts + per-image values {collect_s:.2f} s"
+        )
         for i in range(args.repeats):
             t0 = time.perf_counter()
             pts = frontier.points(rows, infos=infos, per_image=images)

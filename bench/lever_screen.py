@@ -93,10 +93,16 @@ def train_task(task: tuple[float, str, int], epochs: int | None = None) -> dict[
     torch.manual_seed(1234)
     acc, tiles, classes, _ = split_rates(res.model, test, data.num_classes, amp=False)
     return {
-        "noise": noise, "arm": arm, "seed": seed, "acc": acc * 100,
-        "train_acc": res.history[-1]["train_acc"], "seconds": time.time() - t0,
-        "device": str(test.images.device), "per_class": [100 * c for c in classes], "tile_rates": tiles,
-    }  # fmt: skip
+        "noise": noise,
+        "arm": arm,
+        "seed": seed,
+        "acc": acc * 100,
+        "train_acc": res.history[-1]["train_acc"],
+        "seconds": time.time() - t0,
+        "device": str(test.images.device),
+        "per_class": [100 * c for c in classes],
+        "tile_rates": tiles,
+    }
 
 
 def screen(out: Path, todo: list[tuple[float, str, int]], workers: int, deadline: float, epochs: int | None) -> None:
@@ -113,8 +119,11 @@ def screen(out: Path, todo: list[tuple[float, str, int]], workers: int, deadline
                 row = pending.pop(0).get()
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-                print(f"{time.time() - t0:6.1f}s noise {row['noise']} {row['arm']} seed {row['seed']}: "
-                      f"{row['acc']:.2f}% ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
+                print(
+                    f"{time.time() - t0:6.1f}s noise {row['noise']} {row['arm']} seed {row['seed']}: "
+                    f"{row['acc']:.2f}% ({row['seconds']:.0f} s)",
+                    flush=True,
+                )
             except Exception as e:  # one failed training must not lose the others
                 print(f"failed: {e!r}", flush=True)
             task = next(it, None) if time.time() - t0 < deadline else None
@@ -128,8 +137,10 @@ def summary(paths: list[Path]) -> str:
         for line in path.read_text().splitlines():
             row = json.loads(line)
             by_arm[(row["noise"], row["arm"])][row["seed"]] = row
-    lines = ["| noise | arm | seeds | mean (%) | sd | sd 95% CI | model part | test-set part | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| noise | arm | seeds | mean (%) | sd | sd 95% CI | model part | test-set part | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (noise, arm), rows in sorted(by_arm.items()):
         acc = [rows[s]["acc"] for s in sorted(rows)]
         lo, hi = stats.sd_ci95(acc)
@@ -139,9 +150,11 @@ def summary(paths: list[Path]) -> str:
         if len(tiles) >= 2:
             c = stats.seed_tile_components([[100 * v for v in t] for t in tiles])
             split = [f"{c['model'] ** 0.5:.2f}", f"{(c['interaction'] / c['tiles']) ** 0.5:.2f} ({len(tiles)} seeds)"]
-        lines.append(f"| {noise:g} | {arm} | {min(rows)}-{max(rows)} (n={len(acc)}) | {stats.mean(acc):.2f} | "
-                     f"{spread} | {split[0]} | {split[1]} | "
-                     f"{stats.mean(r['seconds'] for r in rows.values()):.0f} |")  # fmt: skip
+        lines.append(
+            f"| {noise:g} | {arm} | {min(rows)}-{max(rows)} (n={len(acc)}) | {stats.mean(acc):.2f} | "
+            f"{spread} | {split[0]} | {split[1]} | "
+            f"{stats.mean(r['seconds'] for r in rows.values()):.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -83,16 +83,28 @@ def main(argv: list[str] | None = None) -> dict:
     baton, turns = Baton(len(defenses)), [[] for _ in defenses]
     accuracy: dict[str, float] = {}
 
-    names = [registry.register(lockstep_class(registry.get("defense", d), i, baton, turns[i])).name
-             for i, d in enumerate(defenses)]  # fmt: skip
+    names = [
+        registry.register(lockstep_class(registry.get("defense", d), i, baton, turns[i])).name
+        for i, d in enumerate(defenses)
+    ]
 
     def run(i: int, defense: str) -> None:
         options = {} if defense == "none" else {"warmup": 1}
         cfg = TrainConfig.from_preset(
-            "quick", defense=names[i], defense_options=options, epochs=args.epochs, width=args.width,
-            batch_size=args.batch_size, cut=4, bottleneck=8, noise=0.025, n_train=args.n_train,
-            device="cpu", compile=args.compile or False, progress=False,
-        )  # fmt: skip
+            "quick",
+            defense=names[i],
+            defense_options=options,
+            epochs=args.epochs,
+            width=args.width,
+            batch_size=args.batch_size,
+            cut=4,
+            bottleneck=8,
+            noise=0.025,
+            n_train=args.n_train,
+            device="cpu",
+            compile=args.compile or False,
+            progress=False,
+        )
         baton.wait(i)
         try:
             accuracy[defense] = train(cfg, data=data, log=lambda m: None).test_accuracy
@@ -114,13 +126,22 @@ def main(argv: list[str] | None = None) -> dict:
         skip = 1 if d == "none" else 2
         per_epoch = [sum(s for e, s in ts if e == k) for k in range(skip, args.epochs)]
         epoch[d] = statistics.mean(per_epoch)
-    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "load_before": load,
-              "load_after": os.getloadavg(), "epoch_seconds": epoch, "test_accuracy": accuracy}  # fmt: skip
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "load_before": load,
+        "load_after": os.getloadavg(),
+        "epoch_seconds": epoch,
+        "test_accuracy": accuracy,
+    }
     for d in defenses:
         print(f"{d:<20} epoch {epoch[d]:7.3f} s  ratio to none {epoch[d] / epoch['none']:.3f}")
-    print(f"load average {load[0]:.2f} before, {report['load_after'][0]:.2f} after; torch {torch.__version__}, "
-          f"{report['threads']} threads, OMP_WAIT_POLICY={report['omp_wait_policy']}")  # fmt: skip
+    print(
+        f"load average {load[0]:.2f} before, {report['load_after'][0]:.2f} after; torch {torch.__version__}, "
+        f"{report['threads']} threads, OMP_WAIT_POLICY={report['omp_wait_policy']}"
+    )
     return report
 
 

@@ -32,10 +32,12 @@ ARMS = {
     "vgg11 (quick preset)": ("vgg11", 4, {}, 0.25),
     "torchvision:resnet18 @ layer2": ("torchvision:resnet18", "layer2", {}, 1.0),
     "timm ViT (96 dims, 9 blocks) @ blocks.3": (
-        "timm:vit_tiny_patch16_224", "blocks.3",
-        {"img_size": 32, "patch_size": 4, "embed_dim": 96, "num_heads": 3, "depth": 9}, 1.0,
+        "timm:vit_tiny_patch16_224",
+        "blocks.3",
+        {"img_size": 32, "patch_size": 4, "embed_dim": 96, "num_heads": 3, "depth": 9},
+        1.0,
     ),
-}  # fmt: skip
+}
 
 
 def sync(device: torch.device) -> None:
@@ -63,16 +65,32 @@ def main() -> None:
     for name, (spec, cut, options, width) in ARMS.items():
         opts = dict(options, img_size=size) if "img_size" in options else options
         torch.manual_seed(0)
-        model = build_model(spec, num_classes=10, cut=cut, bottleneck=8, noise_std=0.025, width=width,
-                            image_shape=(3, size, size), options=opts).to(device)  # fmt: skip
+        model = build_model(
+            spec,
+            num_classes=10,
+            cut=cut,
+            bottleneck=8,
+            noise_std=0.025,
+            width=width,
+            image_shape=(3, size, size),
+            options=opts,
+        ).to(device)
         x, y = torch.rand(b, 3, size, size, device=device), torch.randint(0, 10, (b,), device=device)
         with torch.no_grad():
             z_shape = tuple(model.encoder(x[:1]).shape[1:])
         decoder = InverseNet(z_shape, (3, size, size), channels=32, blocks=2).to(device)
         fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        arms[name] = (model, decoder, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                      torch.optim.Adam(decoder.parameters(), lr=3e-3), x, y, z_shape,
-                      fast, torch.optim.SGD(fast.parameters(), lr=0.01, momentum=0.9))  # fmt: skip
+        arms[name] = (
+            model,
+            decoder,
+            torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+            torch.optim.Adam(decoder.parameters(), lr=3e-3),
+            x,
+            y,
+            z_shape,
+            fast,
+            torch.optim.SGD(fast.parameters(), lr=0.01, momentum=0.9),
+        )
     rates: dict[str, dict[str, list[float]]] = {n: {"train": [], "fast": [], "decoder": []} for n in arms}
 
     def fast_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -101,8 +119,10 @@ def main() -> None:
             with torch.no_grad():
                 z = model.channel(model.encoder(x))
             rates[name]["decoder"].append(images_per_s(lambda d=decoder, z=z, x=x: F.mse_loss(d(z), x), dec_opt))
-    print(f"device {device}, {torch.get_num_threads()} threads, {size} px, batch {b}, torch {torch.__version__}, "
-          f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, {size} px, batch {b}, torch {torch.__version__}, "
+        f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
     print("| model | z | training images/s | bf16 + channels-last | ratio | decoder images/s |")
     print("|---|---|---|---|---|---|")
     for name, arm in arms.items():
@@ -123,8 +143,16 @@ def whole_trainings(epochs: int, reps: int) -> None:
     seconds: dict[bool, list[list[float]]] = {False: [], True: []}
     for rep in range(reps):
         for cpu_amp in (False, True):
-            cfg = TrainConfig.from_preset("quick", bottleneck=8, noise=0.025, epochs=epochs, seed=rep,
-                                          cpu_amp=cpu_amp, device="cpu", progress=False)  # fmt: skip
+            cfg = TrainConfig.from_preset(
+                "quick",
+                bottleneck=8,
+                noise=0.025,
+                epochs=epochs,
+                seed=rep,
+                cpu_amp=cpu_amp,
+                device="cpu",
+                progress=False,
+            )
             t = time.perf_counter()
             history = train(cfg, log=lambda _msg: None).history
             seconds[cpu_amp].append([h["epoch_seconds"] for h in history] + [time.perf_counter() - t])

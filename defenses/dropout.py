@@ -57,4 +57,3 @@ class Dropout(Defense):
         if self.at_inference:  # same unscaled mask in training and inference, as the reference
             return z.masked_fill(torch.rand(z.shape, device=z.device) < self.rate, 0)  # fp32 draw, any z dtype
         return F.dropout(z, self.rate, training=training)
-

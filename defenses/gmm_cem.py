@@ -177,9 +177,14 @@ class GmmCem(Defense):
                 f"gmm-cem centroids have {self.centroids.shape[-1]} dims, the encoder gives {feats.shape[1]}"
             )
         fit = kmeans_per_class(
-            feats, ctx.train_labels, ctx.num_classes, self.clusters,
-            init=self.centroids, iters=self.kmeans_iters, generator=gen,
-        )  # fmt: skip
+            feats,
+            ctx.train_labels,
+            ctx.num_classes,
+            self.clusters,
+            init=self.centroids,
+            iters=self.kmeans_iters,
+            generator=gen,
+        )
         self.centroids = fit.centroids
         self.vbar = fit.var_diag.mean(-1)
         self.pi = fit.counts / fit.counts.sum(1, keepdim=True).clamp(min=1)
@@ -190,9 +195,12 @@ class GmmCem(Defense):
         self._rob_sum.zero_()
         self._rob_steps = 0
         return {
-            "rob_loss": rob_v, "within_var": within, "empty_clusters": int(n_empty),
-            "kmeans_iters": fit.iters, "refit_seconds": time.perf_counter() - t0,
-        }  # fmt: skip
+            "rob_loss": rob_v,
+            "within_var": within,
+            "empty_clusters": int(n_empty),
+            "kmeans_iters": fit.iters,
+            "refit_seconds": time.perf_counter() - t0,
+        }
 
     # -- the loss -----------------------------------------------------------------------------
 

@@ -107,4 +107,3 @@ class NoPeek(Defense):
         self._sum.zero_()
         self._steps = 0
         return {"dcor": mean}
-

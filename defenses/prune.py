@@ -103,8 +103,10 @@ class Prune(Defense):
             self._sums.zero_()  # only the last warm-up epoch's statistics decide
             return {}
         if epoch + 1 >= ctx.epochs:
-            ctx.log(f"prune: the run has {ctx.epochs} epoch(s), not more than the {self.warmup}-epoch warm-up: "
-                    "the mask is fixed after the last epoch and the server never trained with it")  # fmt: skip
+            ctx.log(
+                f"prune: the run has {ctx.epochs} epoch(s), not more than the {self.warmup}-epoch warm-up: "
+                "the mask is fixed after the last epoch and the server never trained with it"
+            )
         self._fix(self._sums.topk(self.kept_channels(self.channels)).indices, self._sums.device)
         return {"prune_kept": float(self.kept_channels(self.channels))}
 

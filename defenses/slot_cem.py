@@ -228,9 +228,9 @@ class SlotEstimator(nn.Module):
 
     @torch.no_grad()
     def scalars(self) -> dict[str, float]:
-        values = torch.stack([
-            self.log_beta.exp(), self.slot_power, torch.tanh(self.cross.alpha_attn), torch.tanh(self.cross.alpha_ffn)
-        ]).tolist()  # fmt: skip
+        values = torch.stack(
+            [self.log_beta.exp(), self.slot_power, torch.tanh(self.cross.alpha_attn), torch.tanh(self.cross.alpha_ffn)]
+        ).tolist()
         return dict(zip(("beta", "slot_power", "alpha_attn", "alpha_ffn"), values))
 
 
@@ -396,9 +396,7 @@ class SlotCem(Defense):
         s = 0.001 / lr if lr >= LR_PIVOT else 1.0
         zero = torch.zeros((), device=zf.device)
         term = torch.where(out["bad"], zero, self.lam * s * out["rob_loss"] + out["module_loss"])
-        stats = torch.stack([
-            torch.where(out["bad"], zero, out[k].detach()) if k in out else zero for k in STAT_KEYS
-        ])  # fmt: skip
+        stats = torch.stack([torch.where(out["bad"], zero, out[k].detach()) if k in out else zero for k in STAT_KEYS])
         stats[STAT_KEYS.index("intra_mse")] = torch.where(intra_bad, zero, out["intra_mse"])  # every step
         stats[STAT_KEYS.index("nan_count")] = (out["bad"] | intra_bad).float()
         self._sums += stats

@@ -58,4 +58,3 @@ class TopK(Defense):
         idx = flat.abs().topk(k, dim=1, sorted=False).indices
         keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
         return z * keep.view(z.shape)  # in z's own layout (channels-last stays channels-last)
-

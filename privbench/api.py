@@ -93,16 +93,42 @@ def train(
     if width is not None and model is not None and model not in MODELS:
         raise UserError(f"width applies to {' and '.join(MODELS)}; give {model} options with -o model.KEY=VALUE")
     cfg = TrainConfig.from_preset(
-        preset, dataset=dataset, data_dir=None if data_dir is None else str(data_dir), defense=defense,
-        defense_options=options_mod.as_dict(defense_opts), model=model, width=width, epochs=epochs,
-        batch_size=batch_size, lr=lr, schedule=schedule, seed=seed, cut=cut, bottleneck=parse_bottleneck(bottleneck),
-        noise=noise, n_train=n_train, device=device, compile=compile, amp=amp, channels_last=channels_last,
-        progress=progress, image_size=image_size, pretrained=pretrained,
-        weights=None if weights is None else str(weights), model_options=model_opts or None, **settings,
-    )  # fmt: skip
+        preset,
+        dataset=dataset,
+        data_dir=None if data_dir is None else str(data_dir),
+        defense=defense,
+        defense_options=options_mod.as_dict(defense_opts),
+        model=model,
+        width=width,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        schedule=schedule,
+        seed=seed,
+        cut=cut,
+        bottleneck=parse_bottleneck(bottleneck),
+        noise=noise,
+        n_train=n_train,
+        device=device,
+        compile=compile,
+        amp=amp,
+        channels_last=channels_last,
+        progress=progress,
+        image_size=image_size,
+        pretrained=pretrained,
+        weights=None if weights is None else str(weights),
+        model_options=model_opts or None,
+        **settings,
+    )
     if download:  # fetched here, so that training finds it in data_dir
-        load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=True, seed=cfg.data_seed, n_train=cfg.n_train,
-                     image_size=cfg.image_size)  # fmt: skip
+        load_dataset(
+            cfg.dataset,
+            data_dir=cfg.data_dir,
+            download=True,
+            seed=cfg.data_seed,
+            n_train=cfg.n_train,
+            image_size=cfg.image_size,
+        )
     say = log or (lambda _msg: None)
     run, trained = train_run(cfg, results_dir, force=force, log=say)
     if not trained:
@@ -135,10 +161,20 @@ def attack(
     opts = options_mod.parse_all(options)
     per_attack = options_mod.route(opts, attacks=names, where="the attacks run")[1] if opts else {}
     return attack_run(
-        _path(run), names, attacker_data=attacker_data, epochs=epochs, steps=steps, eval_images=eval_images,
-        options=per_attack, device=device, seed=seed, progress=progress, log=log or (lambda _msg: None),
-        check_saturation=check_saturation, semantic=semantic,
-    )  # fmt: skip
+        _path(run),
+        names,
+        attacker_data=attacker_data,
+        epochs=epochs,
+        steps=steps,
+        eval_images=eval_images,
+        options=per_attack,
+        device=device,
+        seed=seed,
+        progress=progress,
+        log=log or (lambda _msg: None),
+        check_saturation=check_saturation,
+        semantic=semantic,
+    )
 
 
 RunLike = Run | str | Path
@@ -180,9 +216,12 @@ def table(df: pd.DataFrame, fmt: str = "md") -> str:
 
 
 def run(
-    grid: Grid | None = None, *, executor: str | dict[str, Any] | None = None,
-    log: Callable[[str], None] | None = print, **fields: Any,
-) -> GridResult:  # fmt: skip
+    grid: Grid | None = None,
+    *,
+    executor: str | dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = print,
+    **fields: Any,
+) -> GridResult:
     """`privbench run` as a function: keyword arguments are the Grid fields (defense=[...],
     attack=[...], seeds, bottleneck=[...], noise=[...], epochs, model, eval_images,
     attacker_data, option=["gmm-cem.lam=16"], train={...}, attacks={...}, defenses={...}, ...);
@@ -235,8 +274,14 @@ def precision(
         grid = {"defense": list(defense)} if defense else {}
         grid |= {"noise": list(noise)} if noise else {}
         # The default grid's first attack, the decoder: learned, so its own training spread is measured too.
-        run(seeds=seeds, attack=list(attack or ()) or list(DEFAULT_ATTACKS[:1]), results_dir=str(folder),
-            train={o.key: o.value for o in fields}, log=log, **grid)  # fmt: skip
+        run(
+            seeds=seeds,
+            attack=list(attack or ()) or list(DEFAULT_ATTACKS[:1]),
+            results_dir=str(folder),
+            train={o.key: o.value for o in fields},
+            log=log,
+            **grid,
+        )
     if not folder.is_dir():
         raise UserError(f"results folder {folder} does not exist")
     cells = collect_seeds(folder)
@@ -280,8 +325,9 @@ def cuts(
         width = PRESETS["quick"]["width"] if width is None else width
         return builtin_cuts(model, width=width, image_shape=(3, image_size, image_size), num_classes=num_classes)
     if not zoo.is_model_spec(model):
-        raise UserError(f"unknown model {model!r}: expected {', '.join(MODELS)}, torchvision:NAME, timm:NAME or "
-                        "pkg.module:callable")  # fmt: skip
+        raise UserError(
+            f"unknown model {model!r}: expected {', '.join(MODELS)}, torchvision:NAME, timm:NAME or pkg.module:callable"
+        )
     if width is not None:
         raise UserError("width applies to the built-in models; give a model's own options with -o model.KEY=VALUE")
     net = zoo.build_model(model, num_classes=num_classes, options=options)

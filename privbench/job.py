@@ -89,14 +89,22 @@ def run_grid(
         compute_cells(executor, grid, configs, result, train_fn=train_fn, attack_fn=attack_fn, log=log)
         if grid.bracket_reference() is not None:
             result.bracket = bracket_reference(
-                grid, result, lambda cfgs: compute_cells(executor, grid, cfgs, result, train_fn=train_fn,
-                                                         attack_fn=attack_fn, log=log), log=log,
-            )  # fmt: skip
+                grid,
+                result,
+                lambda cfgs: compute_cells(
+                    executor, grid, cfgs, result, train_fn=train_fn, attack_fn=attack_fn, log=log
+                ),
+                log=log,
+            )
         if grid.sequential and grid.verdict_reference() is not None:
             result.sequential, result.seeds_used = sequential_seeds(
-                grid, result, lambda cfgs: compute_cells(executor, grid, cfgs, result, train_fn=train_fn,
-                                                         attack_fn=attack_fn, log=log), log=log,
-            )  # fmt: skip
+                grid,
+                result,
+                lambda cfgs: compute_cells(
+                    executor, grid, cfgs, result, train_fn=train_fn, attack_fn=attack_fn, log=log
+                ),
+                log=log,
+            )
 
     long = rows.collect(result.runs, attack_dirs=result.attack_dirs)
     table = tables.aggregate(long, rows.train_settings(long))
@@ -119,21 +127,34 @@ def run_grid(
     ref = grid.verdict_reference()
     if ref is not None:
         result.comparison, result.verdicts, paths = write_frontier(
-            long, out_dir, reference=ref, privacy_metric=grid.privacy_metric, added=result.added_runs,
-            bracket=result.bracket, sequential=result.sequential,
-        )  # fmt: skip
+            long,
+            out_dir,
+            reference=ref,
+            privacy_metric=grid.privacy_metric,
+            added=result.added_runs,
+            bracket=result.bracket,
+            sequential=result.sequential,
+        )
         if result.sequential:
-            result.verdicts.append(f"sequential seeds: {result.seeds_used} per configuration (Pocock, overall "
-                                   f"false-verdict rate 5%, cap {grid.seeds_cap}; docs/frontier.md)")  # fmt: skip
+            result.verdicts.append(
+                f"sequential seeds: {result.seeds_used} per configuration (Pocock, overall "
+                f"false-verdict rate 5%, cap {grid.seeds_cap}; docs/frontier.md)"
+            )
         result.files += paths
     result.seconds = time.perf_counter() - t_start
     return result
 
 
 def write_frontier(
-    long: Any, out_dir: Path, *, reference: str, privacy_metric: str, added: list[Path] | None = None,
-    bracket: bracketing.BracketResult | None = None, sequential: dict[str, str] | None = None,
-) -> tuple[frontier.Comparison, list[str], list[Path]]:  # fmt: skip
+    long: Any,
+    out_dir: Path,
+    *,
+    reference: str,
+    privacy_metric: str,
+    added: list[Path] | None = None,
+    bracket: bracketing.BracketResult | None = None,
+    sequential: dict[str, str] | None = None,
+) -> tuple[frontier.Comparison, list[str], list[Path]]:
     """frontier.csv (every point with its gain at matched accuracy; `added` marks the reference
     points added to bracket the defenses), verdicts.csv (one row per family) and frontier.png /
     .pdf into out_dir; returns the comparison, the verdict lines and the files."""
@@ -205,8 +226,10 @@ def bracket_reference(
         new = [c for c in grid.train_configs() if (Path(grid.results_dir) / run_name(c)).resolve() not in done]
         cached = all((Path(grid.results_dir) / run_name(c) / "metrics.json").is_file() for c in new)
         values = ", ".join(f"{s:g}" for s in strengths)
-        log(f"bracketing: {'reusing' if cached else 'adding'} {sweep.part} at {knob.name} {values}, so that every "
-            "defense has reference points at its accuracy")  # fmt: skip
+        log(
+            f"bracketing: {'reusing' if cached else 'adding'} {sweep.part} at {knob.name} {values}, so that every "
+            "defense has reference points at its accuracy"
+        )
         compute(new)
         return [(s, a) for s, a in reference_and_targets()[0] if any(math.isclose(s, x) for x in strengths)]
 
@@ -244,8 +267,10 @@ def sequential_seeds(
         pts = frontier.points(long, grid.privacy_metric, infos=rows.run_infos(long), per_image=per_image)
         cmp = frontier.compare(pts, reference=grid.verdict_reference())
         judged = cmp.families[~cmp.families.verdict.isin([frontier.REFERENCE, "extrapolation only"])]
-        decisions = {r.family: sequential.decide(look, r.mean_gain, r.gain_lo, r.gain_hi, dof=look.n - 1)
-                     for r in judged.itertuples()}  # fmt: skip
+        decisions = {
+            r.family: sequential.decide(look, r.mean_gain, r.gain_lo, r.gain_hi, dof=look.n - 1)
+            for r in judged.itertuples()
+        }
         if "continue" not in decisions.values():
             return decisions, look.n
     return decisions, grid.seeds

@@ -194,9 +194,9 @@ class ReferenceEstimator(nn.Module):
 
     @torch.no_grad()
     def scalars(self) -> dict[str, float]:
-        values = torch.stack([
-            self.log_beta.exp(), self.slot_power, torch.tanh(self.cross.alpha_attn), torch.tanh(self.cross.alpha_ffn)
-        ]).tolist()  # fmt: skip
+        values = torch.stack(
+            [self.log_beta.exp(), self.slot_power, torch.tanh(self.cross.alpha_attn), torch.tanh(self.cross.alpha_ffn)]
+        ).tolist()
         return dict(zip(("beta", "slot_power", "alpha_attn", "alpha_ffn"), values))
 
 
@@ -241,9 +241,13 @@ def loo_slot_variance(
     m = (q.T @ torch.cat([zc * zc, zc, zl * zl, zc * zl, zl], 1)).view(-1, 5, D)  # [C*K, 5, D]
     q0 = q.sum(0)[:, None]
     num = (
-        a.pow(2) * m[:, 0] + S.pow(2) * q0 + KAPPA**2 * m[:, 2]
-        - 2 * a * S * m[:, 1] - 2 * KAPPA * a * m[:, 3] + 2 * KAPPA * S * m[:, 4]
-    )  # fmt: skip
+        a.pow(2) * m[:, 0]
+        + S.pow(2) * q0
+        + KAPPA**2 * m[:, 2]
+        - 2 * a * S * m[:, 1]
+        - 2 * KAPPA * a * m[:, 3]
+        + 2 * KAPPA * S * m[:, 4]
+    )
     v = num.clamp(min=0) / V1.clamp(min=1e-6)[:, None]
     C = num_classes
     mu = (S / V1.clamp(min=1e-6)[:, None]).view(C, K, D) + p["mean"][:, None, :]
@@ -270,7 +274,11 @@ def loo_sample_residuals(z: torch.Tensor, y: torch.Tensor, r: torch.Tensor, num_
     lS = own(zl @ S.T)
     S2 = own(S.pow(2).sum(1))
     num = (
-        a.pow(2) * zc.pow(2).sum(1, keepdim=True) + S2 + KAPPA**2 * zl.pow(2).sum(1, keepdim=True)
-        - 2 * a * zS - 2 * KAPPA * a * (zc * zl).sum(1, keepdim=True) + 2 * KAPPA * lS
-    )  # fmt: skip
+        a.pow(2) * zc.pow(2).sum(1, keepdim=True)
+        + S2
+        + KAPPA**2 * zl.pow(2).sum(1, keepdim=True)
+        - 2 * a * zS
+        - 2 * KAPPA * a * (zc * zl).sum(1, keepdim=True)
+        + 2 * KAPPA * lS
+    )
     return num.clamp(min=0) / (B.pow(2) * D)

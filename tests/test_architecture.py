@@ -13,14 +13,33 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top. A module may import its own layer and the layers before it.
-LAYERS = ["errors", "util", "plugin", "plugins", "engine", "attack", "store", "grid", "executors", "analysis",
-          "report", "job", "api", "cli"]
+LAYERS = [
+    "errors",
+    "util",
+    "plugin",
+    "plugins",
+    "engine",
+    "attack",
+    "store",
+    "grid",
+    "executors",
+    "analysis",
+    "report",
+    "job",
+    "api",
+    "cli",
+]
 PLUGIN_PACKAGES = {"attacks": ROOT / "attacks", "defenses": ROOT / "defenses"}
 # Optional heavy dependencies may be imported inside a function: each in one module only.
-LAZY = {"ray": "privbench.executors.ray", "submitit": "privbench.executors.slurm",
-        "matplotlib": "privbench.report.figure", "lpips": "privbench.attack.metrics",
-        "timm": "privbench.engine.zoo", "huggingface_hub": "privbench.engine.zoo",
-        "scipy": "privbench.util.stats"}
+LAZY = {
+    "ray": "privbench.executors.ray",
+    "submitit": "privbench.executors.slurm",
+    "matplotlib": "privbench.report.figure",
+    "lpips": "privbench.attack.metrics",
+    "timm": "privbench.engine.zoo",
+    "huggingface_hub": "privbench.engine.zoo",
+    "scipy": "privbench.util.stats",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -80,8 +99,11 @@ def test_every_core_module_belongs_to_a_layer():
 
 
 def test_no_upward_import():
-    upward = [f"{src}:{line} imports {dst}" for src, dst, _, line in _core_edges()
-              if _layer(src) is not None and _layer(dst) is not None and _layer(dst) > _layer(src)]
+    upward = [
+        f"{src}:{line} imports {dst}"
+        for src, dst, _, line in _core_edges()
+        if _layer(src) is not None and _layer(dst) is not None and _layer(dst) > _layer(src)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -99,7 +121,7 @@ def test_no_import_cycle():
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := walk(nxt)):
                 return cycle
         stack.pop()
@@ -142,8 +164,11 @@ def _code_strings(path: Path) -> list[tuple[str, int]]:
         first = body[0] if isinstance(body, list) and body else None
         if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
             docs.add(id(first.value))
-    return [(n.value, n.lineno) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]  # fmt: skip
+    return [
+        (n.value, n.lineno)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+    ]
 
 
 def test_the_core_names_no_plugin():
@@ -152,16 +177,36 @@ def test_the_core_names_no_plugin():
     the undefended model, is a word the core needs in many other senses."""
     names = {f.stem.replace("_", "-") for folder in PLUGIN_PACKAGES.values() for f in folder.glob("*.py")}
     names -= {"--init--", "none"}
-    bad = [f"{module}:{line} names {value!r}"
-           for module, path in MODULES.items() if not set(module.split(".")[1:2]) & set(PLUGIN_PACKAGES)
-           for value, line in _code_strings(path) if value in names]  # fmt: skip
+    bad = [
+        f"{module}:{line} names {value!r}"
+        for module, path in MODULES.items()
+        if not set(module.split(".")[1:2]) & set(PLUGIN_PACKAGES)
+        for value, line in _code_strings(path)
+        if value in names
+    ]
     assert not bad, "\n".join(bad)
 
 
 FILE_ACCESS = {
-    "open", "read_text", "read_bytes", "write_text", "write_bytes", "read_json", "write_json", "read_csv", "to_csv",
-    "load", "save", "exists", "is_file", "is_dir", "iterdir", "glob", "rglob", "mkdir",
-}  # fmt: skip
+    "open",
+    "read_text",
+    "read_bytes",
+    "write_text",
+    "write_bytes",
+    "read_json",
+    "write_json",
+    "read_csv",
+    "to_csv",
+    "load",
+    "save",
+    "exists",
+    "is_file",
+    "is_dir",
+    "iterdir",
+    "glob",
+    "rglob",
+    "mkdir",
+}
 
 
 def test_analysis_reads_and_writes_no_file():

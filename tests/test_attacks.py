@@ -229,9 +229,25 @@ def parse_table(out: str) -> dict[str, list[float]]:
 
 def test_cli_attack_writes_results_and_prints_them(tiny_run, capsys):
     # Runs first in this file: the run's attacks/ folder holds only what this call writes.
-    args = ["attack", str(tiny_run.path), "--attack", "decoder", "--attack", "optimization", "--epochs", "1",
-            "--steps", "5", "--eval-images", "20", "-o", "decoder.channels=8", "-o", "decoder.blocks=1",
-            "--quiet"]  # fmt: skip
+    args = [
+        "attack",
+        str(tiny_run.path),
+        "--attack",
+        "decoder",
+        "--attack",
+        "optimization",
+        "--epochs",
+        "1",
+        "--steps",
+        "5",
+        "--eval-images",
+        "20",
+        "-o",
+        "decoder.channels=8",
+        "-o",
+        "decoder.blocks=1",
+        "--quiet",
+    ]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     table = parse_table(out)
@@ -264,8 +280,9 @@ def test_cli_attack_writes_results_and_prints_them(tiny_run, capsys):
 
 
 def test_attacker_data_aux_is_recorded(tiny_run):
-    (result,) = attack_run(tiny_run.path, ["optimization"], attacker_data="aux", steps=2, eval_images=8,
-                           progress=False, log=lambda m: None)  # fmt: skip
+    (result,) = attack_run(
+        tiny_run.path, ["optimization"], attacker_data="aux", steps=2, eval_images=8, progress=False, log=lambda m: None
+    )
     assert result["attacker_data"] == "aux" and result["attacker_split"] == "aux"
     assert result["attacker_images"] == 1000 and "aux split" in result["threat_model"]
 

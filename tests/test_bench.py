@@ -32,9 +32,13 @@ def test_paper_protocol_projection_by_hand():
 def test_lever_labels_and_settings():
     bench = load("bench")
     assert [lv.label for lv in bench.CUDA_LEVERS] == [
-        "fp32", "bf16", "fp32 + channels-last", "bf16 + channels-last", "bf16 + channels-last + compile default",
+        "fp32",
+        "bf16",
+        "fp32 + channels-last",
+        "bf16 + channels-last",
+        "bf16 + channels-last + compile default",
         "bf16 + channels-last + compile reduce-overhead",
-    ]  # fmt: skip
+    ]
     assert [lv.label for lv in bench.CPU_LEVERS] == ["fp32", "fp32 + compile default"]
 
 
@@ -48,9 +52,27 @@ def test_batch_scaling_milestones_scale_the_papers():
 def test_tiny_bench_run_writes_its_report(tmp_path, capsys):
     bench = load("bench")
     out = tmp_path / "b.json"
-    args = ["--device", "cpu", "--n-train", "300", "--width", "0.125", "--epochs", "3", "--defense", "none",
-            "--defense", "gmm-cem", "--skip-reference", "--attack-images", "64", "--metric-images", "64",
-            "--out", str(out)]  # fmt: skip
+    args = [
+        "--device",
+        "cpu",
+        "--n-train",
+        "300",
+        "--width",
+        "0.125",
+        "--epochs",
+        "3",
+        "--defense",
+        "none",
+        "--defense",
+        "gmm-cem",
+        "--skip-reference",
+        "--attack-images",
+        "64",
+        "--metric-images",
+        "64",
+        "--out",
+        str(out),
+    ]
     bench.main(args)
     report = json.loads(out.read_text())
     rows = {r["what"]: r for r in report["rows"]}
@@ -75,12 +97,20 @@ def test_lever_screen_augment_plan_and_summary(tmp_path):
     assert reflected.dtype == torch.uint8 and reflected.shape == x.shape
     assert (reflected > 0).all() and (same == 0).any()  # reflection adds no black border
     plan = screen.parse_plan(["0.1=preset,ep40", "0.025=preset"])
-    assert screen.tasks(plan, range(2)) == [(0.1, "preset", 0), (0.1, "ep40", 0), (0.025, "preset", 0),
-                                            (0.1, "preset", 1), (0.1, "ep40", 1), (0.025, "preset", 1)]  # fmt: skip
+    assert screen.tasks(plan, range(2)) == [
+        (0.1, "preset", 0),
+        (0.1, "ep40", 0),
+        (0.025, "preset", 0),
+        (0.1, "preset", 1),
+        (0.1, "ep40", 1),
+        (0.025, "preset", 1),
+    ]
     with pytest.raises(SystemExit, match="unknown-arm|expected NOISE=ARM"):
         screen.parse_plan(["0.1=unknown-arm"])
-    rows = [{"noise": 0.1, "arm": "preset", "seed": s, "acc": a, "seconds": 10.0, "tile_rates": t}
-            for s, a, t in ((0, 90.0, [0.8, 1.0]), (1, 92.0, [0.9, 0.94]), (2, 94.0, [1.0, 0.88]))]  # fmt: skip
+    rows = [
+        {"noise": 0.1, "arm": "preset", "seed": s, "acc": a, "seconds": 10.0, "tile_rates": t}
+        for s, a, t in ((0, 90.0, [0.8, 1.0]), (1, 92.0, [0.9, 0.94]), (2, 94.0, [1.0, 0.88]))
+    ]
     rows.append({"noise": 0.1, "arm": "ramp20", "seed": 0, "acc": 91.0, "seconds": 10.0})
     path = tmp_path / "screen.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

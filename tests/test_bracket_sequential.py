@@ -133,8 +133,10 @@ def test_knob_end_is_reported_or_raised():
     ref = [(0.0, 0.916), (0.025, 0.922), (0.05, 0.920), (0.1, 0.896)]  # docs/frontier.md's reference
     result = br.bracket(Trainer(), ref, {"gmm-cem": 0.928})
     assert result.added == [] and result.targets["gmm-cem"].status == "could not bracket"
-    assert result.failures == ["could not bracket gmm-cem (92.8%): the reference's best accuracy is 92.2% (at noise "
-                               "0.025), and noise cannot go below 0, which is already swept"]  # fmt: skip
+    assert result.failures == [
+        "could not bracket gmm-cem (92.8%): the reference's best accuracy is 92.2% (at noise "
+        "0.025), and noise cannot go below 0, which is already swept"
+    ]
     with pytest.raises(UserError, match="cannot go below 0"):
         br.plan(ref, {"gmm-cem": 0.928}, on_impossible="raise")
 

@@ -29,8 +29,15 @@ def test_equal_option_values_name_the_same_run():
 def test_configs_without_options_keep_their_hash():
     cfg = TrainConfig.from_preset("quick", defense="slot-cem", bottleneck=8, noise=0.025)
     # Fields added later, left out of the identity while unset / off:
-    new_fields = ("data_fingerprint", "noise_warmup", "image_size", "pretrained", "model_options", "weights_digest",
-                  "cpu_amp")
+    new_fields = (
+        "data_fingerprint",
+        "noise_warmup",
+        "image_size",
+        "pretrained",
+        "model_options",
+        "weights_digest",
+        "cpu_amp",
+    )
     identity = {k: v for k, v in asdict(cfg).items() if k not in NON_IDENTITY and k not in new_fields}
     identity["milestones"] = list(cfg.milestones)
     assert cfg.hash() == config_hash(identity)  # the identity as it was before the new fields

@@ -15,8 +15,24 @@ def test_list(capsys):
 
 
 def test_train_prints_accuracy_and_run_folder_last(tmp_path, capsys):
-    args = ["train", "--epochs", "1", "--n-train", "300", "--width", "0.125", "--seed", "1",
-            "--bottleneck", "C8", "--noise", "0.025", "--results-dir", str(tmp_path), "--quiet"]  # fmt: skip
+    args = [
+        "train",
+        "--epochs",
+        "1",
+        "--n-train",
+        "300",
+        "--width",
+        "0.125",
+        "--seed",
+        "1",
+        "--bottleneck",
+        "C8",
+        "--noise",
+        "0.025",
+        "--results-dir",
+        str(tmp_path),
+        "--quiet",
+    ]
     code, out, _ = run_cli(args, capsys)
     lines = out.strip().splitlines()
     assert code == 0

@@ -132,9 +132,33 @@ def captured(monkeypatch):
 
 
 def test_run_options_reach_training_and_attacks(captured, tmp_path, capsys):
-    args = ["run", "--defense", "none@plain", "--defense", "gmm-cem", "--defense", "slot-cem", "--attack", "decoder",
-            "--epochs", "2", "--model", "vgg11", "--preset", "quick", "-o", "gmm-cem.lam=8", "-o", "warmup=0",
-            "--attacker-data", "aux", "--eval-images", "8", "--results-dir", str(tmp_path / "r")]  # fmt: skip
+    args = [
+        "run",
+        "--defense",
+        "none@plain",
+        "--defense",
+        "gmm-cem",
+        "--defense",
+        "slot-cem",
+        "--attack",
+        "decoder",
+        "--epochs",
+        "2",
+        "--model",
+        "vgg11",
+        "--preset",
+        "quick",
+        "-o",
+        "gmm-cem.lam=8",
+        "-o",
+        "warmup=0",
+        "--attacker-data",
+        "aux",
+        "--eval-images",
+        "8",
+        "--results-dir",
+        str(tmp_path / "r"),
+    ]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     cfgs = {c.defense: c for c in captured.configs}
@@ -147,10 +171,12 @@ def test_run_options_reach_training_and_attacks(captured, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "option,message",
-    [("lam=16", "option 'lam': no defense in the grid (none) has it"),
-     ("gmm-cem.lam=16", "option 'gmm-cem.lam' names 'gmm-cem', which is not in the grid"),
-     ("lam", "invalid option 'lam'")],
-)  # fmt: skip
+    [
+        ("lam=16", "option 'lam': no defense in the grid (none) has it"),
+        ("gmm-cem.lam=16", "option 'gmm-cem.lam' names 'gmm-cem', which is not in the grid"),
+        ("lam", "invalid option 'lam'"),
+    ],
+)
 def test_run_option_no_defense_has_exits_2(option, message, tmp_path, capsys):
     code, _, err = run_cli(["run", "--defense", "none", "-o", option, "--results-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err
@@ -159,8 +185,10 @@ def test_run_option_no_defense_has_exits_2(option, message, tmp_path, capsys):
 
 def test_toml_takes_the_same_keys_and_the_command_line_wins(tmp_path):
     path = tmp_path / "grid.toml"
-    path.write_text('defense = ["none", "gmm-cem"]\nepochs = 3\nmodel = "vgg11"\neval_images = 8\n'
-                    'attacker_data = "aux"\noption = ["lam=8"]\npreset = "quick"\n')  # fmt: skip
+    path.write_text(
+        'defense = ["none", "gmm-cem"]\nepochs = 3\nmodel = "vgg11"\neval_images = 8\n'
+        'attacker_data = "aux"\noption = ["lam=8"]\npreset = "quick"\n'
+    )
     grid = grid_from_options(str(path))
     assert {c.epochs for c in grid.train_configs()} == {3}
     assert grid.attack_settings() == {"eval_images": 8, "attacker_data": "aux"}
@@ -180,8 +208,18 @@ def test_toml_shortcut_and_its_table_entry_together_exit_2(tmp_path, capsys):
 def test_run_help_summarises_the_toml_schema_and_docs_describe_every_key(capsys):
     code, out, _ = run_cli(["run", "--help"], capsys)
     assert code == 0
-    for word in ("docs/config.md", "[train]", "[attacks.<name>]", "[defenses.<name>]", "--attacker-data",
-                 "--eval-images", "--epochs", "--model", "--option", "--preset"):  # fmt: skip
+    for word in (
+        "docs/config.md",
+        "[train]",
+        "[attacks.<name>]",
+        "[defenses.<name>]",
+        "--attacker-data",
+        "--eval-images",
+        "--epochs",
+        "--model",
+        "--option",
+        "--preset",
+    ):
         assert word in out, word
     doc = (ROOT / "docs" / "config.md").read_text()
     for key in TOP_KEYS:
@@ -219,9 +257,12 @@ def test_file_as_results_dir_exits_2_at_once_and_trains_nothing(no_work, tmp_pat
     file = tmp_path / "results.txt"
     file.write_text("mine")
     t0 = time.perf_counter()
-    for args in (["run", "--results-dir", str(file)], ["run", "--results-dir", str(file / "sub")],
-                 ["run", "--results-dir", str(tmp_path / "r"), "--out", str(file)],
-                 ["train", "--results-dir", str(file)]):  # fmt: skip
+    for args in (
+        ["run", "--results-dir", str(file)],
+        ["run", "--results-dir", str(file / "sub")],
+        ["run", "--results-dir", str(tmp_path / "r"), "--out", str(file)],
+        ["train", "--results-dir", str(file)],
+    ):
         code, _, err = run_cli(args, capsys)
         assert code == 2 and err.count("\n") == 1 and str(file) in err and "Traceback" not in err, (args, err)
     assert time.perf_counter() - t0 < 10
@@ -241,8 +282,11 @@ def test_table_and_plot_out_checked_before_reading(two_grids, tmp_path, capsys):
     _, a, _ = two_grids
     folder = tmp_path / "a_folder"
     folder.mkdir()
-    for args in (["table", str(a.out_dir), "--out", str(folder)], ["plot", str(a.out_dir), "--out", str(folder)],
-                 ["plot", str(a.out_dir), "--grid", str(folder)]):  # fmt: skip
+    for args in (
+        ["table", str(a.out_dir), "--out", str(folder)],
+        ["plot", str(a.out_dir), "--out", str(folder)],
+        ["plot", str(a.out_dir), "--grid", str(folder)],
+    ):
         code, _, err = run_cli(args, capsys)
         assert code == 2 and "is a folder, not a file" in err, (args, err)
     assert list(folder.iterdir()) == []
@@ -288,11 +332,13 @@ def test_run_prints_cell_counts_and_a_running_count(tmp_path):
     assert lines[0].startswith("2 training cells, 4 attack cells")
     starts = [line for line in lines if line.startswith("[")]
     assert [s.split(" ...")[0] for s in starts] == [
-        "[1/2] training none (plain) seed 0", "[1/4] attack decoder on none (plain) seed 0",
-        "[2/4] attack optimization on none (plain) seed 0", "[2/2] training gmm-cem (C8 + noise 0.025) seed 0",
+        "[1/2] training none (plain) seed 0",
+        "[1/4] attack decoder on none (plain) seed 0",
+        "[2/4] attack optimization on none (plain) seed 0",
+        "[2/2] training gmm-cem (C8 + noise 0.025) seed 0",
         "[3/4] attack decoder on gmm-cem (C8 + noise 0.025) seed 0",
         "[4/4] attack optimization on gmm-cem (C8 + noise 0.025) seed 0",
-    ]  # fmt: skip
+    ]
     assert "ETA" not in starts[1] and all("(ETA " in s for s in starts[2:])
     assert json.loads((grid.out_dir() / "cells.json").read_text())["runs"]  # the manifest is written
 
@@ -312,8 +358,14 @@ def test_real_run_says_a_repeated_warning_once(tmp_path, capsys, monkeypatch):
 def test_each_line_of_a_defense_log_is_printed_once(tmp_path):
     from privbench.store.runs import train_run
 
-    cfg = tiny_config(n_train=128, batch_size=64, defense="slot-cem", bottleneck=8, noise=0.025,
-                      defense_options={"warmup": 0, "num_slots": 2, "num_iterations": 1, "hidden": 8})  # fmt: skip
+    cfg = tiny_config(
+        n_train=128,
+        batch_size=64,
+        defense="slot-cem",
+        bottleneck=8,
+        noise=0.025,
+        defense_options={"warmup": 0, "num_slots": 2, "num_iterations": 1, "hidden": 8},
+    )
     lines = []
     run, _ = train_run(cfg, tmp_path, log=lines.append)
     assert sum("rob_loss=" in line for line in lines) == cfg.epochs  # once per epoch, not twice

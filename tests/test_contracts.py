@@ -57,14 +57,28 @@ def test_strength_zero_behaves_as_none(name):
     cpu = torch.device("cpu")
     defense.build(tuple(z.shape[1:]), cpu)
     images = (torch.rand(16, 3, 32, 32) * 255).to(torch.uint8)
-    defense.setup(TrainContext(model=vgg11(cut=2, width=0.125, bottleneck=8), train_images=images, train_labels=y,
-                               num_classes=4, noise_std=0.0, device=cpu, epochs=1, batch_size=16, steps_per_epoch=1,
-                               seed=0))  # fmt: skip
+    defense.setup(
+        TrainContext(
+            model=vgg11(cut=2, width=0.125, bottleneck=8),
+            train_images=images,
+            train_labels=y,
+            num_classes=4,
+            noise_std=0.0,
+            device=cpu,
+            epochs=1,
+            batch_size=16,
+            steps_per_epoch=1,
+            seed=0,
+        )
+    )
     for training in (False, True):
         assert torch.equal(defense.transform(z, training=training), z)
         assert torch.equal(defense.noise(z, training=training), z)
-    loss = defense.loss(z, y, epoch=1000, lr=0.01, x=x) if "x" in defense.loss.__code__.co_varnames else \
-        defense.loss(z, y, epoch=1000, lr=0.01)  # fmt: skip
+    loss = (
+        defense.loss(z, y, epoch=1000, lr=0.01, x=x)
+        if "x" in defense.loss.__code__.co_varnames
+        else defense.loss(z, y, epoch=1000, lr=0.01)
+    )
     assert loss is None or float(loss) == 0.0
 
 
@@ -74,8 +88,9 @@ def test_same_seed_same_row(name, tiny):
     first, second = train(cfg, log=lambda _: None), train(cfg, log=lambda _: None)
     assert first.test_accuracy == second.test_accuracy
     timing = {"epoch_seconds", "refit_seconds"}  # wall clock, not results
-    assert [{k: v for k, v in h.items() if k not in timing} for h in first.history] == \
-        [{k: v for k, v in h.items() if k not in timing} for h in second.history]  # fmt: skip
+    assert [{k: v for k, v in h.items() if k not in timing} for h in first.history] == [
+        {k: v for k, v in h.items() if k not in timing} for h in second.history
+    ]
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
         assert torch.equal(a, b)
 

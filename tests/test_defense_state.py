@@ -54,10 +54,20 @@ def context(params: list) -> TrainContext:
     images, labels, _ = batch(0)
     enc = encoder()
     return TrainContext(
-        model=SplitModel(enc, nn.Identity(), 0.05), train_images=images, train_labels=labels, num_classes=CLASSES,
-        noise_std=0.05, device=CPU, epochs=2, batch_size=16, steps_per_epoch=2, seed=0,
-        add_parameters=lambda new, **kw: params.extend(new), log=lambda m: None, client=enc,
-    )  # fmt: skip
+        model=SplitModel(enc, nn.Identity(), 0.05),
+        train_images=images,
+        train_labels=labels,
+        num_classes=CLASSES,
+        noise_std=0.05,
+        device=CPU,
+        epochs=2,
+        batch_size=16,
+        steps_per_epoch=2,
+        seed=0,
+        add_parameters=lambda new, **kw: params.extend(new),
+        log=lambda m: None,
+        client=enc,
+    )
 
 
 def create(name: str) -> Defense:

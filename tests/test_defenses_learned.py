@@ -208,8 +208,6 @@ def test_adversarial_alternates_and_its_state_round_trips():
 # --------------------------------------------------------------------------- train, attack, round trip
 
 
-
-
 LOGGED = {"nopeek": "dcor", "adversarial": "adv_ssim", "shredder": "noise_scale", "disco": "channel_usage_max"}
 
 
@@ -218,8 +216,9 @@ def test_plugin_trains_and_is_attacked(name, runs, data):
     run = runs(name, bottleneck=8)
     hist = run.metrics()["history"][0]
     assert np.isfinite(hist["train_loss"]) and np.isfinite(hist[LOGGED[name]])
-    (result,) = attack_run(run.path, ["decoder"], epochs=1, eval_images=16, progress=False,
-                           options={"decoder": TINY_DECODER}, **QUIET)  # fmt: skip
+    (result,) = attack_run(
+        run.path, ["decoder"], epochs=1, eval_images=16, progress=False, options={"decoder": TINY_DECODER}, **QUIET
+    )
     assert 0 < result["metrics"]["ssim"]["mean"] < 1
     model = Run.open(run.path).load_model(data)
     x = torch.rand(8, 3, 32, 32)

@@ -169,8 +169,6 @@ def make_mean(sampler):
 # --------------------------------------------------------------------------- train, attack, round trip
 
 
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_plugin_trains_is_attacked_and_changes_what_the_attacker_sees(name, runs, data):
     run = runs(name) if name == "prune" else runs(name, bottleneck=8)  # prune: the plain 16-channel ReLU z
@@ -178,8 +176,9 @@ def test_plugin_trains_is_attacked_and_changes_what_the_attacker_sees(name, runs
     assert hist["train_loss"] == hist["train_loss"]  # finite
     if name == "vib":
         assert hist["vib_kl"] > 0 and hist["defense_loss"] > 0
-    (result,) = attack_run(run.path, ["decoder"], epochs=1, eval_images=16, progress=False,
-                           options={"decoder": TINY_DECODER}, **QUIET)  # fmt: skip
+    (result,) = attack_run(
+        run.path, ["decoder"], epochs=1, eval_images=16, progress=False, options={"decoder": TINY_DECODER}, **QUIET
+    )
     assert 0 < result["metrics"]["ssim"]["mean"] < 1
     model = Run.open(run.path).load_model(data)
     x = torch.rand(8, 3, 32, 32)

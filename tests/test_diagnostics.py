@@ -28,15 +28,43 @@ from privbench.report.plot_diagnostics import curves_figure, plot_curves, plot_s
 LOG_2PIE = math.log(2 * math.pi * math.e)
 
 HISTORY = [
-    {"epoch": 1, "lr": 0.0002, "train_loss": 1.9, "defense_loss": 0.0, "train_acc": 0.31, "epoch_seconds": 4.5,
-     "z_intra_class_var": 0.021, "z_total_var": 0.09},
-    {"epoch": 2, "lr": 0.02, "train_loss": 1.4, "defense_loss": 0.7312345678901234, "train_acc": 0.55,
-     "rob_loss": 0.1345, "within_var": 0.004, "z_intra_class_var": 0.011, "z_total_var": 0.08,
-     "dropout_loss": 0.0, "epoch_seconds": 4.25},
-    {"epoch": 3, "lr": 0.015, "train_loss": 1.2, "defense_loss": 0.6, "train_acc": 0.7, "rob_loss": 0.07,
-     "within_var": 0.002, "z_intra_class_var": 0.005, "z_total_var": 0.07, "dropout_loss": 0.0,
-     "epoch_seconds": 1 / 3},
-]  # fmt: skip
+    {
+        "epoch": 1,
+        "lr": 0.0002,
+        "train_loss": 1.9,
+        "defense_loss": 0.0,
+        "train_acc": 0.31,
+        "epoch_seconds": 4.5,
+        "z_intra_class_var": 0.021,
+        "z_total_var": 0.09,
+    },
+    {
+        "epoch": 2,
+        "lr": 0.02,
+        "train_loss": 1.4,
+        "defense_loss": 0.7312345678901234,
+        "train_acc": 0.55,
+        "rob_loss": 0.1345,
+        "within_var": 0.004,
+        "z_intra_class_var": 0.011,
+        "z_total_var": 0.08,
+        "dropout_loss": 0.0,
+        "epoch_seconds": 4.25,
+    },
+    {
+        "epoch": 3,
+        "lr": 0.015,
+        "train_loss": 1.2,
+        "defense_loss": 0.6,
+        "train_acc": 0.7,
+        "rob_loss": 0.07,
+        "within_var": 0.002,
+        "z_intra_class_var": 0.005,
+        "z_total_var": 0.07,
+        "dropout_loss": 0.0,
+        "epoch_seconds": 1 / 3,
+    },
+]
 
 
 # ------------------------------------------------------------------------------- curves
@@ -153,10 +181,18 @@ def test_noise_comes_from_setup_or_argument():
 
 def ctx(labels, num_classes, noise=0.1):
     return TrainContext(
-        model=torch.nn.Identity(), train_images=torch.zeros(len(labels), 3, 4, 4, dtype=torch.uint8),
-        train_labels=labels, num_classes=num_classes, noise_std=noise, device=torch.device("cpu"),
-        epochs=1, batch_size=8, steps_per_epoch=1, seed=0, log=lambda m: None,
-    )  # fmt: skip
+        model=torch.nn.Identity(),
+        train_images=torch.zeros(len(labels), 3, 4, 4, dtype=torch.uint8),
+        train_labels=labels,
+        num_classes=num_classes,
+        noise_std=noise,
+        device=torch.device("cpu"),
+        epochs=1,
+        batch_size=8,
+        steps_per_epoch=1,
+        seed=0,
+        log=lambda m: None,
+    )
 
 
 def slot_defense(num_classes, dim, noise=0.1, seed=0):

@@ -18,8 +18,13 @@ from tests.test_cli import run_cli
 from tests.test_sweep import TINY_TOML, FakeWork
 
 # One training cell and one cheap attack cell: what every executor must compute identically.
-GRID = dict(defense=["none@plain"], attack=["optimization"], device="cpu", train={"epochs": 1, "n_train": 300,
-            "width": 0.125}, attacks={"steps": 5, "eval_images": 16})  # fmt: skip
+GRID = dict(
+    defense=["none@plain"],
+    attack=["optimization"],
+    device="cpu",
+    train={"epochs": 1, "n_train": 300, "width": 0.125},
+    attacks={"steps": 5, "eval_images": 16},
+)
 SLURM_LOCAL = {"kind": "slurm", "cluster": "local", "poll": 0.2}
 
 
@@ -42,13 +47,16 @@ def test_executor_table_and_command_line():
 
 @pytest.mark.parametrize(
     "value,message",
-    [("dask", "unknown executor 'dask'"), ({"kind": "ray", "gpus": 1}, "unknown [executor] key 'gpus'"),
-     ({"kind": "ray", "cpus_per_task": 0}, "cpus_per_task 0: expected an integer >= 1"),
-     ({"kind": "slurm", "time": "soon"}, "invalid [executor] time 'soon'"),
-     ({"kind": "slurm", "cluster": "pbs"}, "invalid [executor] cluster"),
-     ({"kind": "slurm", "array_parallelism": True}, "array_parallelism True"),
-     ({"address": "h:1"}, "a Ray address is given, but the executor is local")],
-)  # fmt: skip
+    [
+        ("dask", "unknown executor 'dask'"),
+        ({"kind": "ray", "gpus": 1}, "unknown [executor] key 'gpus'"),
+        ({"kind": "ray", "cpus_per_task": 0}, "cpus_per_task 0: expected an integer >= 1"),
+        ({"kind": "slurm", "time": "soon"}, "invalid [executor] time 'soon'"),
+        ({"kind": "slurm", "cluster": "pbs"}, "invalid [executor] cluster"),
+        ({"kind": "slurm", "array_parallelism": True}, "array_parallelism True"),
+        ({"address": "h:1"}, "a Ray address is given, but the executor is local"),
+    ],
+)
 def test_bad_executor_tables(value, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
         parse_executor(value)
@@ -79,8 +87,9 @@ def fake_slurm(tmp_path: Path) -> Path:
     return bin_dir
 
 
-@pytest.mark.parametrize("case", ["unknown", "address alone", "no sbatch", "partition", "ray address", "no ray",
-                                  "no submitit"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case", ["unknown", "address alone", "no sbatch", "partition", "ray address", "no ray", "no submitit"]
+)
 def test_bad_executor_input_exits_2_before_any_cell(tmp_path, capsys, monkeypatch, case):
     path = tmp_path / "grid.toml"
     path.write_text(TINY_TOML)
@@ -133,13 +142,18 @@ def test_a_failing_cell_does_not_stop_the_others(tmp_path):
 
 def test_failed_cells_exit_1_naming_them(tmp_path, capsys, monkeypatch):
     work, real = FailingWork(), sweep.run_grid
-    monkeypatch.setattr(sweep, "run_grid", lambda grid, log=print: real(grid, train_fn=work.train,
-                        attack_fn=work.attack, validate=False, log=log))  # fmt: skip
+    monkeypatch.setattr(
+        sweep,
+        "run_grid",
+        lambda grid, log=print: real(grid, train_fn=work.train, attack_fn=work.attack, validate=False, log=log),
+    )
     args = ["run", "--defense", "gmm-cem", "--defense", "none@plain", "--results-dir", str(tmp_path)]
     code, out, err = run_cli(args, capsys)
     assert code == 1 and "[2/2] training none (plain) seed 0" in out
-    assert err.splitlines()[0] == "error: 1 cells failed (2 attack cells did not run: their training failed); " \
-                                  "rerun the same command to retry them:"  # fmt: skip
+    assert (
+        err.splitlines()[0] == "error: 1 cells failed (2 attack cells did not run: their training failed); "
+        "rerun the same command to retry them:"
+    )
     assert "training gmm-cem (C8 + noise 0.025) seed 0: RuntimeError: loss is nan (log: " in err
 
 
@@ -189,8 +203,12 @@ def test_scheduler_orders_cells_isolates_failures_and_waits_for_another_runs_loc
     from privbench.util.storage import lock_owner
 
     work = FailingWork()
-    grid = Grid(defense=["none@plain", "gmm-cem", "none"], attack=["decoder"], results_dir=str(tmp_path),
-                executor={"kind": "ray", "poll": 0.05})  # fmt: skip
+    grid = Grid(
+        defense=["none@plain", "gmm-cem", "none"],
+        attack=["decoder"],
+        results_dir=str(tmp_path),
+        executor={"kind": "ray", "poll": 0.05},
+    )
     configs = grid.train_configs()
     busy = tmp_path / f".{run_name(configs[2])}.lock"  # another privbench run is building this one
     busy.write_text(__import__("json").dumps(lock_owner()))
@@ -209,9 +227,12 @@ def test_scheduler_orders_cells_isolates_failures_and_waits_for_another_runs_loc
     result = sweep.GridResult(table=None, long=None, out_dir=tmp_path, files=[], runs=[], attack_dirs=[])
     failures, blocked = Scheduler(engine, grid, lines.append).run(configs, result)
     assert [f.cell for f in failures] == ["training gmm-cem (C8 + noise 0.025) seed 0"] and blocked == 1
-    assert engine.submitted == ["training none (plain) seed 0", "training gmm-cem (C8 + noise 0.025) seed 0",
-                                "attack decoder on none (plain) seed 0",
-                                "attack decoder on none (C8 + noise 0.025) seed 0"]  # fmt: skip
+    assert engine.submitted == [
+        "training none (plain) seed 0",
+        "training gmm-cem (C8 + noise 0.025) seed 0",
+        "attack decoder on none (plain) seed 0",
+        "attack decoder on none (C8 + noise 0.025) seed 0",
+    ]
     assert sum("another privbench run is building it" in line for line in lines) == 1
     assert [p.name for p in result.runs] == [run_name(configs[0]), run_name(configs[2])]  # grid order
     assert (result.computed, result.reused) == (3, 1) and len(result.attack_dirs) == 2

@@ -37,12 +37,34 @@ def ref_ssim(acc):
     return 2 * acc - 1.2
 
 
-def write_cell(root, *, defense="none", bottleneck=8, noise=0.025, options=None, seed=0, acc=0.85, attacks=None,
-               n=256, sd=0.05, preset="quick", per_image=True, acc_n=2000):  # fmt: skip
+def write_cell(
+    root,
+    *,
+    defense="none",
+    bottleneck=8,
+    noise=0.025,
+    options=None,
+    seed=0,
+    acc=0.85,
+    attacks=None,
+    n=256,
+    sd=0.05,
+    preset="quick",
+    per_image=True,
+    acc_n=2000,
+):
     """A fake run folder whose attacks' per-image SSIM has exactly the given means."""
     options = options or {}
-    cfg = TrainConfig(defense=defense, bottleneck=bottleneck, noise=noise, seed=seed, epochs=1, progress=False,
-                      defense_options=options, preset=preset)  # fmt: skip
+    cfg = TrainConfig(
+        defense=defense,
+        bottleneck=bottleneck,
+        noise=noise,
+        seed=seed,
+        epochs=1,
+        progress=False,
+        defense_options=options,
+        preset=preset,
+    )
     run = root / f"{defense}-{cfg.hash()}"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "defense_options": options}))
@@ -55,11 +77,18 @@ def write_cell(root, *, defense="none", bottleneck=8, noise=0.025, options=None,
         folder.mkdir(parents=True)
         stat_ = {"mean": float(values.mean()), "ci95": 1.96 * sd / math.sqrt(n), "n": n}
         mse = {"mean": float((1 - values).mean() / 10), "ci95": 0.001, "n": n}  # MSE = (1 - SSIM) / 10
-        (folder / "metrics.json").write_text(json.dumps({
-            "attack": name, "options": {}, "attacker_data": "train", "eval_images": n,
-            "metrics": {"ssim": stat_, "mse": mse, "lpips": {"missing": "offline"}},
-            "baseline": {"ssim": {"mean": BASELINE, "ci95": 0.01, "n": n}},
-        }))  # fmt: skip
+        (folder / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "attack": name,
+                    "options": {},
+                    "attacker_data": "train",
+                    "eval_images": n,
+                    "metrics": {"ssim": stat_, "mse": mse, "lpips": {"missing": "offline"}},
+                    "baseline": {"ssim": {"mean": BASELINE, "ci95": 0.01, "n": n}},
+                }
+            )
+        )
         if per_image:
             rows = [f"{i},{float(v)!r},20.0,{float(1 - v) / 10!r}," for i, v in enumerate(values)]
             lines = ["index,ssim,psnr,mse,lpips", *rows]
@@ -72,9 +101,16 @@ def write_family(root, defense, accs, ssims, *, seeds=3, knob="lam", noise=0.025
     for i, (acc, ssim) in enumerate(zip(accs, ssims)):
         options = {} if knob == "noise" else {knob: [4.0, 16.0, 64.0, 256.0][i]}
         for s, off in zip(range(seeds), (0.0, -0.01, 0.01)):
-            write_cell(root, defense=defense, noise=[0.1, 0.05, 0.025, 0.0125][i] if knob == "noise" else noise,
-                       options=options, seed=s, acc=acc + off, attacks={"decoder": ssim + off,
-                       "optimization": ssim - 0.1}, **kw)  # fmt: skip
+            write_cell(
+                root,
+                defense=defense,
+                noise=[0.1, 0.05, 0.025, 0.0125][i] if knob == "noise" else noise,
+                options=options,
+                seed=s,
+                acc=acc + off,
+                attacks={"decoder": ssim + off, "optimization": ssim - 0.1},
+                **kw,
+            )
 
 
 def write_world(root, **kw):
@@ -84,8 +120,16 @@ def write_world(root, **kw):
     write_family(root, "dropout", ACCS, [ref_ssim(a) + SHIFT for a in ACCS], knob="rate", **kw)  # above: worse
     write_family(root, "topk", (0.70, 0.97), (0.2, 0.5), knob="ratio", **kw)  # outside the range, both sides
     for s, off in zip(range(3), (0.0, -0.01, 0.01)):
-        write_cell(root, defense="none", bottleneck=None, noise=0.0, seed=s, acc=UNDEFENDED[0] + off,
-                   attacks={"decoder": UNDEFENDED[1] + off}, **kw)  # fmt: skip
+        write_cell(
+            root,
+            defense="none",
+            bottleneck=None,
+            noise=0.0,
+            seed=s,
+            acc=UNDEFENDED[0] + off,
+            attacks={"decoder": UNDEFENDED[1] + off},
+            **kw,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +199,15 @@ def test_the_reference_ends_at_the_undefended_model(tmp_path):
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
     write_family(tmp_path, "gmm-cem", (0.92,), (0.63,))
     for s, off in zip(range(3), (0.0, -0.01, 0.01)):
-        write_cell(tmp_path, defense="none", bottleneck=None, noise=0.0, seed=s, acc=UNDEFENDED[0] + off,
-                   attacks={"decoder": UNDEFENDED[1] + off, "optimization": UNDEFENDED[1] - 0.1})  # fmt: skip
+        write_cell(
+            tmp_path,
+            defense="none",
+            bottleneck=None,
+            noise=0.0,
+            seed=s,
+            acc=UNDEFENDED[0] + off,
+            attacks={"decoder": UNDEFENDED[1] + off, "optimization": UNDEFENDED[1] - 0.1},
+        )
     pts = points_of(tmp_path)
     cmp = frontier.compare(pts, resamples=RESAMPLES)
     point = cmp.points.set_index("family").loc["gmm-cem"]
@@ -187,13 +238,22 @@ def test_a_defense_more_accurate_than_the_undefended_model_gets_no_verdict(tmp_p
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
     write_family(tmp_path, "gmm-cem", (0.97,), (0.50,))
     for s in range(3):
-        write_cell(tmp_path, defense="none", bottleneck=None, noise=0.0, seed=s, acc=UNDEFENDED[0],
-                   attacks={"decoder": UNDEFENDED[1], "optimization": UNDEFENDED[1] - 0.1})  # fmt: skip
+        write_cell(
+            tmp_path,
+            defense="none",
+            bottleneck=None,
+            noise=0.0,
+            seed=s,
+            acc=UNDEFENDED[0],
+            attacks={"decoder": UNDEFENDED[1], "optimization": UNDEFENDED[1] - 0.1},
+        )
     cmp = frontier.compare(points_of(tmp_path), resamples=RESAMPLES)
     assert fam(cmp, "gmm-cem").verdict == "extrapolation only"
     line = frontier.verdict_lines(cmp)[0]
-    assert line.startswith("gmm-cem: no verdict: more accurate than the undefended model (97.0% against 95.0%) and "
-                           "every none point (up to 90.0%)")  # fmt: skip
+    assert line.startswith(
+        "gmm-cem: no verdict: more accurate than the undefended model (97.0% against 95.0%) and "
+        "every none point (up to 90.0%)"
+    )
     # the dominance clause still applies: 0.500 is below the 90% point's 0.600, not the 85% point's 0.500
     assert "; it leaks less than the most accurate none point (90.0%, 0.600 against its 0.500)" in line
 
@@ -211,8 +271,10 @@ def test_verdict_lines(world):
     assert f"could detect is {2.801585 / 3.919928 * (row.gain_hi - row.gain_lo):.3f}" in copy
     assert "detectable" not in gmm
     # the undefended model was scored by the decoder only: the worst cases cover different attack sets
-    assert any("not all scored by the same attacks (configurations per attack, of 15: decoder: 15, "
-               "optimization: 14)" in n for n in cmp.notes)  # fmt: skip
+    assert any(
+        "not all scored by the same attacks (configurations per attack, of 15: decoder: 15, optimization: 14)" in n
+        for n in cmp.notes
+    )
 
 
 def test_interpolation_against_hand_computation():
@@ -292,11 +354,17 @@ def test_bad_input_errors(tmp_path):
     write_family(tmp_path, "none", ACCS[:1], [0.4], knob="noise", seeds=1)
     write_family(tmp_path, "gmm-cem", ACCS[:2], [0.4, 0.5], seeds=1)
     pts = points_of(tmp_path)
-    with pytest.raises(UserError, match=r"reference family 'slot-cem' is not in the results for "
-                                        r"embedded/vgg11/quick \(families there: gmm-cem, none\)"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"reference family 'slot-cem' is not in the results for "
+        r"embedded/vgg11/quick \(families there: gmm-cem, none\)",
+    ):
         frontier.compare(pts, reference="slot-cem")
-    with pytest.raises(UserError, match=r"reference family 'none' has 1 point \(noise=0.1\) in "
-                                        r"embedded/vgg11/quick: a frontier needs at least two"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"reference family 'none' has 1 point \(noise=0.1\) in "
+        r"embedded/vgg11/quick: a frontier needs at least two",
+    ):
         frontier.compare(pts)
     with pytest.raises(UserError, match=r"no cell has privacy metric 'lpips' \(the attacks here report: ssim, mse\)"):
         points_of(tmp_path, "lpips")
@@ -317,7 +385,9 @@ def test_mixed_presets_are_split(tmp_path):
     assert set(cmp.points.group) == {"embedded/vgg11/quick", "embedded/vgg11/paper"}
     lines = frontier.verdict_lines(cmp)
     assert len(lines) == 2 and {line.split("]")[0] for line in lines} == {
-        "[embedded/vgg11/quick", "[embedded/vgg11/paper"}  # fmt: skip
+        "[embedded/vgg11/quick",
+        "[embedded/vgg11/paper",
+    }
 
 
 def test_family_split_names_the_difference_and_stacks_name_the_part(tmp_path):
@@ -335,10 +405,18 @@ def test_saturation_checks_are_not_cells(tmp_path):
     run = write_cell(tmp_path, attacks={"decoder": 0.5})
     check = run / "attacks" / "decoder-check"
     check.mkdir()
-    (check / "metrics.json").write_text(json.dumps({
-        "attack": "decoder", "options": {}, "attacker_data": "train", "eval_images": 256, "saturation_check_of": "x",
-        "metrics": {"ssim": {"mean": 0.99, "ci95": 0.01, "n": 256}},
-    }))  # fmt: skip
+    (check / "metrics.json").write_text(
+        json.dumps(
+            {
+                "attack": "decoder",
+                "options": {},
+                "attacker_data": "train",
+                "eval_images": 256,
+                "saturation_check_of": "x",
+                "metrics": {"ssim": {"mean": 0.99, "ci95": 0.01, "n": 256}},
+            }
+        )
+    )
     (check / "per_image.csv").write_text("index,ssim\n0,0.99\n")
     (row,) = points_of(tmp_path).itertuples()
     assert row.privacy_mean == pytest.approx(0.5) and [a for a, _, _ in row.cells[0].attacks] == ["decoder"]
@@ -455,8 +533,13 @@ def test_a_defense_beyond_the_reference_is_said_to_dominate_the_points_it_beats(
     the most accurate reference points it also leaks less than (here 0.60 and 0.50, not 0.40)."""
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
     write_family(tmp_path, "gmm-cem", (0.93,), (0.45,))
-    (line,) = [v for v in frontier.verdict_lines(frontier.compare(points_of(tmp_path), resamples=50))
-               if v.startswith("gmm-cem")]  # fmt: skip
+    (line,) = [
+        v
+        for v in frontier.verdict_lines(frontier.compare(points_of(tmp_path), resamples=50))
+        if v.startswith("gmm-cem")
+    ]
     assert line.startswith("gmm-cem: no verdict: no none point at its accuracy (93.0%")
-    assert line.endswith("it leaks less than the 2 most accurate none points (85.0-90.0%, 0.500-0.600 against its "
-                         "0.450), each less accurate than it: a dominance, not a gain at matched accuracy")  # fmt: skip
+    assert line.endswith(
+        "it leaks less than the 2 most accurate none points (85.0-90.0%, 0.500-0.600 against its "
+        "0.450), each less accurate than it: a dominance, not a gain at matched accuracy"
+    )

@@ -29,19 +29,31 @@ def make_ctx(labels, *, num_classes, noise=0.025, images=None, encoder=None, see
         images = torch.zeros(len(labels), 1, 1, 1, dtype=torch.uint8)
     model = SplitModel(encoder if encoder is not None else nn.Flatten(), nn.Identity(), noise)
     return TrainContext(
-        model=model, train_images=images, train_labels=torch.as_tensor(labels), num_classes=num_classes,
-        noise_std=noise, device=torch.device("cpu"), epochs=1, batch_size=128, steps_per_epoch=1, seed=seed,
+        model=model,
+        train_images=images,
+        train_labels=torch.as_tensor(labels),
+        num_classes=num_classes,
+        noise_std=noise,
+        device=torch.device("cpu"),
+        epochs=1,
+        batch_size=128,
+        steps_per_epoch=1,
+        seed=seed,
         log=lambda m: None,
-    )  # fmt: skip
+    )
 
 
 def fixed_defense(noise=0.025, pi=PI, **options):
     d = registry.create("defense", "gmm-cem", {"clusters": 2, **options})
     d.setup(make_ctx([0] * COUNTS[0] + [1] * COUNTS[1], num_classes=2, noise=noise))
-    d.load_state_dict({
-        "centroids": torch.tensor(MU), "vbar": torch.tensor(VBAR), "pi": torch.tensor(pi),
-        "var_diag": torch.tensor(VAR_DIAG),
-    })  # fmt: skip
+    d.load_state_dict(
+        {
+            "centroids": torch.tensor(MU),
+            "vbar": torch.tensor(VBAR),
+            "pi": torch.tensor(pi),
+            "var_diag": torch.tensor(VAR_DIAG),
+        }
+    )
     return d
 
 

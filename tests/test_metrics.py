@@ -13,10 +13,15 @@ from privbench.util.stats import mean_ci
 def skimage_ssim(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(
         structural_similarity(
-            x.numpy().astype(np.float64), y.numpy().astype(np.float64), gaussian_weights=True, sigma=1.5,
-            use_sample_covariance=False, data_range=1, channel_axis=0,
+            x.numpy().astype(np.float64),
+            y.numpy().astype(np.float64),
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=1,
+            channel_axis=0,
         )
-    )  # fmt: skip
+    )
 
 
 def image_pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:

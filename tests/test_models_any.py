@@ -37,9 +37,19 @@ CLASSES = 3
 # Two cuts each: ResNet maps [C,H,W]; ViT tokens [N,D] before the class token is added and after.
 RUNS = [(RESNET, "layer1"), (RESNET, "layer3"), (VIT, "patch_embed"), (VIT, "blocks.0")]
 # Attack budgets that take a fraction of a second; each attack gets the options it has.
-TINY_ATTACK = {"epochs": 1, "steps": 2, "channels": 8, "blocks": 0, "batch_size": 16, "gen_batch_size": 8,
-               "latent": 8, "width": 8, "decoder_batch_size": 16, "decoder_channels": 8,
-               "decoder_blocks": 0}  # fmt: skip
+TINY_ATTACK = {
+    "epochs": 1,
+    "steps": 2,
+    "channels": 8,
+    "blocks": 0,
+    "batch_size": 16,
+    "gen_batch_size": 8,
+    "latent": 8,
+    "width": 8,
+    "decoder_batch_size": 16,
+    "decoder_channels": 8,
+    "decoder_blocks": 0,
+}
 
 
 def needs_timm(model: str) -> None:
@@ -72,8 +82,24 @@ def results(tmp_path_factory) -> Path:
 
 
 def train_args(folder: str, results: Path, model: str, cut: str, *extra: str) -> list[str]:
-    return ["train", "--dataset", folder, "--model", model, *model_args(model), "--cut", cut, "--epochs", "1",
-            "--batch-size", "16", "--results-dir", str(results), "--quiet", *extra]  # fmt: skip
+    return [
+        "train",
+        "--dataset",
+        folder,
+        "--model",
+        model,
+        *model_args(model),
+        "--cut",
+        cut,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--results-dir",
+        str(results),
+        "--quiet",
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------ train -> run folder -> attacks
@@ -88,9 +114,29 @@ def test_tiny_training_gives_a_run_the_attacks_accept(model, cut, folder, result
     cfg = run.config()
     assert (cfg.model, cfg.cut) == (model, cut) and cfg.model_options == (VIT_OPTIONS if model == VIT else {})
     assert run.metrics()["num_classes"] == CLASSES
-    code, out, err = run_cli(["attack", str(run.path), "--attack", "decoder", "--attack", "optimization", "--epochs",
-                              "1", "--steps", "2", "--eval-images", "4", "--no-semantic", "--quiet",
-                              "-o", "decoder.channels=8", "-o", "decoder.blocks=0"], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        [
+            "attack",
+            str(run.path),
+            "--attack",
+            "decoder",
+            "--attack",
+            "optimization",
+            "--epochs",
+            "1",
+            "--steps",
+            "2",
+            "--eval-images",
+            "4",
+            "--no-semantic",
+            "--quiet",
+            "-o",
+            "decoder.channels=8",
+            "-o",
+            "decoder.blocks=0",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "decoder" in out and "optimization" in out
     assert len([p for p in run.attack_dirs() if (p / "grid.png").is_file()]) == 2
@@ -150,9 +196,18 @@ def folder_data(folder):
 def test_every_defense_trains_or_is_refused_in_one_line(name, model, cut, kind, folder, folder_data):
     needs_timm(model)
     cfg = TrainConfig.from_preset(
-        "quick", dataset=folder, model=model, cut=cut, model_options=VIT_OPTIONS if model == VIT else None,
-        defense=name, epochs=1, batch_size=16, noise=0.01, device="cpu", progress=False,
-    )  # fmt: skip
+        "quick",
+        dataset=folder,
+        model=model,
+        cut=cut,
+        model_options=VIT_OPTIONS if model == VIT else None,
+        defense=name,
+        epochs=1,
+        batch_size=16,
+        noise=0.01,
+        device="cpu",
+        progress=False,
+    )
     if kind not in registry.get("defense", name).z_kinds:
         with pytest.raises(UserError, match=f"defense {name} works on .* but this model's z is {kind}") as exc:
             train(cfg, data=folder_data, log=lambda _: None)
@@ -201,7 +256,8 @@ def test_cuts_of_a_vit_and_bad_input(capsys):
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    (tmp_path / "mymodels.py").write_text(textwrap.dedent("""
+    (tmp_path / "mymodels.py").write_text(
+        textwrap.dedent("""
         from torch import nn
 
         def build(num_classes, width=8):
@@ -210,7 +266,8 @@ def user_module(tmp_path, monkeypatch):
 
         def not_a_model(num_classes):
             return [num_classes]
-    """))  # fmt: skip
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "mymodels"
     sys.modules.pop("mymodels", None)
@@ -225,12 +282,15 @@ def test_user_factory_trains_by_module_name_and_index(user_module, folder, resul
     assert code == 2 and err.count("\n") == 1 and "returned list, not a torch.nn.Module" in err
 
 
-@pytest.mark.parametrize("model,cut,message", [
-    ("torchvison:resnet18", "layer1", "unknown model family or module 'torchvison'"),
-    (RESNET, "layer9", "unknown cut 'layer9'"),
-    (RESNET, "layer1.0.conv1", "a residual or skip branch crosses it"),
-    ("resnet20", "layer1", "its cuts are numbers"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model,cut,message",
+    [
+        ("torchvison:resnet18", "layer1", "unknown model family or module 'torchvison'"),
+        (RESNET, "layer9", "unknown cut 'layer9'"),
+        (RESNET, "layer1.0.conv1", "a residual or skip branch crosses it"),
+        ("resnet20", "layer1", "its cuts are numbers"),
+    ],
+)
 def test_bad_model_input_is_one_line_before_training(model, cut, message, folder, results, capsys):
     code, out, err = run_cli(train_args(folder, results, model, cut), capsys)
     assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, err
@@ -245,8 +305,9 @@ def test_weights_round_trip_epochs_0_and_a_mismatch(folder, results, tmp_path, c
     state = torchvision.models.resnet18(num_classes=CLASSES).state_dict()
     weights = tmp_path / "resnet18.pt"
     torch.save(state, weights)
-    code, out, err = run_cli(train_args(folder, results, RESNET, "layer2", "--weights", str(weights),
-                                        "--epochs", "0"), capsys)  # fmt: skip
+    code, out, err = run_cli(
+        train_args(folder, results, RESNET, "layer2", "--weights", str(weights), "--epochs", "0"), capsys
+    )
     assert code == 0, err
     run = Run.open(out.strip().splitlines()[-1])
     saved = json.loads((run.path / "config.json").read_text())["train"]
@@ -257,15 +318,25 @@ def test_weights_round_trip_epochs_0_and_a_mismatch(folder, results, tmp_path, c
     assert 0 <= run.metrics()["test_accuracy"] <= 1 and run.metrics()["history"] == []
     copy = tmp_path / "elsewhere.pt"
     shutil.copy(weights, copy)
-    code, out, _ = run_cli(train_args(folder, results, RESNET, "layer2", "--weights", str(copy), "--epochs", "0"),
-                           capsys)  # fmt: skip
+    code, out, _ = run_cli(
+        train_args(folder, results, RESNET, "layer2", "--weights", str(copy), "--epochs", "0"), capsys
+    )
     assert code == 0 and "reused finished run" in out and out.strip().splitlines()[-1] == str(run.path)
-    results_ = attack_run(run.path, ["decoder"], epochs=1, eval_images=4, semantic=False, progress=False,
-                          options={"decoder": {"channels": 8, "blocks": 0}}, log=lambda _: None)  # fmt: skip
+    results_ = attack_run(
+        run.path,
+        ["decoder"],
+        epochs=1,
+        eval_images=4,
+        semantic=False,
+        progress=False,
+        options={"decoder": {"channels": 8, "blocks": 0}},
+        log=lambda _: None,
+    )
     assert results_[0]["metrics"]["ssim"]["mean"] == results_[0]["metrics"]["ssim"]["mean"]  # a number, not NaN
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "five.pt")
-    code, out, err = run_cli(train_args(folder, results, RESNET, "layer2", "--weights", str(tmp_path / "five.pt")),
-                             capsys)  # fmt: skip
+    code, out, err = run_cli(
+        train_args(folder, results, RESNET, "layer2", "--weights", str(tmp_path / "five.pt")), capsys
+    )
     assert code == 2 and err.count("\n") == 1 and "key 'fc.weight' has shape [5, 512]" in err and "epoch=" not in out
 
 

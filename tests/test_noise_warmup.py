@@ -1,7 +1,6 @@
 """The channel-noise ramp (`noise_warmup`): its schedule, the noise each training step really
 uses, the deployed noise afterwards, and its place in the run hash."""
 
-
 import pytest
 from conftest import tiny_config
 

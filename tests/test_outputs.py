@@ -23,18 +23,39 @@ T975 = {2: 4.302652729749464, 4: 2.7764451051977987}  # Student t quantiles 0.97
 T80_4 = 0.9409645929528873  # Student t quantile 0.8 with 4 dof
 
 
-def write_run(root, *, defense="none", bottleneck=8, noise=0.025, seed=0, acc=0.8, attacks=None, dataset="embedded",
-              prov=None, eval_images=64, baseline_ssim=0.3, options=None):  # fmt: skip
+def write_run(
+    root,
+    *,
+    defense="none",
+    bottleneck=8,
+    noise=0.025,
+    seed=0,
+    acc=0.8,
+    attacks=None,
+    dataset="embedded",
+    prov=None,
+    eval_images=64,
+    baseline_ssim=0.3,
+    options=None,
+):
     """A fake run folder. `attacks` maps a folder stem -> {metric: mean}; `options` maps the same
     stem -> the attack's options. The stem before '#' is the attack's name."""
     cfg = TrainConfig(defense=defense, bottleneck=bottleneck, noise=noise, seed=seed, dataset=dataset, progress=False)
     run = root / f"{defense}-{cfg.hash()}"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "defense_options": {}}))
-    (run / "metrics.json").write_text(json.dumps({
-        "test_accuracy": acc, "num_classes": 10, "train_seconds": 1.0, "z_intra_class_var": 0.01,
-        "z_total_var": 0.02, "history": [{"epoch": 1, "epoch_seconds": 2.0 if defense == "none" else 3.0}],
-    }))  # fmt: skip
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                "test_accuracy": acc,
+                "num_classes": 10,
+                "train_seconds": 1.0,
+                "z_intra_class_var": 0.01,
+                "z_total_var": 0.02,
+                "history": [{"epoch": 1, "epoch_seconds": 2.0 if defense == "none" else 3.0}],
+            }
+        )
+    )
     (run / "provenance.json").write_text(json.dumps(prov or {}))
     (run / "checkpoint.pt").write_bytes(b"")
     for i, (stem, values) in enumerate((attacks or {}).items()):
@@ -42,12 +63,24 @@ def write_run(root, *, defense="none", bottleneck=8, noise=0.025, seed=0, acc=0.
         folder = run / "attacks" / f"{name}-{i:04d}abcdef{seed:02d}"
         folder.mkdir(parents=True)
         metrics = {m: {"mean": v, "ci95": 0.01, "std": 0.05, "n": eval_images} for m, v in values.items()}
-        baseline = {"ssim": {"mean": baseline_ssim, "ci95": 0.02, "n": eval_images},
-                    "psnr": {"mean": 12.0, "ci95": 0.2, "n": eval_images}}  # fmt: skip
-        (folder / "metrics.json").write_text(json.dumps({
-            "attack": name, "options": (options or {}).get(stem, {}), "attacker_data": "train",
-            "eval_images": eval_images, "seed": 0, "metrics": metrics, "baseline": baseline, "provenance": prov or {},
-        }))  # fmt: skip
+        baseline = {
+            "ssim": {"mean": baseline_ssim, "ci95": 0.02, "n": eval_images},
+            "psnr": {"mean": 12.0, "ci95": 0.2, "n": eval_images},
+        }
+        (folder / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "attack": name,
+                    "options": (options or {}).get(stem, {}),
+                    "attacker_data": "train",
+                    "eval_images": eval_images,
+                    "seed": 0,
+                    "metrics": metrics,
+                    "baseline": baseline,
+                    "provenance": prov or {},
+                }
+            )
+        )
     return run
 
 
@@ -135,8 +168,11 @@ def test_dagger_absent_when_every_attack_beats_the_baseline(tmp_path):
 
 
 def test_two_variants_of_one_attack_are_named_by_the_option_that_differs(tmp_path):
-    write_run(tmp_path, attacks={"decoder#a": {"ssim": 0.5}, "decoder#b": {"ssim": 0.6}},
-              options={"decoder#a": {"blocks": 2, "lr": 0.003}, "decoder#b": {"blocks": 4, "lr": 0.003}})  # fmt: skip
+    write_run(
+        tmp_path,
+        attacks={"decoder#a": {"ssim": 0.5}, "decoder#b": {"ssim": 0.6}},
+        options={"decoder#a": {"blocks": 2, "lr": 0.003}, "decoder#b": {"blocks": 4, "lr": 0.003}},
+    )
     table = api.results([tmp_path])
     header, rows = md_header_and_rows(table_format.render(table, "md"))
     assert "decoder (blocks=2) SSIM [0,1]" in header and "decoder (blocks=4) SSIM [0,1]" in header
@@ -289,8 +325,13 @@ def test_defense_evidence_groups_and_never_prints_nan(tmp_path):
     evidence = load_defense_evidence()
     write_run(tmp_path, defense="none", attacks={"decoder": {"ssim": 0.5, "psnr": 18.0}})
     for seed in (0, 1):
-        write_run(tmp_path, defense="gmm-cem", seed=seed, acc=0.7 + 0.1 * seed,
-                  attacks={"decoder": {"ssim": 0.4, "psnr": 17.0}})  # fmt: skip
+        write_run(
+            tmp_path,
+            defense="gmm-cem",
+            seed=seed,
+            acc=0.7 + 0.1 * seed,
+            attacks={"decoder": {"ssim": 0.4, "psnr": 17.0}},
+        )
     write_run(tmp_path, defense="none", dataset="cifar10", attacks={"decoder": {"ssim": 0.3, "psnr": 15.0}})
     out = evidence.report([str(tmp_path)])
     assert "nan" not in out.lower()

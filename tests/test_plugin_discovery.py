@@ -1,6 +1,5 @@
 """Plugin discovery: broken entry points warn once, name clashes say who wins."""
 
-
 import pytest
 
 from privbench.errors import UserError
@@ -57,11 +56,13 @@ def _ep(name, group, dist, load):
 
 
 def test_broken_entry_points_warn_once_and_the_rest_works(fresh_registry, capsys):
-    fresh_registry([
-        _ep("broken", "privbench.defenses", "broken-dist", _fail),
-        _ep("notaplugin", "privbench.attacks", "odd-dist", lambda: dict),
-        _ep("fine-ep", "privbench.defenses", "fine-dist", lambda: Fine),
-    ])  # fmt: skip
+    fresh_registry(
+        [
+            _ep("broken", "privbench.defenses", "broken-dist", _fail),
+            _ep("notaplugin", "privbench.attacks", "odd-dist", lambda: dict),
+            _ep("fine-ep", "privbench.defenses", "fine-dist", lambda: Fine),
+        ]
+    )
     assert {"none", "gmm-cem", "fine-ep"} <= set(registry.names("defense"))
     assert "decoder" in registry.names("attack")
     err = capsys.readouterr().err

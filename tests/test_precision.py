@@ -257,10 +257,12 @@ def test_precision_report_needs_two_seeds(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args,message",
-    [(["--set", "epochs"], "invalid training setting: invalid option 'epochs'"),
-     (["--set", "model.depth=3"], "invalid training setting 'model.depth'"),
-     (["--resolve", "accuracy=-1"], "invalid --resolve 'accuracy=-1'")],
-)  # fmt: skip
+    [
+        (["--set", "epochs"], "invalid training setting: invalid option 'epochs'"),
+        (["--set", "model.depth=3"], "invalid training setting 'model.depth'"),
+        (["--resolve", "accuracy=-1"], "invalid --resolve 'accuracy=-1'"),
+    ],
+)
 def test_precision_bad_input_exits_2_before_training(args, message, tmp_path, capsys):
     code, _, err = run_cli(["precision", str(tmp_path / "r"), *args], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
@@ -306,8 +308,9 @@ def interrupted(cfg, tmp_path, *, after_epoch: int):
 def test_interrupted_training_resumes_to_the_same_numbers(tmp_path, defense, options):
     from privbench.store.runs import run_name, train_run
 
-    cfg = tiny_config(epochs=3, ema=0.9, warmup_epochs=0.5, defense=defense, bottleneck=4, noise=0.05,
-                      defense_options=options)  # fmt: skip
+    cfg = tiny_config(
+        epochs=3, ema=0.9, warmup_epochs=0.5, defense=defense, bottleneck=4, noise=0.05, defense_options=options
+    )
     whole, checkpoint = interrupted(cfg, tmp_path, after_epoch=2)
     assert checkpoint.is_file() and not (tmp_path / "b" / run_name(cfg)).exists()
     lines: list[str] = []

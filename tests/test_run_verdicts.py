@@ -32,8 +32,11 @@ class FarDefenses(Frontier):
 @pytest.fixture
 def stand_in(monkeypatch):
     work, real = FarDefenses(), job.run_grid
-    monkeypatch.setattr(job, "run_grid", lambda grid, log=print, **kw: real(
-        grid, train_fn=work.train, attack_fn=work.attack, validate=False, log=log))  # fmt: skip
+    monkeypatch.setattr(
+        job,
+        "run_grid",
+        lambda grid, log=print, **kw: real(grid, train_fn=work.train, attack_fn=work.attack, validate=False, log=log),
+    )
     return work
 
 
@@ -100,12 +103,25 @@ def test_bracket_zero_keeps_the_reference_as_swept(stand_in, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args,message",
-    [(["--bracket", "-1"], "invalid bracket -1"),
-     (["--reference", "auto", "--no-sweep"], "--reference auto: the grid has no noise sweep of none"),
-     (["--reference", "dropout"], "reference 'dropout': the grid has 0 point(s) of it"),
-     (["--defense", "none@plain", "--defense", "dropout", "--sweep", "dropout.at_inference=true,false",
-       "--reference", "dropout"], "bracketing moves its strength knob (rate)")],
-)  # fmt: skip
+    [
+        (["--bracket", "-1"], "invalid bracket -1"),
+        (["--reference", "auto", "--no-sweep"], "--reference auto: the grid has no noise sweep of none"),
+        (["--reference", "dropout"], "reference 'dropout': the grid has 0 point(s) of it"),
+        (
+            [
+                "--defense",
+                "none@plain",
+                "--defense",
+                "dropout",
+                "--sweep",
+                "dropout.at_inference=true,false",
+                "--reference",
+                "dropout",
+            ],
+            "bracketing moves its strength knob (rate)",
+        ),
+    ],
+)
 def test_bad_bracketing_input_exits_2_before_training(args, message, tmp_path, capsys):
     code, _, err = run_cli(["run", "--results-dir", str(tmp_path / "r"), *args], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
@@ -124,8 +140,11 @@ class OnTheLine(FarDefenses):
 
 def test_seeds_auto_adds_seeds_until_resolved_or_the_cap(monkeypatch, tmp_path, capsys):
     work, real = OnTheLine(), job.run_grid
-    monkeypatch.setattr(job, "run_grid", lambda grid, log=print, **kw: real(
-        grid, train_fn=work.train, attack_fn=work.attack, validate=False, log=log))  # fmt: skip
+    monkeypatch.setattr(
+        job,
+        "run_grid",
+        lambda grid, log=print, **kw: real(grid, train_fn=work.train, attack_fn=work.attack, validate=False, log=log),
+    )
     out, out_dir = run(["--seeds", "auto", "--seeds-cap", "4"], tmp_path, capsys)
     assert "sequential seeds: adding seed 2" in out and "sequential seeds: adding seed 3" in out
     assert "adding seed 4" not in out and "sequential seeds: 4 per configuration (Pocock" in out

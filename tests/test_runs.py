@@ -21,8 +21,13 @@ def test_run_folder_round_trip(tmp_path):
     run, trained = train_run(cfg, tmp_path, log=lambda m: None)
     assert trained and run.path == tmp_path / run_name(cfg)
     assert sorted(p.name for p in run.path.iterdir()) == [
-        "checkpoint.pt", "config.json", "curves.csv", "log.txt", "metrics.json", "provenance.json",
-    ]  # fmt: skip
+        "checkpoint.pt",
+        "config.json",
+        "curves.csv",
+        "log.txt",
+        "metrics.json",
+        "provenance.json",
+    ]
     assert run.config() == cfg
     prov = run.provenance()
     assert prov["seed"] == 3 and prov["torch_version"] == torch.__version__

@@ -61,8 +61,15 @@ def test_verdict_compares_the_rise_with_the_ci():
 
 
 def test_a_budget_too_small_is_flagged_and_a_saturated_one_is_not(run):
-    results = attack_run(run.path, ["test-blend", "test-flat", "optimization"], epochs=1, steps=2, eval_images=64,
-                         check_saturation=True, **QUIET)  # fmt: skip
+    results = attack_run(
+        run.path,
+        ["test-blend", "test-flat", "optimization"],
+        epochs=1,
+        steps=2,
+        eval_images=64,
+        check_saturation=True,
+        **QUIET,
+    )
     by_name = {r["attack"]: r for r in results}
     grow, flat = by_name["test-blend"]["saturation"], by_name["test-flat"]["saturation"]
     assert grow["unsaturated"] and grow["ssim_doubled"] > grow["ssim"] + grow["ssim_ci95"], grow

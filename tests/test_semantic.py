@@ -130,17 +130,26 @@ def _fake_run(root, attacks):
         folder.mkdir(parents=True)
         metrics = {k: {"mean": v, "ci95": 0.01, "n": 64} for k, v in values.items()}
         baseline = {k: {"mean": 0.0 if k != "mse" else 1.0, "ci95": 0.01, "n": 64} for k in values}
-        body = {"attack": name, "attacker_data": "train", "eval_images": 64, "metrics": metrics, "baseline": baseline,
-                "semantic": {"clean_accuracy": 0.875, "clean_accuracy_ci95": 0.02}}  # fmt: skip
+        body = {
+            "attack": name,
+            "attacker_data": "train",
+            "eval_images": 64,
+            "metrics": metrics,
+            "baseline": baseline,
+            "semantic": {"clean_accuracy": 0.875, "clean_accuracy_ci95": 0.02},
+        }
         (folder / "metrics.json").write_text(json.dumps(body))
 
 
 def test_worst_case_per_metric_names_the_attack(tmp_path):
     # alpha wins SSIM and LPIPS, beta wins PSNR, MSE and sem_acc: each worst case is a different attack.
-    _fake_run(tmp_path, {
-        "alpha": {"ssim": 0.6, "psnr": 18.0, "lpips": 0.30, "mse": 0.020, "sem_acc": 0.2},
-        "beta": {"ssim": 0.5, "psnr": 22.0, "lpips": 0.40, "mse": 0.010, "sem_acc": 0.7},
-    })  # fmt: skip
+    _fake_run(
+        tmp_path,
+        {
+            "alpha": {"ssim": 0.6, "psnr": 18.0, "lpips": 0.30, "mse": 0.020, "sem_acc": 0.2},
+            "beta": {"ssim": 0.5, "psnr": 22.0, "lpips": 0.40, "mse": 0.010, "sem_acc": 0.7},
+        },
+    )
     row = api.results([tmp_path]).iloc[0]
     picks = {m: row[f"worst_{m}_attack"] for m in ("ssim", "psnr", "lpips", "mse", "sem_acc")}
     assert picks == {"ssim": "alpha", "psnr": "beta", "lpips": "alpha", "mse": "beta", "sem_acc": "beta"}

@@ -18,10 +18,18 @@ from privbench.plugin.base import TrainContext
 def make_defense(num_classes: int, noise: float = 0.025, params: list | None = None, **options):
     defense = registry.create("defense", "slot-cem", {"warmup": 0, **options})
     ctx = TrainContext(
-        model=torch.nn.Identity(), train_images=torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
-        train_labels=torch.zeros(1, dtype=torch.long), num_classes=num_classes, noise_std=noise,
-        device=torch.device("cpu"), epochs=1, batch_size=64, steps_per_epoch=1, seed=0, log=lambda m: None,
-    )  # fmt: skip
+        model=torch.nn.Identity(),
+        train_images=torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+        train_labels=torch.zeros(1, dtype=torch.long),
+        num_classes=num_classes,
+        noise_std=noise,
+        device=torch.device("cpu"),
+        epochs=1,
+        batch_size=64,
+        steps_per_epoch=1,
+        seed=0,
+        log=lambda m: None,
+    )
     if params is not None:
         ctx.add_parameters = lambda new, **group: params.extend(new)
     defense.setup(ctx)

@@ -178,8 +178,15 @@ def test_stacked_run_round_trips_and_the_attacker_sees_the_transform(tmp_path):
     assert torch.allclose(target.query(x), plain * (1 + w), atol=1e-6)
     model.defense_transform = None  # off: the attacker would see the raw encoder output
     assert torch.allclose(make_target(model, data.image_shape, torch.device("cpu")).query(x), plain)
-    results = attack_run(run.path, ["decoder"], epochs=1, eval_images=8, progress=False,
-                         options={"decoder": {"channels": 8, "blocks": 1}}, **QUIET)  # fmt: skip
+    results = attack_run(
+        run.path,
+        ["decoder"],
+        epochs=1,
+        eval_images=8,
+        progress=False,
+        options={"decoder": {"channels": 8, "blocks": 1}},
+        **QUIET,
+    )
     assert 0 < results[0]["metrics"]["ssim"]["mean"] < 1
 
 
@@ -257,8 +264,15 @@ def test_run_folder_from_before_stacks_still_attacks(tmp_path):
     for key in ("data_version", "label_smoothing", "warmup_epochs", "ema", "data_fingerprint"):
         conf["train"].pop(key)  # the earliest config.json files had none of these
     (run.path / "config.json").write_text(json.dumps(conf))
-    results = attack_run(run.path, ["decoder"], epochs=1, eval_images=8, progress=False,
-                         options={"decoder": {"channels": 8, "blocks": 1}}, **QUIET)  # fmt: skip
+    results = attack_run(
+        run.path,
+        ["decoder"],
+        epochs=1,
+        eval_images=8,
+        progress=False,
+        options={"decoder": {"channels": 8, "blocks": 1}},
+        **QUIET,
+    )
     assert results[0]["metrics"]["ssim"]["mean"] > 0
 
 
@@ -268,16 +282,31 @@ def test_cem_layout_puts_bases_in_rows_and_tops_in_column_groups():
     from privbench.report import table_cem
 
     def row(defense, options, acc, ssim):
-        return {"defense": defense, "options": options, "channel": "C8 + noise 0.025", "accuracy_mean": acc,
-                "accuracy_ci95": 0.01, "worst_ssim_mean": ssim, "worst_ssim_ci95": 0.005, "worst_attack": "decoder",
-                "n_seeds": 3, "dataset": "embedded", "preset": "quick", "eval_images": "256",
-                "attacker_data": "train"}  # fmt: skip
+        return {
+            "defense": defense,
+            "options": options,
+            "channel": "C8 + noise 0.025",
+            "accuracy_mean": acc,
+            "accuracy_ci95": 0.01,
+            "worst_ssim_mean": ssim,
+            "worst_ssim_ci95": 0.005,
+            "worst_attack": "decoder",
+            "n_seeds": 3,
+            "dataset": "embedded",
+            "preset": "quick",
+            "eval_images": "256",
+            "attacker_data": "train",
+        }
 
-    table = pd.DataFrame([
-        row("none", "", 0.92, 0.60), row("gmm-cem", "", 0.91, 0.55), row("dropout", "rate=0.3", 0.90, 0.58),
-        row("dropout + gmm-cem", "dropout.rate=0.3", 0.89, 0.50),
-        row("dropout + slot-cem", "dropout.rate=0.3", 0.88, 0.57),
-    ])  # fmt: skip
+    table = pd.DataFrame(
+        [
+            row("none", "", 0.92, 0.60),
+            row("gmm-cem", "", 0.91, 0.55),
+            row("dropout", "rate=0.3", 0.90, 0.58),
+            row("dropout + gmm-cem", "dropout.rate=0.3", 0.89, 0.50),
+            row("dropout + slot-cem", "dropout.rate=0.3", 0.88, 0.57),
+        ]
+    )
     frame = table_cem.cem_frame(table)
     assert frame.attrs["groups"] == ["alone", "+ gmm-cem", "+ slot-cem"]
     by_base = {r["base"]: r for r in frame.to_dict("records")}

@@ -106,8 +106,11 @@ def test_dead_and_reused_pids_do_not_keep_a_lock(tmp_path):
 @pytest.mark.parametrize("remote", [False, True])
 def test_live_lock_is_honoured_and_the_wait_message_says_how_to_remove_it(tmp_path, remote):
     final = tmp_path / "cell"
-    owner = {"host": "elsewhere" if remote else socket.gethostname(), "pid": os.getpid(),
-             "start": process_start_time(os.getpid())}  # fmt: skip
+    owner = {
+        "host": "elsewhere" if remote else socket.gethostname(),
+        "pid": os.getpid(),
+        "start": process_start_time(os.getpid()),
+    }
     _lock(final).write_text(json.dumps(owner))
     messages = []
     worker = threading.Thread(target=build_dir_once, args=(final, _make), kwargs={"poll": 0.02, "log": messages.append})

@@ -16,8 +16,19 @@ def test_stored_runs_are_reused_and_give_the_same_rows(tmp_path, capsys):
     results = tmp_path / "results"
     shutil.copytree(FIXTURE / "results", results)
     before = {p: p.stat().st_mtime_ns for p in results.rglob("metrics.json")}
-    code, out, err = run_cli(["run", "--config", str(FIXTURE / "grid.toml"), "--results-dir", str(results),
-                              "--out", str(tmp_path / "out"), "--quiet"], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        [
+            "run",
+            "--config",
+            str(FIXTURE / "grid.toml"),
+            "--results-dir",
+            str(results),
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "cells: 0 computed, 4 reused" in out
     assert {p: p.stat().st_mtime_ns for p in results.rglob("metrics.json")} == before  # nothing rewritten

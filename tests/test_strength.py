@@ -143,8 +143,11 @@ def test_default_run_ends_with_one_verdict_line_per_defense(tmp_path, capsys, mo
     from privbench import job as sweep
 
     work, real = Frontier(), sweep.run_grid
-    monkeypatch.setattr(sweep, "run_grid", lambda grid, log=print, **kw: real(
-        grid, train_fn=work.train, attack_fn=work.attack, validate=False, log=log))  # fmt: skip
+    monkeypatch.setattr(
+        sweep,
+        "run_grid",
+        lambda grid, log=print, **kw: real(grid, train_fn=work.train, attack_fn=work.attack, validate=False, log=log),
+    )
     code, out, err = run_cli(["run", "--attack", "decoder", "--results-dir", str(tmp_path)], capsys)
     assert code == 0, err
     tail = out[out.index("verdicts at matched accuracy") :]

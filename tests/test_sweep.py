@@ -38,9 +38,11 @@ def labels(grid):
 def test_default_grid_is_plain_none_plus_each_defense_on_the_base_channel():
     # The base channel alone is swept over its noise: the reference frontier of the verdicts.
     assert labels(Grid()) == [
-        ("none", None, 0.0, 0), *[("none", 8, n, 0) for n in NOISE_GRID], ("gmm-cem", 8, 0.025, 0),
+        ("none", None, 0.0, 0),
+        *[("none", 8, n, 0) for n in NOISE_GRID],
+        ("gmm-cem", 8, 0.025, 0),
         ("slot-cem", 8, 0.025, 0),
-    ]  # fmt: skip
+    ]
     assert 0.025 in NOISE_GRID and len(NOISE_GRID) >= 3
     assert Grid().attack == ["decoder", "optimization"]
 
@@ -57,9 +59,14 @@ def test_grid_sweeps_channels_and_seeds_and_pins_channels():
 
 @pytest.mark.parametrize(
     "spec,expected",
-    [("plain", Channel()), ("C8", Channel(8, 0.0)), ("0.05", Channel(None, 0.05)), ("C8+0.025", Channel(8, 0.025)),
-     ("c16 + noise0.1", Channel(16, 0.1))],
-)  # fmt: skip
+    [
+        ("plain", Channel()),
+        ("C8", Channel(8, 0.0)),
+        ("0.05", Channel(None, 0.05)),
+        ("C8+0.025", Channel(8, 0.025)),
+        ("c16 + noise0.1", Channel(16, 0.1)),
+    ],
+)
 def test_channel_specs(spec, expected):
     assert Channel.parse(spec) == expected
 
@@ -184,9 +191,9 @@ def test_toml_config_sets_grid_and_cli_wins(tmp_path):
         ('defense = ["none@C8+x"]\n', "invalid channel"),
         ("seeds = 0\n", "invalid seeds"),
         ('[attacks]\nattacker_data = "x"\n', "invalid attacker_data"),
-        ('[attacks.decoder]\nnope = 1\n', "has no option 'nope'"),
+        ("[attacks.decoder]\nnope = 1\n", "has no option 'nope'"),
     ],
-)  # fmt: skip
+)
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)

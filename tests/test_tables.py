@@ -41,9 +41,18 @@ def write_run(
         baseline = {m: {"mean": 0.1, "ci95": 0.02, "std": 0.1, "n": 64} for m in ("ssim", "psnr", "mse")}
         baseline["lpips"] = {"missing": "AlexNet weights not in the torch hub cache (offline)"}
         (folder / "metrics.json").write_text(
-            json.dumps({"attack": name, "options": {}, "attacker_data": "train", "eval_images": 64,
-                        "metrics": metrics, "baseline": baseline, "threat_model": "white-box"})
-        )  # fmt: skip
+            json.dumps(
+                {
+                    "attack": name,
+                    "options": {},
+                    "attacker_data": "train",
+                    "eval_images": 64,
+                    "metrics": metrics,
+                    "baseline": baseline,
+                    "threat_model": "white-box",
+                }
+            )
+        )
     return run
 
 
@@ -57,9 +66,12 @@ def three_seeds(tmp_path):
     accs = [0.80, 0.82, 0.87]
     for seed, (s, a) in enumerate(zip(ssims, accs)):
         write_run(
-            tmp_path, defense="gmm-cem", seed=seed, acc=a,
+            tmp_path,
+            defense="gmm-cem",
+            seed=seed,
+            acc=a,
             attacks={"decoder": attack_values(s, psnr=18 + seed), "optimization": attack_values(s - 0.2)},
-        )  # fmt: skip
+        )
     write_run(tmp_path, defense="none", bottleneck=None, noise=0.0, acc=0.9, attacks={"decoder": attack_values(0.9)})
     return tmp_path, ssims, accs
 

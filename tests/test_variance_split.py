@@ -86,8 +86,9 @@ def test_split_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
     code, _, err = run_cli(["precision", str(tmp_path / "missing"), "--split", label], capsys)
     assert code == 2 and "does not exist" in err
     # It reads finished runs: options that would train or shape the table are refused, not ignored.
-    code, _, err = run_cli(["precision", str(folder), "--split", label, "--seeds", "3", "--resolve", "accuracy=1"],
-                           capsys)  # fmt: skip
+    code, _, err = run_cli(
+        ["precision", str(folder), "--split", label, "--seeds", "3", "--resolve", "accuracy=1"], capsys
+    )
     assert code == 2 and "takes no --seeds, --resolve" in err
     assert not (tmp_path / "missing").exists()
 
@@ -145,9 +146,15 @@ def test_tiles_by_training_neighbours_by_hand():
 
 
 def test_render_split_without_a_tile_grid():
-    split = {"configuration": "none@plain", **variance_split.components([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0]]),
-             "classes": ["a", "b"], "class_sd": [14.142, 0.0], "confusion": [[0.6, 0.4], [0.0, 1.0]],
-             "by_neighbours": None, "seeds": {"0": {"classes": [0.5, 1.0]}, "1": {"classes": [0.7, 1.0]}}}  # fmt: skip
+    split = {
+        "configuration": "none@plain",
+        **variance_split.components([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0]]),
+        "classes": ["a", "b"],
+        "class_sd": [14.142, 0.0],
+        "confusion": [[0.6, 0.4], [0.0, 1.0]],
+        "by_neighbours": None,
+        "seeds": {"0": {"classes": [0.5, 1.0]}, "1": {"classes": [0.7, 1.0]}},
+    }
     text = render_split(split)
     assert text.splitlines()[:3] == [
         "none@plain: 2 seeds, 3 test tiles (accuracy in points, tiles weighted equally)",

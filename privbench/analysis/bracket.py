@@ -275,8 +275,10 @@ class _Planner:
         x = self.line(direction, aim)
         if end_s <= knob.lo:  # direction +1 from the knob-off value: nothing positive to scale from
             if knob.start is None:
-                raise UserError(f"every reference point has {knob.name} {knob.lo:g} (off): give the knob a start "
-                                "strength to step from")  # fmt: skip
+                raise UserError(
+                    f"every reference point has {knob.name} {knob.lo:g} (off): give the knob a start "
+                    "strength to step from"
+                )
             s = knob.start
         elif x is None:
             s = knob.step(end_s, direction)
@@ -303,18 +305,25 @@ class _Planner:
         acc, s = self.extreme(direction)
         need = self.needed(target, direction)
         k = self.knob.name
-        tail = (f"about {k} {need:.3g} would be needed" if need is not None else
-                f"its accuracy shows no usable trend with {k} there, so no {k} can be estimated")  # fmt: skip
-        return (f"could not bracket {name} ({_pct(target)}) within {cap} added point{'s' if cap != 1 else ''}: "
-                f"the reference reached {_pct(acc)} at {k} {s:.3g}; {tail}")  # fmt: skip
+        tail = (
+            f"about {k} {need:.3g} would be needed"
+            if need is not None
+            else f"its accuracy shows no usable trend with {k} there, so no {k} can be estimated"
+        )
+        return (
+            f"could not bracket {name} ({_pct(target)}) within {cap} added point{'s' if cap != 1 else ''}: "
+            f"the reference reached {_pct(acc)} at {k} {s:.3g}; {tail}"
+        )
 
     def bound_message(self, name: str, target: float, direction: int) -> str:
         acc, s = self.extreme(direction)
         k, bound = self.knob.name, self.knob.hi if direction > 0 else self.knob.lo
         which = "best" if target > self.ref.high else "lowest"
-        return (f"could not bracket {name} ({_pct(target)}): the reference's {which} accuracy is {_pct(acc)} (at {k} "
-                f"{s:.3g}), and {k} cannot go {'above' if direction > 0 else 'below'} {bound:g}, which is already "
-                "swept")  # fmt: skip
+        return (
+            f"could not bracket {name} ({_pct(target)}): the reference's {which} accuracy is {_pct(acc)} (at {k} "
+            f"{s:.3g}), and {k} cannot go {'above' if direction > 0 else 'below'} {bound:g}, which is already "
+            "swept"
+        )
 
 
 def plan(
@@ -368,8 +377,13 @@ def plan(
         names = sides[d]
         if rank >= left:
             for n in names:
-                out[n] = Target(n, accs[n], "could not bracket", needed=p.needed(accs[n], d),
-                                message=p.cap_message(n, accs[n], d, cap))  # fmt: skip
+                out[n] = Target(
+                    n,
+                    accs[n],
+                    "could not bracket",
+                    needed=p.needed(accs[n], d),
+                    message=p.cap_message(n, accs[n], d, cap),
+                )
             continue
         extreme = max(names, key=lambda n: abs(accs[n] - (ref.high if accs[n] > ref.high else ref.low)))
         s = p.propose(accs[extreme], d, taken)

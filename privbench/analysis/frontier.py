@@ -105,8 +105,9 @@ def points(
     scored = attacked[attacked.metric == privacy_metric]
     if scored.empty:
         have = [m for m in METRICS if (attacked.metric == m).any()]
-        raise UserError(f"no cell has privacy metric {privacy_metric!r} (the attacks here report: "
-                        f"{', '.join(have) or 'nothing'})")  # fmt: skip
+        raise UserError(
+            f"no cell has privacy metric {privacy_metric!r} (the attacks here report: {', '.join(have) or 'nothing'})"
+        )
     paths = list(dict.fromkeys(scored.path))
     missing = [p for p in paths if p not in infos]
     if missing:
@@ -139,18 +140,31 @@ def points(
             have = tuple((at, str(v[p][3]), float(v[p][0])) for at, v in by_attack.items() if p in v)
             images = None if per_image is None else tuple(per_image.get((p, d)) for _, d, _ in have)
             run_cells.append(fs.Cell(p, int(seeds.get(p, -1)), a, infos[p]["acc_n"], have, images))
-        recs.append({
-            **{k: getattr(f, k) for k in GROUP}, "group": group_name(*(getattr(f, k) for k in GROUP)),
-            "defense": f.defense, "spec": info["spec"], "settings": info["settings"], "opts": info["options"],
-            "bottleneck": int(f.bottleneck) if pd.notna(f.bottleneck) and f.bottleneck else 0,
-            "noise": float(f.noise), "options": f.options if isinstance(f.options, str) else "",
-            "config": config, "accuracy_mean": stats.mean(accs),
-            "accuracy_ci95": stats.t_ci95(accs) if len(runs) > 1 else _num(acc_ci.get(runs[0])),
-            "privacy_mean": means[worst], "privacy_ci95": ci, "privacy_attack": worst,
-            "baseline_mean": stats.mean(base.get(p, math.nan) for p in runs), "num_classes": f.num_classes,
-            "n_seeds": len(runs), "n_images": int(min(n_img)) if n_img else None,
-            "metric": privacy_metric, "cells": tuple(run_cells),
-        })  # fmt: skip
+        recs.append(
+            {
+                **{k: getattr(f, k) for k in GROUP},
+                "group": group_name(*(getattr(f, k) for k in GROUP)),
+                "defense": f.defense,
+                "spec": info["spec"],
+                "settings": info["settings"],
+                "opts": info["options"],
+                "bottleneck": int(f.bottleneck) if pd.notna(f.bottleneck) and f.bottleneck else 0,
+                "noise": float(f.noise),
+                "options": f.options if isinstance(f.options, str) else "",
+                "config": config,
+                "accuracy_mean": stats.mean(accs),
+                "accuracy_ci95": stats.t_ci95(accs) if len(runs) > 1 else _num(acc_ci.get(runs[0])),
+                "privacy_mean": means[worst],
+                "privacy_ci95": ci,
+                "privacy_attack": worst,
+                "baseline_mean": stats.mean(base.get(p, math.nan) for p in runs),
+                "num_classes": f.num_classes,
+                "n_seeds": len(runs),
+                "n_images": int(min(n_img)) if n_img else None,
+                "metric": privacy_metric,
+                "cells": tuple(run_cells),
+            }
+        )
     out = pd.DataFrame(recs)
     out = pd.concat([_families(grp) for _, grp in out.groupby("group", sort=False)], ignore_index=True)
     out["on_frontier"] = False
@@ -158,8 +172,21 @@ def points(
         mask = fs.pareto_mask(fam.accuracy_mean.to_numpy(float), sign * fam.privacy_mean.to_numpy(float))
         out.loc[fam.index, "on_frontier"] = mask
     out = out.sort_values(["group", "family", "knob_value", "strength"], kind="stable").reset_index(drop=True)
-    front = ["dataset", "model", "preset", "group", "family", "family_key", "defense", "bottleneck", "noise", "knob",
-             "knob_value", "strength", "options"]  # fmt: skip
+    front = [
+        "dataset",
+        "model",
+        "preset",
+        "group",
+        "family",
+        "family_key",
+        "defense",
+        "bottleneck",
+        "noise",
+        "knob",
+        "knob_value",
+        "strength",
+        "options",
+    ]
     return out[front + [c for c in out.columns if c not in front and c not in ("spec", "settings", "opts")]]
 
 
@@ -217,13 +244,17 @@ def _resolve(grp: pd.DataFrame, reference: str) -> tuple[str | None, str | None]
         found = [f for f in names if fams[fams.family == f].defense.iloc[0].replace(" ", "") == bare]
     group = grp.group.iloc[0]
     if not found:
-        return None, (f"reference family {reference!r} is not in the results for {group} "
-                      f"(families there: {', '.join(names) or 'none'})")  # fmt: skip
+        return None, (
+            f"reference family {reference!r} is not in the results for {group} "
+            f"(families there: {', '.join(names) or 'none'})"
+        )
     ref = max(found, key=lambda f: (fams.family == f).sum())  # the sweep, where one defense has several
     rows = fams[fams.family == ref]
     if len(rows) < 2:
-        return None, (f"reference family {ref!r} has {len(rows)} point ({rows.strength.iloc[0]}) in {group}: a "
-                      "frontier needs at least two; sweep its strength")  # fmt: skip
+        return None, (
+            f"reference family {ref!r} has {len(rows)} point ({rows.strength.iloc[0]}) in {group}: a "
+            "frontier needs at least two; sweep its strength"
+        )
     return ref, None
 
 
@@ -237,9 +268,13 @@ def reference_family(points: pd.DataFrame, reference: str) -> str:
 
 
 def compare(
-    points: pd.DataFrame, reference: str = "none", resamples: int = 1000, seed: int = 0, *,
+    points: pd.DataFrame,
+    reference: str = "none",
+    resamples: int = 1000,
+    seed: int = 0,
+    *,
     undefended_end: bool = True,
-) -> Comparison:  # fmt: skip
+) -> Comparison:
     """Every family of `points` against the reference family's frontier at matched accuracy.
 
     Per point: ref_value (the reference's Pareto frontier, linear between its points, at the
@@ -309,8 +344,14 @@ def compare(
         for fam, members in grp[grp.family != UNDEFENDED].groupby("family", sort=False):
             m = members.index.to_numpy()
             row = {k: members[k].iloc[0] for k in (*GROUP, "group", "family", "family_key", "defense", "knob")}
-            row |= {"reference": ref, "ref_acc_min": lo, "ref_acc_max": hi, "ref_own_max": own_hi,
-                    "n_points": len(m), "n_via_undefended": int(grp.via_undefended.to_numpy()[m].sum())}  # fmt: skip
+            row |= {
+                "reference": ref,
+                "ref_acc_min": lo,
+                "ref_acc_max": hi,
+                "ref_own_max": own_hi,
+                "n_points": len(m),
+                "n_via_undefended": int(grp.via_undefended.to_numpy()[m].sum()),
+            }
             row |= dcs_of(m)
             if fam == ref:
                 fams.append(row | {"verdict": REFERENCE, "n_in_range": len(m)})
@@ -319,18 +360,51 @@ def compare(
             row["n_in_range"] = len(inside)
             mean = float(np.mean(grp.gain.to_numpy(float)[inside])) if len(inside) else math.nan
             b_lo, b_hi = fs.interval(boot_gain[:, inside].mean(axis=1)) if len(inside) else (math.nan, math.nan)
-            row |= {"mean_gain": mean, "gain_lo": float(b_lo), "gain_hi": float(b_hi), "verdict": _verdict(
-                len(inside), float(b_lo), float(b_hi))}  # fmt: skip
+            row |= {
+                "mean_gain": mean,
+                "gain_lo": float(b_lo),
+                "gain_hi": float(b_hi),
+                "verdict": _verdict(len(inside), float(b_lo), float(b_hi)),
+            }
             area_o = fs.mean_gap(acc_o[None, m], leak_o[None, m], ra, rl)[0]
             a_lo, a_hi = fs.interval(fs.mean_gap(acc_b[:, m], leak_b[:, m], rab, rlb))
-            row |= {"area": float(area_o), "area_lo": float(a_lo), "area_hi": float(a_hi),
-                    "area_from": max(lo, acc_o[m].min()), "area_to": min(hi, acc_o[m].max())}  # fmt: skip
+            row |= {
+                "area": float(area_o),
+                "area_lo": float(a_lo),
+                "area_hi": float(a_hi),
+                "area_from": max(lo, acc_o[m].min()),
+                "area_to": min(hi, acc_o[m].max()),
+            }
             fams.append(row)
         pts.append(grp)
     families = pd.DataFrame(fams)
-    cols = [*GROUP, "group", "family", "family_key", "defense", "knob", "reference", "verdict", "n_points",
-            "n_in_range", "mean_gain", "gain_lo", "gain_hi", "area", "area_lo", "area_hi", "area_from", "area_to",
-            "dcs", "dcs_lo", "dcs_hi", "ref_acc_min", "ref_acc_max", "ref_own_max", "n_via_undefended"]  # fmt: skip
+    cols = [
+        *GROUP,
+        "group",
+        "family",
+        "family_key",
+        "defense",
+        "knob",
+        "reference",
+        "verdict",
+        "n_points",
+        "n_in_range",
+        "mean_gain",
+        "gain_lo",
+        "gain_hi",
+        "area",
+        "area_lo",
+        "area_hi",
+        "area_from",
+        "area_to",
+        "dcs",
+        "dcs_lo",
+        "dcs_hi",
+        "ref_acc_min",
+        "ref_acc_max",
+        "ref_own_max",
+        "n_via_undefended",
+    ]
     families = families.reindex(columns=cols)
     table = pd.concat(pts, ignore_index=True).drop(columns=["cells"])
     return Comparison(metric, reference, table, families, resamples, seed, list(dict.fromkeys(notes)))
@@ -343,9 +417,11 @@ def _note_attack_sets(grp: pd.DataFrame, notes: list[str]) -> None:
     if len(set(sets)) > 1:
         every = sorted(set().union(*sets))
         counts = ", ".join(f"{a}: {sum(a in s for s in sets)}" for a in every)
-        notes.append(f"{grp.group.iloc[0]}: the configurations were not all scored by the same attacks "
-                     f"(configurations per attack, of {len(sets)}: {counts}); worst cases over different "
-                     "attack sets do not compare like for like")  # fmt: skip
+        notes.append(
+            f"{grp.group.iloc[0]}: the configurations were not all scored by the same attacks "
+            f"(configurations per attack, of {len(sets)}: {counts}); worst cases over different "
+            "attack sets do not compare like for like"
+        )
 
 
 def _verdict(n_in_range: int, lo: float, hi: float) -> str:
@@ -355,17 +431,30 @@ def _verdict(n_in_range: int, lo: float, hi: float) -> str:
 
 
 def _dcs_setup(
-    grp: pd.DataFrame, acc_o: np.ndarray, leak_o: np.ndarray, acc_b: np.ndarray, leak_b: np.ndarray, sign: float,
+    grp: pd.DataFrame,
+    acc_o: np.ndarray,
+    leak_o: np.ndarray,
+    acc_b: np.ndarray,
+    leak_b: np.ndarray,
+    sign: float,
     notes: list[str],
-) -> Callable[[np.ndarray], dict[str, float]]:  # fmt: skip
+) -> Callable[[np.ndarray], dict[str, float]]:
     """A function: family member indices -> {dcs, dcs_lo, dcs_hi} for this group (NaN with a
     note where the undefended model, the mean-image baseline or the class count is missing)."""
     und = np.flatnonzero((grp.family == UNDEFENDED).to_numpy())
     base = sign * float(np.nanmean(grp.baseline_mean.to_numpy(float))) if grp.baseline_mean.notna().any() else None
     classes = grp.num_classes.dropna()
-    why = ("no undefended run (none, no bottleneck, noise 0)" if not len(und) else
-           "no mean-image baseline" if base is None else "no class count" if classes.empty else
-           "the undefended model leaks no more than the mean image" if leak_o[und[0]] <= base else None)  # fmt: skip
+    why = (
+        "no undefended run (none, no bottleneck, noise 0)"
+        if not len(und)
+        else "no mean-image baseline"
+        if base is None
+        else "no class count"
+        if classes.empty
+        else "the undefended model leaks no more than the mean image"
+        if leak_o[und[0]] <= base
+        else None
+    )
     nan = {"dcs": math.nan, "dcs_lo": math.nan, "dcs_hi": math.nan}
     if why:
         notes.append(f"{grp.group.iloc[0]}: DCS not computed: {why}")
@@ -404,16 +493,23 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
             side = "low" if acc < 100 * r.ref_acc_min else "high"
             above = float(members.accuracy_mean.min()) > r.ref_acc_max  # every point more accurate than the reference
             if above and r.ref_acc_max > r.ref_own_max:  # the reference already ends at the undefended model
-                line = (head + f"no verdict: more accurate than the undefended model ({acc:.1f}% against "
-                        f"{100 * r.ref_acc_max:.1f}%) and every {r.reference} point (up to "
-                        f"{100 * r.ref_own_max:.1f}%)")  # fmt: skip
+                line = (
+                    head + f"no verdict: more accurate than the undefended model ({acc:.1f}% against "
+                    f"{100 * r.ref_acc_max:.1f}%) and every {r.reference} point (up to "
+                    f"{100 * r.ref_own_max:.1f}%)"
+                )
             else:
-                line = (head + f"no verdict: no {r.reference} point at its accuracy ({acc:.1f}%; {r.reference} spans "
-                        f"{100 * r.ref_acc_min:.1f}-{100 * r.ref_acc_max:.1f}%): the reference was not swept {side} "
-                        "enough")  # fmt: skip
+                line = (
+                    head + f"no verdict: no {r.reference} point at its accuracy ({acc:.1f}%; {r.reference} spans "
+                    f"{100 * r.ref_acc_min:.1f}-{100 * r.ref_acc_max:.1f}%): the reference was not swept {side} "
+                    "enough"
+                )
             # privbench.job names a target as point_name does, with its config where two groups share it
-            names = [n for m in members.itertuples() for n in (point_name(m.family, m.strength),
-                                                               f"{point_name(m.family, m.strength)} [{m.config}]")]
+            names = [
+                n
+                for m in members.itertuples()
+                for n in (point_name(m.family, m.strength), f"{point_name(m.family, m.strength)} [{m.config}]")
+            ]
             reasons = [why_not[n] for n in names if n in why_not]
             lines.append(line + (f" ({reasons[0]})" if reasons else "") + _dominance(members, pts, r, side, d))
             continue
@@ -425,16 +521,20 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
             say = f"leaks more than {r.reference} at the same accuracy ({gain})"
         else:
             detect = fs.detectable_gain(r.gain_lo, r.gain_hi)
-            say = (f"no difference from {r.reference} that these seeds can resolve: gain {r.mean_gain:.{d}f} {unit} "
-                   f"({ci}); the smallest gain they could detect is {detect:.{d}f}")  # fmt: skip
+            say = (
+                f"no difference from {r.reference} that these seeds can resolve: gain {r.mean_gain:.{d}f} {unit} "
+                f"({ci}); the smallest gain they could detect is {detect:.{d}f}"
+            )
             n_seeds = int(members.n_seeds.max())
             need = seeds_for_gain(r.mean_gain, r.gain_lo, r.gain_hi, n_seeds)
             if need is not None and need > n_seeds:
                 say += f"; about {need} seeds per configuration would resolve a gain of {abs(r.mean_gain):.{d}f}"
         via = ""
         if r.n_via_undefended:  # judged on the line from the reference's top to the undefended model
-            via = (f"; {r.n_via_undefended} above every {r.reference} point ({100 * r.ref_own_max:.1f}%), judged "
-                   f"against the line to the undefended model ({100 * r.ref_acc_max:.1f}%)")  # fmt: skip
+            via = (
+                f"; {r.n_via_undefended} above every {r.reference} point ({100 * r.ref_own_max:.1f}%), judged "
+                f"against the line to the undefended model ({100 * r.ref_acc_max:.1f}%)"
+            )
         lines.append(head + say + f" [{r.n_in_range} of {r.n_points} points at matched accuracy{via}]")
     return lines
 
@@ -461,8 +561,10 @@ def _dominance(members: pd.DataFrame, pts: pd.DataFrame, fam: Any, side: str, di
         which = f"{'all' if k == len(ref) else 'the'} {k} most accurate {fam.reference} points"
         accs = f"{100 * top.accuracy_mean.min():.1f}-{100 * top.accuracy_mean.max():.1f}%"
         leaks = f"{top.privacy_mean.min():.{digits}f}-{top.privacy_mean.max():.{digits}f}"
-    return (f"; it leaks less than {which} ({accs}, {leaks} against its {own:.{digits}f}), each less accurate "
-            "than it: a dominance, not a gain at matched accuracy")  # fmt: skip
+    return (
+        f"; it leaks less than {which} ({accs}, {leaks} against its {own:.{digits}f}), each less accurate "
+        "than it: a dominance, not a gain at matched accuracy"
+    )
 
 
 def seeds_for_gain(gain: float, lo: float, hi: float, n_seeds: int) -> int | None:

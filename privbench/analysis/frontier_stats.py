@@ -57,8 +57,10 @@ def load_seeds(cells: tuple[Cell, ...], metric: str, attacks: list[str], notes: 
         got = {a: v for (a, _, _), v in zip(cell.attacks, cell.per_image or ())}
         joint = joint_images([got.get(a) for a in attacks if a in have])
         if joint is None:
-            notes.append(f"{Path(cell.path).name}: no per-image {metric} for every attack; its run means are "
-                         "resampled over seeds only")  # fmt: skip
+            notes.append(
+                f"{Path(cell.path).name}: no per-image {metric} for every attack; its run means are "
+                "resampled over seeds only"
+            )
             images, joint_values = None, np.array([[have[a] for a in attacks if a in have]], dtype=float)
         else:
             images, joint_values = joint[0].tobytes(), joint[1]
@@ -197,8 +199,9 @@ def mean_gap(acc_f: np.ndarray, leak_f: np.ndarray, acc_g: np.ndarray, leak_g: n
     return np.where(ok, area / np.where(ok, hi - lo, 1.0), np.nan)
 
 
-def dcs(acc: np.ndarray, leak: np.ndarray, acc_ideal: np.ndarray, leak_ideal: float, leak_open: np.ndarray,
-        chance: float) -> np.ndarray:  # fmt: skip
+def dcs(
+    acc: np.ndarray, leak: np.ndarray, acc_ideal: np.ndarray, leak_ideal: float, leak_open: np.ndarray, chance: float
+) -> np.ndarray:
     """VFLAIR-style defense capability score of points, 1 / (1 + sqrt((a^2 + p^2) / 2)), with
     a = accuracy lost below `acc_ideal` as a share of (acc_ideal - chance) and p = leakage above
     `leak_ideal` (the mean image) as a share of (leak_open - leak_ideal), both clipped at 0."""

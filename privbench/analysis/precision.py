@@ -54,10 +54,22 @@ def _row(
     mdd = paired_min_detectable_difference if paired else min_detectable_difference
     size = (RESOLVE if resolve is None else resolve).get(quantity.split()[-1])
     needed = None if size is None else seeds_needed(spread, size, paired=paired)
-    return {"configuration": label, "quantity": quantity, "n": len(values), "mean": mean(values), "sd": spread,
-            "sd_lo": lo, "sd_hi": hi,
-            "mdd3": mdd(spread, 3), "mdd5": mdd(spread, 5), "target_sd": None, "meets": None,
-            "resolve": size, "seeds_needed": needed, "values": values}  # fmt: skip
+    return {
+        "configuration": label,
+        "quantity": quantity,
+        "n": len(values),
+        "mean": mean(values),
+        "sd": spread,
+        "sd_lo": lo,
+        "sd_hi": hi,
+        "mdd3": mdd(spread, 3),
+        "mdd5": mdd(spread, 5),
+        "target_sd": None,
+        "meets": None,
+        "resolve": size,
+        "seeds_needed": needed,
+        "values": values,
+    }
 
 
 def paired(

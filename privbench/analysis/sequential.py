@@ -135,10 +135,19 @@ def _plan(n_start: int, cap: int, alpha: float, rule: str) -> tuple[Look, ...]:
         t = _t_bounds(ns, spent)
         t_alpha = np.array([2 * sps.t.sf(b, n - 1) if n >= 2 else 0.0 for b, n in zip(t, ns)])
     return tuple(
-        Look(k + 1, int(n), float(ti), float(c), float(2 * sps.norm.sf(c)), float(s), float(tb), float(ta),
-             k == len(ns) - 1)
+        Look(
+            k + 1,
+            int(n),
+            float(ti),
+            float(c),
+            float(2 * sps.norm.sf(c)),
+            float(s),
+            float(tb),
+            float(ta),
+            k == len(ns) - 1,
+        )
         for k, (n, ti, c, s, tb, ta) in enumerate(zip(ns, info, z, spent, t, t_alpha))
-    )  # fmt: skip
+    )
 
 
 _MC_PATHS = 400_000
@@ -205,8 +214,9 @@ def _boundaries(info: np.ndarray, alpha: float, rule: str) -> np.ndarray:
             z[i] = _Z_INF
         else:
             root = math.sqrt(info[i])
-            z[i] = optimize.brentq(lambda c, st=state, sd=sd, r=root, e=inc[i]: _exit_next(st, sd, c * r) - e,
-                                   1e-6, _Z_INF, xtol=1e-10)  # fmt: skip
+            z[i] = optimize.brentq(
+                lambda c, st=state, sd=sd, r=root, e=inc[i]: _exit_next(st, sd, c * r) - e, 1e-6, _Z_INF, xtol=1e-10
+            )
         state = _advance(state, sd, z[i] * math.sqrt(info[i]))
     return z
 
@@ -274,8 +284,9 @@ def _exit_probs(info: np.ndarray, z: np.ndarray) -> np.ndarray:
     return out
 
 
-def rescale_ci(look: Look, gain: float, lo: float, hi: float, *, level: float = 0.95,
-               dof: int | None = None) -> tuple[float, float]:  # fmt: skip
+def rescale_ci(
+    look: Look, gain: float, lo: float, hi: float, *, level: float = 0.95, dof: int | None = None
+) -> tuple[float, float]:
     """An interval (lo, hi) of the gain at confidence `level` (normal-like, e.g. the bootstrap's
     percentile CI) widened about `gain` to this look's level: each side times q / z_{(1+level)/2},
     q the look's normal boundary, or its Student t boundary on `dof` degrees of freedom when given
@@ -338,8 +349,9 @@ def sequential_t(values: np.ndarray, looks: list[Look]) -> tuple[np.ndarray, np.
     return verdict, used
 
 
-def seeds_to_resolve(gain: float, sd: float | None, alpha: float = ALPHA, power: float = POWER, paired: bool = False,
-                     most: int = 1000) -> int | None:  # fmt: skip
+def seeds_to_resolve(
+    gain: float, sd: float | None, alpha: float = ALPHA, power: float = POWER, paired: bool = False, most: int = 1000
+) -> int | None:
     """Fewest seeds per configuration whose minimum detectable difference is at most |gain|: how
     many seeds resolve a gain of the size observed, given the per-seed sd (privbench.util.stats.
     seeds_needed). The sign of the gain does not matter, and a gain of 0 gives None rather than an

@@ -36,7 +36,7 @@ from privbench.store.rows import (
     environment_differences,
     metric_of,
     natural_key,
-)  # fmt: skip
+)
 from privbench.util import stats
 
 
@@ -156,10 +156,17 @@ def aggregate(
     table["environments"] = [envs.get(c, "") for c in table.index]
     table["bottleneck"] = table.bottleneck.astype("Int64")
     front = [
-        *ID_COLUMNS, *varying, "num_classes", "n_seeds", "seeds", "eval_images", "attacker_data",
-        "accuracy_mean", "accuracy_ci95",
+        *ID_COLUMNS,
+        *varying,
+        "num_classes",
+        "n_seeds",
+        "seeds",
+        "eval_images",
+        "attacker_data",
+        "accuracy_mean",
+        "accuracy_ci95",
         *[c for c in (f"{CLEAN_SEM_ACC}_mean", f"{CLEAN_SEM_ACC}_ci95") if c in table],
-    ]  # fmt: skip
+    ]
     groups = [f"{a}_" for a in attacks] + ["baseline_", "worst_"]
     numbers = list(dict.fromkeys(c for p in groups for c in table.columns if c.startswith(p)))
     table = table[front + numbers + ["near_chance", "missing", "environments", "notes", "runs"]].copy()

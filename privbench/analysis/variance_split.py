@@ -29,8 +29,11 @@ def components(tiles_by_seed: list[list[float]]) -> dict[str, Any]:
     comp = seed_tile_components(tiles_by_seed)
     pts = {k: 1e4 * comp[k] for k in ("total", "model", "interaction")}
     g = comp["tiles"]
-    sds = {"total": math.sqrt(pts["total"]), "model": math.sqrt(pts["model"]),
-           "test_set": math.sqrt(pts["interaction"] / g)}  # fmt: skip
+    sds = {
+        "total": math.sqrt(pts["total"]),
+        "model": math.sqrt(pts["model"]),
+        "test_set": math.sqrt(pts["interaction"] / g),
+    }
     sds |= {f"tiles_{k}x": math.sqrt(pts["model"] + pts["interaction"] / (k * g)) for k in MORE_TILES}
     sds["tiles_unlimited"] = sds["model"]
     return {"components_points2": pts, "tiles": g, "sd_points": sds}
@@ -67,8 +70,15 @@ def by_neighbours(rates: list[list[float]], tile_ids: list[int], neighbours: dic
     for k in sorted(set(counts)):
         own = [j for j, c in enumerate(counts) if c == k]
         sds = [tile_sd[j] for j in own]
-        out.append({"neighbours": k, "tiles": len(own), "mean": mean(v for j in own for v in columns[j]),
-                    "mean_sd": mean(sds), "coin_flips": sum(s > COIN_FLIP_SD for s in sds)})  # fmt: skip
+        out.append(
+            {
+                "neighbours": k,
+                "tiles": len(own),
+                "mean": mean(v for j in own for v in columns[j]),
+                "mean_sd": mean(sds),
+                "coin_flips": sum(s > COIN_FLIP_SD for s in sds),
+            }
+        )
     return out
 
 

@@ -126,8 +126,9 @@ def resolve_attack(
     return attack, attack.options()
 
 
-def folder_key(name: str, attack: Attack, resolved: dict[str, Any], attacker_data: str, eval_images: int,
-               seed: int) -> str:  # fmt: skip
+def folder_key(
+    name: str, attack: Attack, resolved: dict[str, Any], attacker_data: str, eval_images: int, seed: int
+) -> str:
     """The hash naming an attack cell's folder: its name, options in force, attacker data, number
     of evaluation images and seed. Options the attack lists in `identity_omits` count only when
     they differ from their default."""
@@ -147,8 +148,15 @@ def make_target(model: torch.nn.Module, image_shape: tuple[int, int, int], devic
     f, g = getattr(model, "defense_transform", None), getattr(model, "defense_noise", None)
     transform = (lambda z: f(z, training=False)) if f is not None else None
     noise = (lambda z: g(z, training=False)) if g is not None else None
-    return Target(encoder=model.encoder, noise_std=float(model.noise_std), image_shape=tuple(image_shape),
-                  device=device, transform=transform, server=model.server, noise=noise)  # fmt: skip
+    return Target(
+        encoder=model.encoder,
+        noise_std=float(model.noise_std),
+        image_shape=tuple(image_shape),
+        device=device,
+        transform=transform,
+        server=model.server,
+        noise=noise,
+    )
 
 
 # ----------------------------------------------------------------------------- harness

@@ -52,11 +52,14 @@ def check(
             write_json(second_folder / "metrics.json", marked | {"saturation_check_of": folder.name})
         ssim, doubled = r["metrics"]["ssim"], second["metrics"]["ssim"]
         record = {
-            "budget": {BUDGET: options[BUDGET]}, "doubled_budget": {BUDGET: doubled_options[BUDGET]},
-            "ssim": ssim["mean"], "ssim_ci95": ssim.get("ci95"), "ssim_doubled": doubled["mean"],
+            "budget": {BUDGET: options[BUDGET]},
+            "doubled_budget": {BUDGET: doubled_options[BUDGET]},
+            "ssim": ssim["mean"],
+            "ssim_ci95": ssim.get("ci95"),
+            "ssim_doubled": doubled["mean"],
             "unsaturated": verdict(ssim["mean"], ssim.get("ci95"), doubled["mean"]),
             "doubled_folder": second_folder.name,
-        }  # fmt: skip
+        }
         write_json(folder / "metrics.json", read_json(folder / "metrics.json") | {"saturation": record})
         _say(log, name, record)
         out.append(r | {"saturation": record})

@@ -44,10 +44,19 @@ DATA_FIELDS = ("dataset", "data_dir", "data_seed", "data_version", "n_train", "d
 BUDGETS: dict[str, dict[str, Any]] = {
     "quick": dict(width=0.5, epochs=8),
     "paper": dict(
-        width=1.0, epochs=164, batch_size=128, lr=0.1, schedule="multistep", milestones=(82, 123), gamma=0.1,
-        weight_decay=1e-4, warmup_epochs=0.0, label_smoothing=0.0, ema=0.0,
+        width=1.0,
+        epochs=164,
+        batch_size=128,
+        lr=0.1,
+        schedule="multistep",
+        milestones=(82, 123),
+        gamma=0.1,
+        weight_decay=1e-4,
+        warmup_epochs=0.0,
+        label_smoothing=0.0,
+        ema=0.0,
     ),
-}  # fmt: skip
+}
 PREDICT_BATCH = 1024
 
 
@@ -70,9 +79,18 @@ def classifier_config(target: TrainConfig, device: str = "cpu") -> TrainConfig:
     preset = target.preset if target.preset in PRESETS else "quick"
     data = {k: getattr(target, k) for k in DATA_FIELDS}
     return TrainConfig.from_preset(
-        preset, **data, **BUDGETS.get(preset, BUDGETS["quick"]), model=MODEL, cut=1, defense="none",
-        bottleneck=None, noise=0.0, seed=SEED, device=device, progress=False,
-    )  # fmt: skip
+        preset,
+        **data,
+        **BUDGETS.get(preset, BUDGETS["quick"]),
+        model=MODEL,
+        cut=1,
+        defense="none",
+        bottleneck=None,
+        noise=0.0,
+        seed=SEED,
+        device=device,
+        progress=False,
+    )
 
 
 def cache_folder(cfg: TrainConfig) -> Path:
@@ -80,14 +98,22 @@ def cache_folder(cfg: TrainConfig) -> Path:
 
 
 def _train_into(tmp: Path, name: str, cfg: TrainConfig, data: Dataset, log: Callable[[str], None]) -> None:
-    log(f"semantic: training the evaluation classifier ({MODEL}, width {cfg.width:g}, epochs {cfg.epochs}, "
-        f"seed {cfg.seed}) on {len(data.train)} training images; cached for this data set")  # fmt: skip
+    log(
+        f"semantic: training the evaluation classifier ({MODEL}, width {cfg.width:g}, epochs {cfg.epochs}, "
+        f"seed {cfg.seed}) on {len(data.train)} training images; cached for this data set"
+    )
     result = training.train(cfg, data=data, log=lambda _: None)
     info = {
-        "id": name, "model": MODEL, "width": cfg.width, "epochs": cfg.epochs,
-        "seed": cfg.seed, "preset": cfg.preset, "train_images": len(data.train),
-        "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
-    }  # fmt: skip
+        "id": name,
+        "model": MODEL,
+        "width": cfg.width,
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "preset": cfg.preset,
+        "train_images": len(data.train),
+        "test_accuracy": result.test_accuracy,
+        "train_seconds": result.seconds,
+    }
     blob = {"state_dict": result.model.state_dict(), "info": info, "config_hash": cfg.hash()}
     atomic_write_bytes(tmp / "classifier.pt", tensor_bytes(blob))
     write_json(tmp / "info.json", info | {"config": cfg.identity()})  # for people; the .pt is what loads

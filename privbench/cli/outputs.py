@@ -22,34 +22,48 @@ from privbench.util.storage import atomic_write_text
 
 # click.Choice: a bad value is a usage error, printed by privbench.cli.commands.main as one line, exit 2.
 privacy_metric_option = click.option(
-    "--privacy-metric", type=click.Choice(METRICS), default="ssim", show_default=True,
+    "--privacy-metric",
+    type=click.Choice(METRICS),
+    default="ssim",
+    show_default=True,
     help="The metric of the worst case (worst_attack) and of the plot's privacy axis; sem_acc: the fraction of "
-         "reconstructions an independent classifier labels with the true class.",
-)  # fmt: skip
+    "reconstructions an independent classifier labels with the true class.",
+)
 
 
 reference_option = click.option(
-    "--reference", default="none", show_default=True, metavar="FAMILY",
+    "--reference",
+    default="none",
+    show_default=True,
+    metavar="FAMILY",
     help="--layout frontier / --frontier: the family whose frontier the others are compared with at matched "
-         "accuracy (a defense name, e.g. none: the base channel's noise sweep).",
-)  # fmt: skip
+    "accuracy (a defense name, e.g. none: the base channel's noise sweep).",
+)
 
 
 def comparison_of(run_dirs: tuple[str, ...], reference: str, privacy_metric: str) -> frontier.Comparison:
     return api.frontier(list(run_dirs) or api.DEFAULT_RESULTS, reference=reference, privacy_metric=privacy_metric)
 
 
-@click.command("table", epilog=examples(
-    "privbench table OUTPUT_FOLDER --format latex --out table.tex",
-    "privbench table OUTPUT_FOLDER --layout frontier --reference none",
-))
+@click.command(
+    "table",
+    epilog=examples(
+        "privbench table OUTPUT_FOLDER --format latex --out table.tex",
+        "privbench table OUTPUT_FOLDER --layout frontier --reference none",
+    ),
+)
 @click.argument("run_dirs", nargs=-1)
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex"]), default="md", show_default=True)
 @click.option("--out", default=None, help="Write the table to this file instead of printing it.")
-@click.option("--layout", type=click.Choice(["rows", "cem", "frontier"]), default="rows", show_default=True,
-              help="rows: one row per configuration; cem: base defenses as rows and {alone, + gmm-cem, "
-                   "+ slot-cem} as column groups (the CEM paper's Table 1; md or csv); frontier: every "
-                   "point with its privacy gain over --reference at matched accuracy, then the verdicts.")  # fmt: skip
+@click.option(
+    "--layout",
+    type=click.Choice(["rows", "cem", "frontier"]),
+    default="rows",
+    show_default=True,
+    help="rows: one row per configuration; cem: base defenses as rows and {alone, + gmm-cem, "
+    "+ slot-cem} as column groups (the CEM paper's Table 1; md or csv); frontier: every "
+    "point with its privacy gain over --reference at matched accuracy, then the verdicts.",
+)
 @click.option(
     "--tops",
     default="gmm-cem,slot-cem",
@@ -98,9 +112,23 @@ def table_cmd(run_dirs, fmt, out, layout, tops, privacy_metric, reference) -> No
         click.echo(text, nl=False)
 
 
-FRONTIER_COLUMNS = ["group", "family", "strength", "accuracy_mean", "accuracy_ci95", "privacy_mean", "privacy_ci95",
-                    "privacy_attack", "n_seeds", "on_frontier", "ref_value", "gain", "gain_lo", "gain_hi",
-                    "extrapolated"]  # fmt: skip
+FRONTIER_COLUMNS = [
+    "group",
+    "family",
+    "strength",
+    "accuracy_mean",
+    "accuracy_ci95",
+    "privacy_mean",
+    "privacy_ci95",
+    "privacy_attack",
+    "n_seeds",
+    "on_frontier",
+    "ref_value",
+    "gain",
+    "gain_lo",
+    "gain_hi",
+    "extrapolated",
+]
 
 
 def frontier_text(comparison, fmt: str) -> str:
@@ -117,20 +145,30 @@ def frontier_text(comparison, fmt: str) -> str:
     return "\n".join([lines[0], "|" + "---|" * len(shown.columns), *lines[1:]]) + "\n"
 
 
-@click.command("plot", epilog=examples(
-    "privbench plot OUTPUT_FOLDER --frontier --out frontier.png",
-    "privbench plot RUN_FOLDER --curves",
-))
+@click.command(
+    "plot",
+    epilog=examples(
+        "privbench plot OUTPUT_FOLDER --frontier --out frontier.png",
+        "privbench plot RUN_FOLDER --curves",
+    ),
+)
 @click.argument("run_dirs", nargs=-1)
 @click.option("--out", default="privacy_utility.png", show_default=True, help="PNG file of the plot.")
 @click.option("--grid", "grid_out", default=None, help="Also write the cross-defense reconstruction grid here.")
-@click.option("--curves", is_flag=True,
-              help="Per run folder given: RUN/curves.png (each loss term, z's spread, accuracy per epoch), "
-                   "the Eq. 3 bound beside the attacks' MSE, and RUN/slots.png for slot-cem / gmm-cem.")  # fmt: skip
-@click.option("--frontier", "frontier_plot", is_flag=True,
-              help="The frontier plot instead: accuracy vs the worst-case privacy metric per family, the "
-                   "--reference's frontier, the undefended point, the mean-image baseline; --out's stem gets "
-                   ".png and .pdf.")  # fmt: skip
+@click.option(
+    "--curves",
+    is_flag=True,
+    help="Per run folder given: RUN/curves.png (each loss term, z's spread, accuracy per epoch), "
+    "the Eq. 3 bound beside the attacks' MSE, and RUN/slots.png for slot-cem / gmm-cem.",
+)
+@click.option(
+    "--frontier",
+    "frontier_plot",
+    is_flag=True,
+    help="The frontier plot instead: accuracy vs the worst-case privacy metric per family, the "
+    "--reference's frontier, the undefended point, the mean-image baseline; --out's stem gets "
+    ".png and .pdf.",
+)
 @privacy_metric_option
 @reference_option
 def plot_cmd(run_dirs, out, grid_out, curves, frontier_plot, privacy_metric, reference) -> None:
@@ -165,10 +203,13 @@ def plot_cmd(run_dirs, out, grid_out, curves, frontier_plot, privacy_metric, ref
     click.echo(str(plots.privacy_utility_plot(table, out)))
 
 
-@click.command("report", epilog=examples(
-    "privbench report README.md docs/frontier.md",
-    "privbench report --check README.md      # CI: exit 1 if a table no longer matches its rows",
-))
+@click.command(
+    "report",
+    epilog=examples(
+        "privbench report README.md docs/frontier.md",
+        "privbench report --check README.md      # CI: exit 1 if a table no longer matches its rows",
+    ),
+)
 @click.argument("files", nargs=-1, required=True)
 @click.option("--check", is_flag=True, help="Change nothing; exit 1 naming every file whose blocks are stale.")
 def report_cmd(files: tuple[str, ...], check: bool) -> None:

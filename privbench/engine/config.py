@@ -39,8 +39,13 @@ DEFAULT_GRID: dict[str, Any] = DEFAULTS["grid"]
 NON_IDENTITY = ("device", "data_dir", "progress", "compile", "channels_last", "weights")
 # Fields added after run folders existed, with the value that trains as before they existed: at
 # that value they are left out of the identity, so those folders keep their hashes.
-ADDED_FIELDS: dict[str, Any] = {"image_size": None, "pretrained": False, "model_options": {}, "weights_digest": None,
-                                "cpu_amp": False}  # fmt: skip
+ADDED_FIELDS: dict[str, Any] = {
+    "image_size": None,
+    "pretrained": False,
+    "model_options": {},
+    "weights_digest": None,
+    "cpu_amp": False,
+}
 MODEL_FORMS = "vgg11, resnet20, torchvision:NAME, timm:NAME or pkg.module:callable"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -130,8 +135,10 @@ class TrainConfig:
             if builtin and name.lstrip("-").isdigit():
                 self.cut = int(name)  # "4" from a command line: the same run as 4
             elif builtin:
-                raise UserError(f"invalid cut {self.cut!r} for {self.model}: its cuts are numbers (privbench cuts "
-                                f"{self.model}); module names cut torchvision, timm and user models")  # fmt: skip
+                raise UserError(
+                    f"invalid cut {self.cut!r} for {self.model}: its cuts are numbers (privbench cuts "
+                    f"{self.model}); module names cut torchvision, timm and user models"
+                )
             elif not name:
                 raise UserError("invalid cut '': a module name or an index into the valid cuts")
         if self.image_size is not None and self.image_size < 1:

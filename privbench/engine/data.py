@@ -30,9 +30,17 @@ from privbench.util.storage import atomic_write_bytes, tensor_bytes
 # The embedded set: photographs that ship inside scikit-image (no pooch download needed).
 # One class per photograph. Grey ones are repeated to three channels.
 EMBEDDED_PHOTOS = (
-    "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
-    "hubble_deep_field", "retina", "camera", "coins", "clock",
-)  # fmt: skip
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "camera",
+    "coins",
+    "clock",
+)
 # Geometry of each version of the embedded set. Photographs are shrunk to `short_side` px and
 # cut into `tile`-px tiles; every tile belongs to one split (`fractions`). Crops of one tile are
 # near-copies, so the number of test *tiles*, not crops, bounds how precisely accuracy is
@@ -139,11 +147,17 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     out = [
         torch.nn.functional.interpolate(
-            images[i : i + RESIZE_BATCH].float(), size=(size, size), mode="bilinear", antialias=True,
+            images[i : i + RESIZE_BATCH].float(),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
             align_corners=False,
-        ).round_().clamp_(0, 255).to(torch.uint8)
+        )
+        .round_()
+        .clamp_(0, 255)
+        .to(torch.uint8)
         for i in range(0, len(images), RESIZE_BATCH)
-    ]  # fmt: skip
+    ]
     return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
 
 

@@ -28,8 +28,15 @@ CURVES_FILE = "curves.csv"
 # The loop's own columns first, in this order; every other logged key follows (losses, then the
 # rest), each group sorted by name, so the order never depends on the epoch a key first appears.
 CURVE_COLUMNS = (
-    "epoch", "lr", "train_loss", "defense_loss", "train_acc", "z_intra_class_var", "z_total_var", "epoch_seconds",
-)  # fmt: skip
+    "epoch",
+    "lr",
+    "train_loss",
+    "defense_loss",
+    "train_acc",
+    "z_intra_class_var",
+    "z_total_var",
+    "epoch_seconds",
+)
 LOG_2PIE = math.log(2 * math.pi * math.e)
 
 BOUND_CAVEAT = (

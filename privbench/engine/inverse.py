@@ -31,9 +31,12 @@ class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, *, last_relu: bool = True):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-        )  # fmt: skip
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
         self.short = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else nn.Identity()
         self.last_relu = last_relu
 

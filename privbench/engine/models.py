@@ -153,10 +153,13 @@ def vgg11(
     server += [
         nn.Flatten(),
         nn.Dropout(),
-        nn.Linear(ch * size * size, hidden), nn.ReLU(inplace=True), nn.Dropout(),
-        nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+        nn.Linear(ch * size * size, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
         nn.Linear(hidden, num_classes),
-    ]  # fmt: skip
+    ]
     return SplitModel(nn.Sequential(*client), nn.Sequential(*server), noise_std)
 
 
@@ -164,9 +167,12 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
-        )  # fmt: skip
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
         self.short = (
             nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
             if stride != 1 or cin != cout
@@ -235,13 +241,21 @@ def build_model(
         raise UserError(f"invalid noise {noise_std}: the noise std must be >= 0")
     if zoo.is_model_spec(name):
         return zoo_model(
-            name, num_classes=num_classes, cut=cut, bottleneck=bottleneck, noise_std=noise_std,
-            image_shape=image_shape, pretrained=pretrained, options=options, state_dict=state_dict,
-        )  # fmt: skip
+            name,
+            num_classes=num_classes,
+            cut=cut,
+            bottleneck=bottleneck,
+            noise_std=noise_std,
+            image_shape=image_shape,
+            pretrained=pretrained,
+            options=options,
+            state_dict=state_dict,
+        )
     builders = {"vgg11": vgg11, "resnet20": resnet20}
     if name not in builders:
-        raise UserError(f"unknown model {name!r} (known: {', '.join(MODELS)}, or torchvision:NAME, timm:NAME, "
-                        "pkg.module:callable)")  # fmt: skip
+        raise UserError(
+            f"unknown model {name!r} (known: {', '.join(MODELS)}, or torchvision:NAME, timm:NAME, pkg.module:callable)"
+        )
     if width <= 0:
         raise UserError(f"invalid width {width}: must be > 0")
     if isinstance(cut, str):
@@ -249,9 +263,14 @@ def build_model(
             raise UserError(f"invalid cut {cut!r} for {name}: its cuts are numbers (privbench cuts {name})")
         cut = int(cut)
     model = builders[name](
-        num_classes=num_classes, cut=cut, bottleneck=bottleneck, noise_std=noise_std, width=width,
-        in_channels=image_shape[0], image_size=image_shape[1],
-    )  # fmt: skip
+        num_classes=num_classes,
+        cut=cut,
+        bottleneck=bottleneck,
+        noise_std=noise_std,
+        width=width,
+        in_channels=image_shape[0],
+        image_size=image_shape[1],
+    )
     model.num_classes = num_classes
     if state_dict is not None:
         load_weights(model, state_dict, name)
@@ -321,8 +340,10 @@ def zoo_model(
     z_shape = _probe(nn.Sequential(*client), image_shape)
     kind = z_kind(z_shape)
     if kind == "other":
-        raise UserError(f"cut {cut!r} of {spec} sends a tensor of shape {list(z_shape)}; privbench handles maps "
-                        "[C,H,W], tokens [N,D] and vectors [D]: choose another cut (privbench cuts)")  # fmt: skip
+        raise UserError(
+            f"cut {cut!r} of {spec} sends a tensor of shape {list(z_shape)}; privbench handles maps "
+            "[C,H,W], tokens [N,D] and vectors [D]: choose another cut (privbench cuts)"
+        )
     if bottleneck:
         bc, bs = zoo_bottleneck(z_shape, bottleneck)
         client.append(bc)
@@ -364,11 +385,14 @@ def load_weights(model: nn.Module, state: Mapping[str, Any], name: str) -> None:
     own = model.state_dict()
     for key, value in own.items():
         if key not in state:
-            raise UserError(f"the weights do not fit {name}: key {key!r} is missing ({len(state)} keys given, "
-                            f"{len(own)} expected)")  # fmt: skip
+            raise UserError(
+                f"the weights do not fit {name}: key {key!r} is missing ({len(state)} keys given, {len(own)} expected)"
+            )
         if tuple(state[key].shape) != tuple(value.shape):
-            raise UserError(f"the weights do not fit {name}: key {key!r} has shape {list(state[key].shape)}, "
-                            f"the model's is {list(value.shape)}")  # fmt: skip
+            raise UserError(
+                f"the weights do not fit {name}: key {key!r} has shape {list(state[key].shape)}, "
+                f"the model's is {list(value.shape)}"
+            )
     extra = [k for k in state if k not in own]
     if extra:
         raise UserError(f"the weights do not fit {name}: unexpected key {extra[0]!r}")
@@ -380,13 +404,16 @@ def read_weights(path: str, digest: str | None = None) -> dict[str, torch.Tensor
     under "state_dict" or "model" is unwrapped). With `digest`, the file must still be the one
     the run's configuration names."""
     if digest is not None and file_digest(path) != digest:
-        raise UserError(f"the weights file {path} changed since the configuration was made (sha256 "
-                        f"{digest[:12]}, now {file_digest(path)[:12]})")  # fmt: skip
+        raise UserError(
+            f"the weights file {path} changed since the configuration was made (sha256 "
+            f"{digest[:12]}, now {file_digest(path)[:12]})"
+        )
     state = load_checkpoint(path)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), None)
         if inner is None or not all(isinstance(v, torch.Tensor) for v in inner.values()):
-            raise UserError(f"{path} holds no state dict of tensors (save one with torch.save(model.state_dict(), "
-                            "FILE))")  # fmt: skip
+            raise UserError(
+                f"{path} holds no state dict of tensors (save one with torch.save(model.state_dict(), FILE))"
+            )
         state = inner
     return state

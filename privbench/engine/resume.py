@@ -35,12 +35,18 @@ class LoopState:
 def save(path: Path, key: str, epoch: int, history: list[dict[str, float]], seconds: float, s: LoopState) -> None:
     """Write the state after `epoch` epochs (1-based count) of the configuration `key`."""
     blob = {
-        "key": key, "epoch": epoch, "history": history, "seconds": seconds,
-        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "defense": s.defense.state_dict(),
+        "key": key,
+        "epoch": epoch,
+        "history": history,
+        "seconds": seconds,
+        "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "defense": s.defense.state_dict(),
         "average": None if s.average is None else {"avg": s.average.avg, "steps": s.average.steps},
-        "rng": torch.get_rng_state(), "generator": s.generator.get_state(),
+        "rng": torch.get_rng_state(),
+        "generator": s.generator.get_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }  # fmt: skip
+    }
     buf = io.BytesIO()
     torch.save(blob, buf)
     atomic_write_bytes(path, buf.getvalue())

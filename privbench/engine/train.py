@@ -86,10 +86,17 @@ def make_model(cfg: TrainConfig, data: Dataset, *, initial_weights: bool = True)
     which holds every weight, without a download or the original file."""
     state = read_weights(cfg.weights, cfg.weights_digest) if cfg.weights and initial_weights else None
     return build_model(
-        cfg.model, num_classes=data.num_classes, cut=cfg.cut, bottleneck=cfg.bottleneck,
-        noise_std=cfg.noise, width=cfg.width, image_shape=data.image_shape,
-        pretrained=cfg.pretrained and initial_weights, options=cfg.model_options, state_dict=state,
-    )  # fmt: skip
+        cfg.model,
+        num_classes=data.num_classes,
+        cut=cfg.cut,
+        bottleneck=cfg.bottleneck,
+        noise_std=cfg.noise,
+        width=cfg.width,
+        image_shape=data.image_shape,
+        pretrained=cfg.pretrained and initial_weights,
+        options=cfg.model_options,
+        state_dict=state,
+    )
 
 
 def attach_defense(model: SplitModel, defense: Defense, image_shape: tuple[int, ...], device: torch.device) -> None:
@@ -119,9 +126,13 @@ def check_trainable(cfg: TrainConfig, data: Dataset, model: SplitModel | None = 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> Dataset:
     data = load_dataset(
-        cfg.dataset, data_dir=cfg.data_dir, seed=cfg.data_seed, n_train=cfg.n_train, version=cfg.data_version,
+        cfg.dataset,
+        data_dir=cfg.data_dir,
+        seed=cfg.data_seed,
+        n_train=cfg.n_train,
+        version=cfg.data_version,
         image_size=cfg.image_size,
-    )  # fmt: skip
+    )
     return data.to(device)
 
 
@@ -202,8 +213,12 @@ def accuracy_stats(model: SplitModel, split: Split, *, amp: bool = False) -> dic
     groups = split.groups.cpu().tolist() if split.groups is not None else None
     stats = grouped_mean_ci(rate, groups)
     draws = NOISE_DRAWS if model.noise_std > 0 else 1
-    return {"test_accuracy": stats["mean"], "test_accuracy_ci95": stats["ci95"],
-            "test_groups": stats["groups"], "noise_draws": draws}  # fmt: skip
+    return {
+        "test_accuracy": stats["mean"],
+        "test_accuracy_ci95": stats["ci95"],
+        "test_groups": stats["groups"],
+        "noise_draws": draws,
+    }
 
 
 class WeightAverage:
@@ -272,9 +287,12 @@ def train(
     for p in model.parameters():
         (decay if p.ndim > 1 else no_decay).append(p)
     opt = torch.optim.SGD(
-        [{"params": decay}, {"params": no_decay}], lr=cfg.lr, momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay, nesterov=False,
-    )  # fmt: skip
+        [{"params": decay}, {"params": no_decay}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=False,
+    )
     opt.param_groups[1]["weight_decay"] = cfg.weight_decay  # reference decays every parameter
 
     def add_parameters(params: list[torch.nn.Parameter], weight_decay: float = 0.0, lr_scale: float = 1.0) -> None:
@@ -284,11 +302,20 @@ def train(
     n = len(data.train)
     steps = math.ceil(n / cfg.batch_size)
     ctx = TrainContext(
-        model=model, train_images=data.train.images, train_labels=data.train.labels,
-        num_classes=data.num_classes, noise_std=cfg.noise, device=device, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, steps_per_epoch=steps, seed=cfg.seed,
-        add_parameters=add_parameters, log=log, client=model.client_view(),
-    )  # fmt: skip
+        model=model,
+        train_images=data.train.images,
+        train_labels=data.train.labels,
+        num_classes=data.num_classes,
+        noise_std=cfg.noise,
+        device=device,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        steps_per_epoch=steps,
+        seed=cfg.seed,
+        add_parameters=add_parameters,
+        log=log,
+        client=model.client_view(),
+    )
     if blob is not None:  # before setup: a defense may build modules from its state and register them
         try:
             defense.load_state_dict(blob["defense"])
@@ -353,17 +380,22 @@ def train(
             correct += (logits.argmax(1) == y).sum()
         model.noise_std = cfg.noise  # evaluation, checkpoints and attacks see the deployed noise
         row: dict[str, float] = {
-            "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum.item() / n,
-            "defense_loss": extra_sum.item() / n, "train_acc": correct.item() / n,
-        }  # fmt: skip
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum.item() / n,
+            "defense_loss": extra_sum.item() / n,
+            "train_acc": correct.item() / n,
+        }
         if cfg.noise_warmup > 0 and cfg.noise > 0:
             row["channel_noise"] = noise_at(cfg, epoch, steps - 1, steps)  # at the epoch's last step
         bad = defense.nonfinite_part() if transforms else None
         if bad is not None:  # raised before anything of this epoch is saved: no half-written run
             raise UserError(f"defense {bad}: its transform produced NaN or Inf in epoch {epoch + 1}; training stopped")
         if not (math.isfinite(row["train_loss"]) and math.isfinite(row["defense_loss"])):
-            raise UserError(f"training diverged in epoch {epoch + 1} (defense {cfg.defense}, seed {cfg.seed}): the "
-                            "loss is NaN or Inf; training stopped and no run folder was written")  # fmt: skip
+            raise UserError(
+                f"training diverged in epoch {epoch + 1} (defense {cfg.defense}, seed {cfg.seed}): the "
+                "loss is NaN or Inf; training stopped and no run folder was written"
+            )
         row.update(defense.epoch_end(epoch, ctx))
         row["epoch_seconds"] = time.perf_counter() - t_epoch  # training only: the spread below is not counted
         row.update(epoch_spread(model, data))
@@ -381,8 +413,12 @@ def train(
     kept = kept_defense(defense)
     bound = final_entropy_bound(model, kept, data, cfg.noise)
     ci = stats["test_accuracy_ci95"]
-    log(f"test_accuracy={acc:.4f}" + (f" ±{ci:.4f} ({stats['test_groups']} groups)" if ci is not None else "")
-        + f" train_seconds={seconds:.1f} " + " ".join(f"{k}={v:.4g}" for k, v in spread.items()))  # fmt: skip
+    log(
+        f"test_accuracy={acc:.4f}"
+        + (f" ±{ci:.4f} ({stats['test_groups']} groups)" if ci is not None else "")
+        + f" train_seconds={seconds:.1f} "
+        + " ".join(f"{k}={v:.4g}" for k, v in spread.items())
+    )
     return TrainResult(model, kept, acc, history, seconds, spread, stats, bound)
 
 
@@ -397,8 +433,9 @@ def final_entropy_bound(model: SplitModel, defense: Defense, data: Dataset, nois
         return None
     z = encoder_features(model.client_view(), data.test.images)
     with torch.random.fork_rng(devices=[z.device] if z.device.type == "cuda" else []):
-        return entropy_bound(defense, z, data.test.labels, x_dim=math.prod(data.image_shape), noise_std=noise,
-                             fallback_clusters=5)  # fmt: skip
+        return entropy_bound(
+            defense, z, data.test.labels, x_dim=math.prod(data.image_shape), noise_std=noise, fallback_clusters=5
+        )
 
 
 SPREAD_IMAGES = 1000  # per-epoch z spread on the first training images: the curves, not the final number
@@ -409,8 +446,9 @@ def epoch_spread(model: SplitModel, data: Dataset) -> dict[str, float]:
     training images, in eval mode, leaving the random streams as they were."""
     device = data.train.images.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return z_spread(model.client_view(), data.train.images[:SPREAD_IMAGES], data.train.labels[:SPREAD_IMAGES],
-                        data.num_classes)  # fmt: skip
+        return z_spread(
+            model.client_view(), data.train.images[:SPREAD_IMAGES], data.train.labels[:SPREAD_IMAGES], data.num_classes
+        )
 
 
 def _fmt(v: Any) -> str:

@@ -81,9 +81,15 @@ def compute(cell: Cell, log: Callable[[str], None], train_fn=None, attack_fn=Non
         return {"path": str(run.path), "computed": bool(trained)}
     options = {cell.attack: cell.options} if cell.options else {}
     (r,) = (attack_fn or attack_run)(
-        Path(str(cell.run)), [cell.attack], **cell.settings, options=options, device=cell.device, seed=0,
-        progress=cell.progress, log=log,
-    )  # fmt: skip
+        Path(str(cell.run)),
+        [cell.attack],
+        **cell.settings,
+        options=options,
+        device=cell.device,
+        seed=0,
+        progress=cell.progress,
+        log=log,
+    )
     return {"path": str(r["path"]), "computed": not r.get("reused", False)}
 
 
@@ -100,21 +106,36 @@ def cells_of(grid: Any, configs: list[Any], *, remote: bool) -> list[Cell]:
     log) and gets an absolute results folder (its working directory is not the driver's)."""
     root = str(Path(grid.results_dir).resolve()) if remote else grid.results_dir
     return [
-        Cell("train", f"training {c.defense} ({Channel(c.bottleneck, c.noise).label()}) seed {c.seed}",
-             root, i, replace(c, progress=False) if remote else c, device=grid.device)
+        Cell(
+            "train",
+            f"training {c.defense} ({Channel(c.bottleneck, c.noise).label()}) seed {c.seed}",
+            root,
+            i,
+            replace(c, progress=False) if remote else c,
+            device=grid.device,
+        )
         for i, c in enumerate(configs)
-    ]  # fmt: skip
+    ]
 
 
 def attack_cells(grid: Any, train: Cell, run: str, *, remote: bool) -> list[Cell]:
     options, settings = grid.attack_options(), grid.attack_settings()
     on = train.label.removeprefix("training ")
     return [
-        Cell("attack", f"attack {name} on {on}", train.results_dir, train.index, run=run, attack=name,
-             settings=settings, options=options.get(name, {}), device=grid.device,
-             progress=False if remote else grid.progress)
+        Cell(
+            "attack",
+            f"attack {name} on {on}",
+            train.results_dir,
+            train.index,
+            run=run,
+            attack=name,
+            settings=settings,
+            options=options.get(name, {}),
+            device=grid.device,
+            progress=False if remote else grid.progress,
+        )
         for name in grid.attack
-    ]  # fmt: skip
+    ]
 
 
 def count(result: Any, computed: bool) -> None:

@@ -28,8 +28,16 @@ def open_executor(grid: Any, log: Callable[[str], None] = print) -> Iterator[Any
         backend.close()
 
 
-def compute_cells(backend: Any, grid: Any, configs: list[Any], result: Any, *, train_fn=None, attack_fn=None,
-                  log: Callable[[str], None] = print) -> None:  # fmt: skip
+def compute_cells(
+    backend: Any,
+    grid: Any,
+    configs: list[Any],
+    result: Any,
+    *,
+    train_fn=None,
+    attack_fn=None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Compute every cell of `configs` x grid.attack and fill `result` (runs, attack_dirs, counts,
     timings) in grid order; raise CellsFailed at the end if some cells failed."""
     if backend is None:

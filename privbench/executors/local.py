@@ -13,8 +13,9 @@ from privbench.util.progress import Progress, duration
 from privbench.util.storage import atomic_write_text
 
 
-def run_local(grid: Any, configs: list[Any], result: Any, *, train_fn=None, attack_fn=None,
-              log: Callable[[str], None] = print) -> tuple[list[Failure], int]:  # fmt: skip
+def run_local(
+    grid: Any, configs: list[Any], result: Any, *, train_fn=None, attack_fn=None, log: Callable[[str], None] = print
+) -> tuple[list[Failure], int]:
     """One cell after another in this process, with a running count and an ETA."""
     progress = Progress({"training": len(configs), "attack": len(configs) * len(grid.attack)})
     failures: list[Failure] = []

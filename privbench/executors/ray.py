@@ -50,8 +50,11 @@ class RayBackend:
             env = {"OMP_NUM_THREADS": str(self.cpus), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
             kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False}
             if start:
-                kwargs.update(num_cpus=table.get("num_cpus", os.cpu_count()), include_dashboard=False,
-                              object_store_memory=LOCAL_OBJECT_STORE)  # fmt: skip
+                kwargs.update(
+                    num_cpus=table.get("num_cpus", os.cpu_count()),
+                    include_dashboard=False,
+                    object_store_memory=LOCAL_OBJECT_STORE,
+                )
             try:
                 ray.init(address=address, logging_level="ERROR", **kwargs)
             except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ... from Ray's start-up
@@ -69,9 +72,11 @@ class RayBackend:
                 raise UserError(message)
             log(f"warning: {message} (waiting for an autoscaler to add nodes)")
         self.task = ray.remote(execute).options(
-            num_cpus=self.cpus, num_gpus=1 if self.gpu else 0, max_retries=table.get("retries", 1),
+            num_cpus=self.cpus,
+            num_gpus=1 if self.gpu else 0,
+            max_retries=table.get("retries", 1),
             retry_exceptions=False,
-        )  # fmt: skip
+        )
 
     def describe(self) -> str:
         return f"ray ({self.where})"

@@ -220,7 +220,7 @@ class Scheduler:
         cells = [c for c, _ in self.inflight.values()]
         running = sum(
             1 for c, t in self.inflight.values() if (h := log_header(c.log_path())) and h.get("started", 0) >= t - 1
-        )  # fmt: skip
+        )
         failed = len(self.failures) + self.blocked
         state = (self.done, running, failed, self.total - self.done - failed - running)
         if state != self.shown:

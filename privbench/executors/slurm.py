@@ -63,11 +63,18 @@ class SlurmBackend:
         try:
             self.ex = submitit.SlurmExecutor(folder=self.folder / "%j")
             self.ex.update_parameters(
-                job_name="privbench", partition=table.get("partition"), time=minutes, nodes=1, ntasks_per_node=1,
-                cpus_per_task=self.cpus, gpus_per_node=self.gpus or None, mem=table.get("mem"),
-                array_parallelism=table.get("array_parallelism", 256), setup=[f"export OMP_NUM_THREADS={self.cpus}"],
+                job_name="privbench",
+                partition=table.get("partition"),
+                time=minutes,
+                nodes=1,
+                ntasks_per_node=1,
+                cpus_per_task=self.cpus,
+                gpus_per_node=self.gpus or None,
+                mem=table.get("mem"),
+                array_parallelism=table.get("array_parallelism", 256),
+                setup=[f"export OMP_NUM_THREADS={self.cpus}"],
                 additional_parameters={k: v for k, v in table.get("sbatch", {}).items()},
-            )  # fmt: skip
+            )
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"--executor slurm: {one_line(exc)}") from None
         self.limit = None  # SLURM queues them; array_parallelism caps each submitted array
@@ -104,8 +111,10 @@ class SlurmBackend:
             return job.result()
         except UncompletedJobError:  # no result at all: the process was killed
             state = "" if self.local else f"state {job.state}, "
-            raise RuntimeError(f"job {job.job_id} ended without a result ({state}killed, out of memory or out of time; "
-                               f"its SLURM log: {job.paths.stderr})") from None  # fmt: skip
+            raise RuntimeError(
+                f"job {job.job_id} ended without a result ({state}killed, out of memory or out of time; "
+                f"its SLURM log: {job.paths.stderr})"
+            ) from None
 
     def explain(self, exc: BaseException) -> str:
         return one_line(exc)

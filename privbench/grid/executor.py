@@ -14,11 +14,20 @@ KINDS = ("local", "ray", "slurm")
 # [executor] keys: (types, smallest value). Each executor reads its own keys and ignores the
 # others, so one table can serve several executors and `--executor` picks one (docs/executors.md).
 KEYS: dict[str, tuple[tuple[type, ...], float | None]] = {
-    "kind": ((str,), None), "poll": ((int, float), 0.01), "address": ((str,), None), "num_cpus": ((int,), 1),
-    "retries": ((int,), 0), "cpus_per_task": ((int,), 1), "gpus_per_task": ((int,), 0), "partition": ((str,), None),
-    "time": ((int, str), None), "mem": ((str,), None), "array_parallelism": ((int,), 1), "sbatch": ((dict,), None),
+    "kind": ((str,), None),
+    "poll": ((int, float), 0.01),
+    "address": ((str,), None),
+    "num_cpus": ((int,), 1),
+    "retries": ((int,), 0),
+    "cpus_per_task": ((int,), 1),
+    "gpus_per_task": ((int,), 0),
+    "partition": ((str,), None),
+    "time": ((int, str), None),
+    "mem": ((str,), None),
+    "array_parallelism": ((int,), 1),
+    "sbatch": ((dict,), None),
     "cluster": ((str,), None),
-}  # fmt: skip
+}
 
 
 def parse_executor(value: Any) -> dict[str, Any]:

@@ -48,18 +48,68 @@ BASE_BOTTLENECK = 8  # C8, the reference
 BASE_NOISE = 0.025
 ATTACK_SETTINGS = ("epochs", "steps", "eval_images", "attacker_data", "check_saturation", "semantic")
 # TrainConfig fields the grid itself sets; a [train] table may not override them.
-GRID_FIELDS = ("dataset", "data_dir", "cut", "bottleneck", "noise", "defense", "defense_options", "seed", "preset",
-               "device", "progress", "data_fingerprint", "weights_digest")  # fmt: skip
+GRID_FIELDS = (
+    "dataset",
+    "data_dir",
+    "cut",
+    "bottleneck",
+    "noise",
+    "defense",
+    "defense_options",
+    "seed",
+    "preset",
+    "device",
+    "progress",
+    "data_fingerprint",
+    "weights_digest",
+)
 # Top-level shortcuts for one table entry each: (table, key in that table).
-SHORTCUTS = {"epochs": ("train", "epochs"), "model": ("train", "model"), "image_size": ("train", "image_size"),
-             "pretrained": ("train", "pretrained"), "weights": ("train", "weights"),
-             "eval_images": ("attacks", "eval_images"), "attacker_data": ("attacks", "attacker_data")}  # fmt: skip
+SHORTCUTS = {
+    "epochs": ("train", "epochs"),
+    "model": ("train", "model"),
+    "image_size": ("train", "image_size"),
+    "pretrained": ("train", "pretrained"),
+    "weights": ("train", "weights"),
+    "eval_images": ("attacks", "eval_images"),
+    "attacker_data": ("attacks", "attacker_data"),
+}
 # The TrainConfig fields that make the model (Grid.validate builds each distinct one once).
-MODEL_FIELDS = ("model", "cut", "bottleneck", "width", "model_options", "pretrained", "weights", "weights_digest",
-                "image_size")  # fmt: skip
-TOP_KEYS = ("preset", "dataset", "data_dir", "defense", "attack", "seeds", "cut", "bottleneck", "noise", "device",
-            "results_dir", "out", *SHORTCUTS, "option", "train", "attacks", "defenses", "executor", "sweep",
-            "reference", "privacy_metric", "bracket", "seeds_cap")  # fmt: skip
+MODEL_FIELDS = (
+    "model",
+    "cut",
+    "bottleneck",
+    "width",
+    "model_options",
+    "pretrained",
+    "weights",
+    "weights_digest",
+    "image_size",
+)
+TOP_KEYS = (
+    "preset",
+    "dataset",
+    "data_dir",
+    "defense",
+    "attack",
+    "seeds",
+    "cut",
+    "bottleneck",
+    "noise",
+    "device",
+    "results_dir",
+    "out",
+    *SHORTCUTS,
+    "option",
+    "train",
+    "attacks",
+    "defenses",
+    "executor",
+    "sweep",
+    "reference",
+    "privacy_metric",
+    "bracket",
+    "seeds_cap",
+)
 DEFAULT_SWEEP = tuple(DEFAULT_GRID["sweep"])
 DEFAULT_REFERENCE = DEFAULT_GRID["reference"]
 AUTO = "auto"  # --reference auto: the default reference family; --seeds auto: sequential seeds
@@ -148,8 +198,9 @@ class Grid:
         if self.preset not in PRESETS:
             raise UserError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
         if isinstance(self.bracket, bool) or not isinstance(self.bracket, int) or self.bracket < 0:
-            raise UserError(f"invalid bracket {self.bracket!r}: the number of reference strengths to add must be an "
-                            "integer >= 0")  # fmt: skip
+            raise UserError(
+                f"invalid bracket {self.bracket!r}: the number of reference strengths to add must be an integer >= 0"
+            )
         self.sequential = self.seeds == AUTO
         if isinstance(self.seeds_cap, bool) or not isinstance(self.seeds_cap, int) or self.seeds_cap < SEEDS_AUTO_START:
             raise UserError(f"invalid seeds cap {self.seeds_cap!r}: an integer >= {SEEDS_AUTO_START}")
@@ -175,8 +226,10 @@ class Grid:
                 raise UserError(f"unknown [train] key {key!r} (TrainConfig fields: {', '.join(sorted(names))})")
         for key, value in self.attacks.items():
             if key not in ATTACK_SETTINGS and not isinstance(value, dict):
-                raise UserError(f"unknown [attacks] key {key!r} (settings: {', '.join(ATTACK_SETTINGS)}, "
-                                "or a [attacks.<name>] table of one attack's options)")  # fmt: skip
+                raise UserError(
+                    f"unknown [attacks] key {key!r} (settings: {', '.join(ATTACK_SETTINGS)}, "
+                    "or a [attacks.<name>] table of one attack's options)"
+                )
         for key, value in self.defenses.items():
             if not isinstance(value, dict):
                 raise UserError(f"[defenses] entry {key!r} must be a table of that defense's options")
@@ -195,8 +248,11 @@ class Grid:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 raise UserError(f"invalid {key} {value!r}: expected an integer >= {least}")
-        for key, kind, example in (("model", str, "a name such as vgg11"), ("weights", str, "a file name"),
-                                   ("pretrained", bool, "true or false")):  # fmt: skip
+        for key, kind, example in (
+            ("model", str, "a name such as vgg11"),
+            ("weights", str, "a file name"),
+            ("pretrained", bool, "true or false"),
+        ):
             value = getattr(self, key)
             if value is not None and not isinstance(value, kind):
                 raise UserError(f"invalid {key} {value!r}: expected {example}")
@@ -250,10 +306,19 @@ class Grid:
                 for ch in channels:
                     for seed in range(self.seeds):
                         cfg = TrainConfig.from_preset(
-                            self.preset, **self.train, dataset=self.dataset, data_dir=self.data_dir, cut=self.cut,
-                            defense=name, defense_options=options, bottleneck=ch.bottleneck,
-                            noise=ch.noise, seed=seed, device=self.device, progress=self.progress,
-                        )  # fmt: skip
+                            self.preset,
+                            **self.train,
+                            dataset=self.dataset,
+                            data_dir=self.data_dir,
+                            cut=self.cut,
+                            defense=name,
+                            defense_options=options,
+                            bottleneck=ch.bottleneck,
+                            noise=ch.noise,
+                            seed=seed,
+                            device=self.device,
+                            progress=self.progress,
+                        )
                         out.setdefault(cfg.hash(), cfg)
         return list(out.values())
 
@@ -287,10 +352,14 @@ class Grid:
 
     def hash(self) -> str:
         """Identity of the grid's cells: names its output folder."""
-        return config_hash({
-            "runs": [c.hash() for c in self.train_configs()], "attacks": self.attack,
-            "settings": self.attack_settings(), "options": self.attack_options(),
-        })  # fmt: skip
+        return config_hash(
+            {
+                "runs": [c.hash() for c in self.train_configs()],
+                "attacks": self.attack,
+                "settings": self.attack_settings(),
+                "options": self.attack_options(),
+            }
+        )
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.results_dir) / "tables" / self.hash()
@@ -301,21 +370,27 @@ class Grid:
         if self.privacy_metric not in METRICS:
             raise UserError(f"unknown privacy metric {self.privacy_metric!r} (known: {', '.join(METRICS)})")
         if self.reference == AUTO and self.verdict_reference() is None:
-            raise UserError("--reference auto: the grid has no noise sweep of none to bracket; sweep a "
-                            "reference (--sweep none.noise=0.025,0.05,0.1) or name one with --reference")  # fmt: skip
+            raise UserError(
+                "--reference auto: the grid has no noise sweep of none to bracket; sweep a "
+                "reference (--sweep none.noise=0.025,0.05,0.1) or name one with --reference"
+            )
         if self.reference not in (None, AUTO):
             n, ref = self.reference_points(self.reference), self.reference
             if n < 2:
-                raise UserError(f"reference {ref!r}: the grid has {n} point(s) of it; a frontier needs two or more "
-                                f"(sweep it: --sweep {ref})")  # fmt: skip
+                raise UserError(
+                    f"reference {ref!r}: the grid has {n} point(s) of it; a frontier needs two or more "
+                    f"(sweep it: --sweep {ref})"
+                )
         ref = self.bracket_reference()
         if ref is not None:
             sweep = next(s for s in self.sweep if s.part == ref)
             knob = registry.get("defense", ref).knob
             if sweep.key not in (strength.CHANNEL, knob):
-                raise UserError(f"reference {ref}: bracketing moves its strength knob ({knob or 'it has none'}) or its "
-                                f"noise, but the grid sweeps {ref}.{sweep.key}; sweep {ref}.{knob or 'noise'} or "
-                                "pass --bracket 0")  # fmt: skip
+                raise UserError(
+                    f"reference {ref}: bracketing moves its strength knob ({knob or 'it has none'}) or its "
+                    f"noise, but the grid sweeps {ref}.{sweep.key}; sweep {ref}.{knob or 'noise'} or "
+                    "pass --bracket 0"
+                )
         for name in self.attacks:
             if isinstance(self.attacks[name], dict) and name not in self.attack:
                 raise UserError(f"[attacks.{name}] options given for an attack that is not run")
@@ -330,8 +405,13 @@ class Grid:
             resolve_attack(name, self.attack_options().get(name, {}), budget, progress=False)
         configs = self.train_configs()
         first = configs[0]
-        data = load_dataset(first.dataset, data_dir=first.data_dir, seed=first.data_seed, n_train=first.n_train,
-                            image_size=first.image_size)  # fmt: skip
+        data = load_dataset(
+            first.dataset,
+            data_dir=first.data_dir,
+            seed=first.data_seed,
+            n_train=first.n_train,
+            image_size=first.image_size,
+        )
         # Each distinct model, and each distinct defense on it, is built once (seeds and channel
         # noise do not change whether a defense takes the model's z).
         models: dict[str, Any] = {}

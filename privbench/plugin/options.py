@@ -138,8 +138,10 @@ def route(
         for stack in stacks:
             mine = [p for p in stack if p in takers]
             if len(mine) > 1:
-                raise UserError(f"option {o.key!r} is ambiguous in {STACK_SEPARATOR.join(stack)!r}: "
-                                f"{' and '.join(mine)} both have it; write {mine[0]}.{o.key}=VALUE")  # fmt: skip
+                raise UserError(
+                    f"option {o.key!r} is ambiguous in {STACK_SEPARATOR.join(stack)!r}: "
+                    f"{' and '.join(mine)} both have it; write {mine[0]}.{o.key}=VALUE"
+                )
         if not takers and len(parts) == 1 and not attacks:
             takers = parts  # a lone defense: its own "has no option" error names its options
         if takers:

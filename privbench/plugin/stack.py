@@ -87,8 +87,10 @@ def check_z_kind(defense: Defense, kind: str, z_shape: tuple[int, ...]) -> None:
     members = defense.members if isinstance(defense, Stack) else [(defense.name, defense)]
     for name, d in members:
         if kind not in d.z_kinds:
-            raise UserError(f"defense {name} works on {' and '.join(d.z_kinds)} activations, but this model's z is "
-                            f"{kind} of shape {list(z_shape)}: choose another cut or defense")  # fmt: skip
+            raise UserError(
+                f"defense {name} works on {' and '.join(d.z_kinds)} activations, but this model's z is "
+                f"{kind} of shape {list(z_shape)}: choose another cut or defense"
+            )
 
 
 class Stack(Defense):

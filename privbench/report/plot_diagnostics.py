@@ -125,8 +125,9 @@ def slots_figure(stats: dict[str, Any], *, title: str | None = None) -> Any:
         if limits is None and shown.count() and cmap == "RdBu_r":  # centre the diverging map on 0
             m = float(np.abs(shown).max()) or 1.0
             limits = (-m, m)
-        im = ax.imshow(shown, cmap=cmap, aspect="auto", vmin=limits[0] if limits else None,
-                       vmax=limits[1] if limits else None)  # fmt: skip
+        im = ax.imshow(
+            shown, cmap=cmap, aspect="auto", vmin=limits[0] if limits else None, vmax=limits[1] if limits else None
+        )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
         if C * K <= 160:
             for (i, j), v in np.ndenumerate(values):

@@ -42,8 +42,10 @@ def y_label(metric: str, rows: pd.DataFrame) -> str:
     """'worst-case SSIM over attacks [0,1], 256 test images, 3 seeds (lower = less leakage)'."""
     unit = f" {METRIC_UNIT[metric]}" if METRIC_UNIT.get(metric) else ""
     better = "lower" if ATTACKER_HIGHER[metric] else "higher"
-    return (f"worst-case {METRIC_LABEL[metric]} over attacks{unit}, {_span(list(rows.n_images), 'test image')}, "
-            f"{_span(list(rows.n_seeds), 'seed')}\n({better} = less leakage)")  # fmt: skip
+    return (
+        f"worst-case {METRIC_LABEL[metric]} over attacks{unit}, {_span(list(rows.n_images), 'test image')}, "
+        f"{_span(list(rows.n_seeds), 'seed')}\n({better} = less leakage)"
+    )
 
 
 def frontier_figure(comparison: Comparison) -> Any:
@@ -78,54 +80,110 @@ def _panel(ax: Any, rows: pd.DataFrame, fams: pd.DataFrame, comparison: Comparis
         g = rows[rows.family == fam].sort_values("accuracy_mean")
         colour, is_ref = colours[fam], fam == ref
         front = g[g.on_frontier.astype(bool)]
-        ax.plot(100 * front.accuracy_mean, front.privacy_mean, color=colour, lw=2.6 if is_ref else 1.2,
-                zorder=3 if is_ref else 2)  # fmt: skip
-        ax.plot([], [], color=colour, lw=2.6 if is_ref else 1.2, marker=markers[fam], ms=4,
-                label=f"{fam} (reference)" if is_ref else f"{fam}: {verdict.get(fam, 'no reference')}")  # fmt: skip
+        ax.plot(
+            100 * front.accuracy_mean,
+            front.privacy_mean,
+            color=colour,
+            lw=2.6 if is_ref else 1.2,
+            zorder=3 if is_ref else 2,
+        )
+        ax.plot(
+            [],
+            [],
+            color=colour,
+            lw=2.6 if is_ref else 1.2,
+            marker=markers[fam],
+            ms=4,
+            label=f"{fam} (reference)" if is_ref else f"{fam}: {verdict.get(fam, 'no reference')}",
+        )
         for r in g.itertuples():
             added = bool(getattr(r, "added", False))  # a reference point added by bracketing
-            _point(ax, r, colour, lo, hi, hollow=added or bool(getattr(r, "extrapolated", False)),
-                   marker="s" if added else markers[fam])  # fmt: skip
-            ax.annotate(r.strength, (100 * r.accuracy_mean, r.privacy_mean), xytext=(4, 4),
-                        textcoords="offset points", fontsize=6, color=colour)  # fmt: skip
+            _point(
+                ax,
+                r,
+                colour,
+                lo,
+                hi,
+                hollow=added or bool(getattr(r, "extrapolated", False)),
+                marker="s" if added else markers[fam],
+            )
+            ax.annotate(
+                r.strength,
+                (100 * r.accuracy_mean, r.privacy_mean),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize=6,
+                color=colour,
+            )
     und = rows[rows.family == UNDEFENDED].sort_values("accuracy_mean")
     ref_row = fams[fams.family == ref] if ref is not None else fams.iloc[:0]
     if len(ref_row) and len(und) and float(ref_row.ref_acc_max.iloc[0]) > float(ref_row.ref_own_max.iloc[0]):
         # compare() ends the reference at the undefended model: draw that stretch of its frontier
         top = rows[(rows.family == ref) & rows.on_frontier.astype(bool)].sort_values("accuracy_mean").iloc[-1]
         end = und.iloc[-1]
-        ax.plot([100 * top.accuracy_mean, 100 * end.accuracy_mean], [top.privacy_mean, end.privacy_mean],
-                color="black", lw=1.6, ls="--", zorder=3, label="reference, ended at the undefended model")  # fmt: skip
+        ax.plot(
+            [100 * top.accuracy_mean, 100 * end.accuracy_mean],
+            [top.privacy_mean, end.privacy_mean],
+            color="black",
+            lw=1.6,
+            ls="--",
+            zorder=3,
+            label="reference, ended at the undefended model",
+        )
     for r in und.itertuples():
         _point(ax, r, "0.3", lo, hi, marker="*", size=11)
-        ax.annotate("undefended", (100 * r.accuracy_mean, r.privacy_mean), xytext=(4, -9),
-                    textcoords="offset points", fontsize=6, color="0.3")  # fmt: skip
+        ax.annotate(
+            "undefended",
+            (100 * r.accuracy_mean, r.privacy_mean),
+            xytext=(4, -9),
+            textcoords="offset points",
+            fontsize=6,
+            color="0.3",
+        )
     if rows.baseline_mean.notna().any():
         y = float(rows.baseline_mean.mean())
         ax.axhline(y, color="0.5", ls="--", lw=1)
-        ax.annotate("mean image", (0.01, y), xycoords=("axes fraction", "data"), fontsize=6, color="0.4",
-                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            "mean image",
+            (0.01, y),
+            xycoords=("axes fraction", "data"),
+            fontsize=6,
+            color="0.4",
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     if "added" in rows and rows.added.astype(bool).any():
         ax.plot([], [], "s", mfc="none", color="black", label="reference point added to bracket a defense")
     if rows.extrapolated.astype(bool).any():
         ax.plot([], [], "o", mfc="none", color="0.4", label="outside the reference's accuracy range")
     ax.set_xlabel("test accuracy (%)", fontsize=8)
     ax.set_ylabel(y_label(metric, rows), fontsize=8)
-    ax.set_title(f"{rows.group.iloc[0]}: privacy at matched accuracy vs {ref or comparison.reference}"
-                 "\nbars: 95% CI (Student t over seeds; over test images with one seed)", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"{rows.group.iloc[0]}: privacy at matched accuracy vs {ref or comparison.reference}"
+        "\nbars: 95% CI (Student t over seeds; over test images with one seed)",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if len(families) > LEGEND_INSIDE else {}
     ax.legend(fontsize=7, title="family: verdict", title_fontsize=7, **({"loc": "best"} | outside))
 
 
-def _point(ax: Any, r: Any, colour: str, lo: float, hi: float, *, hollow: bool = False, marker: str = "o",
-           size: float = 5) -> None:  # fmt: skip
+def _point(
+    ax: Any, r: Any, colour: str, lo: float, hi: float, *, hollow: bool = False, marker: str = "o", size: float = 5
+) -> None:
     acc = 100 * r.accuracy_mean
     ax.errorbar(
-        acc, r.privacy_mean, fmt=marker, ms=size, capsize=3, color=colour, mfc="none" if hollow else colour,
+        acc,
+        r.privacy_mean,
+        fmt=marker,
+        ms=size,
+        capsize=3,
+        color=colour,
+        mfc="none" if hollow else colour,
         xerr=clipped_err(acc, 100 * r.accuracy_ci95, *ACCURACY_RANGE),
-        yerr=clipped_err(r.privacy_mean, r.privacy_ci95, lo, hi), zorder=4,
-    )  # fmt: skip
+        yerr=clipped_err(r.privacy_mean, r.privacy_ci95, lo, hi),
+        zorder=4,
+    )
 
 
 def plot_frontier(comparison: Comparison, path_stem: str | Path) -> list[Path]:

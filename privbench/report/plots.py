@@ -108,11 +108,15 @@ def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str], metric: st
             acc = 100 * r.accuracy_mean
             x, x_ci = getattr(r, f"worst_{metric}_mean"), getattr(r, f"worst_{metric}_ci95")
             ax.errorbar(
-                x, acc, fmt="o", capsize=3, color=colours[defense],
+                x,
+                acc,
+                fmt="o",
+                capsize=3,
+                color=colours[defense],
                 xerr=clipped_err(x, x_ci, *METRIC_RANGE.get(metric, SSIM_RANGE)),
                 yerr=clipped_err(acc, 100 * r.accuracy_ci95, *ACCURACY_RANGE),
                 label=defense if i == 0 else None,
-            )  # fmt: skip
+            )
             text = r.channel.replace(" + noise ", "+").replace("noise ", "n")
             if several_options.get(defense, 0) > 1 and r.options:
                 text += f" ({r.options})"
@@ -126,19 +130,36 @@ def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str], metric: st
         if col in rows and rows[col].notna().any():
             x = rows[col].mean()
             ax.axvline(x, color="0.5", ls=style, lw=1)
-            ax.annotate(label, (x, 0.98), xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
-                        color="0.4", xytext=(2, 0), textcoords="offset points", va="top")  # fmt: skip
+            ax.annotate(
+                label,
+                (x, 0.98),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                fontsize=6,
+                color="0.4",
+                xytext=(2, 0),
+                textcoords="offset points",
+                va="top",
+            )
     classes = rows.num_classes.dropna()
     low, high = ax.get_ylim()
     if len(classes) and classes.nunique() == 1 and low <= 100 / classes.iloc[0] <= high:  # only where it shows
         y = 100 / classes.iloc[0]
         ax.axhline(y, color="0.5", ls=":", lw=1)
-        ax.annotate("chance", (0.01, y), xycoords=("axes fraction", "data"), fontsize=6, color="0.4",
-                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            "chance",
+            (0.01, y),
+            xycoords=("axes fraction", "data"),
+            fontsize=6,
+            color="0.4",
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     unit = f" {METRIC_UNIT[metric]}" if METRIC_UNIT.get(metric) else ""
     better = "higher" if ATTACKER_HIGHER[metric] else "lower"
-    ax.set_xlabel(f"worst-case attack {METRIC_LABEL[metric]}{unit} ({better} = better reconstruction = less privacy)",
-                  fontsize=8)  # fmt: skip
+    ax.set_xlabel(
+        f"worst-case attack {METRIC_LABEL[metric]}{unit} ({better} = better reconstruction = less privacy)", fontsize=8
+    )
     ax.set_ylabel("test accuracy (%)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", title="defense", title_fontsize=7)
@@ -170,8 +191,15 @@ def _place_labels(ax: Any, labels: list[tuple[float, float, str, str]]) -> None:
         while any(abs(fx - px) < 0.12 and abs(fy - shift * 0.035 - py) < 0.03 for px, py in placed) and shift < 12:
             shift += 1
         placed.append((fx, fy - shift * 0.035))
-        ax.annotate(text, (x, y), xytext=(4, 4 - 9 * shift), textcoords="offset points", fontsize=6, color=colour,
-                    arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.4} if shift else None)  # fmt: skip
+        ax.annotate(
+            text,
+            (x, y),
+            xytext=(4, 4 - 9 * shift),
+            textcoords="offset points",
+            fontsize=6,
+            color=colour,
+            arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.4} if shift else None,
+        )
 
 
 def _save(fig: Any, path: str | Path, **kw: Any) -> Path:
@@ -277,10 +305,10 @@ def reconstruction_figure(table: pd.DataFrame, long: pd.DataFrame, *, images: in
         ax.text(-gap, y + h / 2, row["label"], ha="right", va="center", fontsize=6)
         for j, value in enumerate(row["ssim"] or []):
             if value is not None:
-                ax.text(j * pitch_x + w / 2, y + h + band / 2, f"SSIM {value:.2f}", ha="center", va="center",
-                        fontsize=5)  # fmt: skip
-    ax.set_title("the same test images under each defense (first seed); SSIM [0,1] under each tile", fontsize=7,
-                 pad=10)  # fmt: skip
+                ax.text(
+                    j * pitch_x + w / 2, y + h + band / 2, f"SSIM {value:.2f}", ha="center", va="center", fontsize=5
+                )
+    ax.set_title("the same test images under each defense (first seed); SSIM [0,1] under each tile", fontsize=7, pad=10)
     return fig
 
 

@@ -61,9 +61,15 @@ def render_split(split: dict[str, Any]) -> str:
         wrong = ", ".join(f"{n} {100 * v:.1f}" for n, v in row["misread_as"] if round(100 * v, 1) > 0)
         lines.append(f"| {row['class']} | {100 * row['correct']:.1f} | {wrong} |")
     if split["by_neighbours"] is not None:
-        lines += ["", f"| training neighbours (of 4) | test tiles | mean accuracy (%) | mean sd over seeds | "
-                  f"tiles with sd > {COIN_FLIP_SD:g} |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"| training neighbours (of 4) | test tiles | mean accuracy (%) | mean sd over seeds | "
+            f"tiles with sd > {COIN_FLIP_SD:g} |",
+            "|---|---|---|---|---|",
+        ]
         for row in split["by_neighbours"]:
-            lines.append(f"| {row['neighbours']} | {row['tiles']} | {row['mean']:.1f} | {row['mean_sd']:.1f} | "
-                         f"{row['coin_flips']} |")  # fmt: skip
+            lines.append(
+                f"| {row['neighbours']} | {row['tiles']} | {row['mean']:.1f} | {row['mean_sd']:.1f} | "
+                f"{row['coin_flips']} |"
+            )
     return "\n".join(lines)

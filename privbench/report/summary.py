@@ -51,7 +51,14 @@ def summary_markdown(table: pd.DataFrame, verdicts: pd.DataFrame | None = None) 
     for r, v in zip((row for _, row in table.iterrows()), verdict):
         sem = plus_minus(r.get("worst_sem_acc_mean"), r.get("worst_sem_acc_ci95"), METRIC_DIGITS["sem_acc"])
         accuracy = plus_minus(r.accuracy_mean, r.accuracy_ci95, 1, 100)
-        cells = [*(str(r[c]) for c in lead), str(r.defense), str(r.channel), str(int(r.n_seeds)), accuracy,
-                 worst_cell(r, metric, metric), sem]  # fmt: skip
+        cells = [
+            *(str(r[c]) for c in lead),
+            str(r.defense),
+            str(r.channel),
+            str(int(r.n_seeds)),
+            accuracy,
+            worst_cell(r, metric, metric),
+            sem,
+        ]
         lines.append("| " + " | ".join(cells + ([v] if show_verdict else [])) + " |")
     return "\n".join(lines) + "\n"

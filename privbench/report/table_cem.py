@@ -51,11 +51,16 @@ def cem_frame(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> pd.DataFrame
         if column not in groups:
             groups.append(column)
         cell = cells.setdefault((base, r.channel), {})
-        cell.update({
-            f"{column}|accuracy_mean": r.accuracy_mean, f"{column}|accuracy_ci95": r.accuracy_ci95,
-            f"{column}|worst_ssim_mean": r.worst_ssim_mean, f"{column}|worst_ssim_ci95": r.worst_ssim_ci95,
-            f"{column}|worst_attack": r.worst_attack, f"{column}|n_seeds": r.n_seeds,
-        })  # fmt: skip
+        cell.update(
+            {
+                f"{column}|accuracy_mean": r.accuracy_mean,
+                f"{column}|accuracy_ci95": r.accuracy_ci95,
+                f"{column}|worst_ssim_mean": r.worst_ssim_mean,
+                f"{column}|worst_ssim_ci95": r.worst_ssim_ci95,
+                f"{column}|worst_attack": r.worst_attack,
+                f"{column}|n_seeds": r.n_seeds,
+            }
+        )
     rows = []
     for (base, channel), cell in cells.items():
         row: dict[str, object] = {"base": base, "channel": channel}
@@ -96,8 +101,10 @@ def to_markdown(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> str:
         for g in groups:
             n = r[f"{g}|n_seeds"]
             seeds = f" (n={int(n)})" if mixed and not pd.isna(n) else ""
-            cells += [plus_minus(r[f"{g}|accuracy_mean"], r[f"{g}|accuracy_ci95"], 1, 100) + seeds,
-                      plus_minus(r[f"{g}|worst_ssim_mean"], r[f"{g}|worst_ssim_ci95"], 3)]  # fmt: skip
+            cells += [
+                plus_minus(r[f"{g}|accuracy_mean"], r[f"{g}|accuracy_ci95"], 1, 100) + seeds,
+                plus_minus(r[f"{g}|worst_ssim_mean"], r[f"{g}|worst_ssim_ci95"], 3),
+            ]
             if g != ALONE:
                 da, ds = r[f"{g}|delta_accuracy"], r[f"{g}|delta_worst_ssim"]
                 ca, cs = r[f"{g}|delta_accuracy_ci95"], r[f"{g}|delta_worst_ssim_ci95"]
@@ -110,13 +117,14 @@ def to_markdown(table: pd.DataFrame, tops: tuple[str, ...] = TOPS) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     worst = sorted({str(v) for g in groups for v in frame[f"{g}|worst_attack"] if isinstance(v, str) and v})
     notes = [
-        f"_{caption(table)}_", "",
+        f"_{caption(table)}_",
+        "",
         "Rows: base defenses on their channel; columns: the base alone and with each CEM defense on top "
         "(a CEM defense alone sits on the row `none`, the channel alone). Worst SSIM: the highest mean SSIM "
         f"over the attacks run ({', '.join(worst) or 'none'}); ± is the 95% CI (over seeds with 2 or more, "
         "else over test images). Δacc / ΔSSIM: the group's accuracy (points) and worst SSIM minus the alone "
         "cell's (a negative ΔSSIM = more privacy), ± the Welch 95% CI where both cells have 2 or more seeds.",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines + [""] + notes) + "\n"
 
 

@@ -27,7 +27,7 @@ from privbench.store.rows import (
     METRICS,
     config_label,
     natural_key,
-)  # fmt: skip
+)
 from privbench.util import stats
 
 FORMATS = ("md", "csv", "latex")
@@ -110,10 +110,15 @@ def columns(table: pd.DataFrame) -> list[Column]:
             cols.append(Column(key, [str(v) for v in table[key]]))
     cols += [Column(key, [str(v) for v in table[key]]) for key in table.attrs.get("settings", [])]
     cols.append(Column("seeds", [f"n={n}" for n in table.n_seeds]))
-    cols.append(Column("accuracy (%)", [
-        plus_minus(m, c, 1, 100) + (f" {CHANCE_MARK}" if flag else "")
-        for m, c, flag in zip(table.accuracy_mean, table.accuracy_ci95, table.near_chance)
-    ]))  # fmt: skip
+    cols.append(
+        Column(
+            "accuracy (%)",
+            [
+                plus_minus(m, c, 1, 100) + (f" {CHANCE_MARK}" if flag else "")
+                for m, c, flag in zip(table.accuracy_mean, table.accuracy_ci95, table.near_chance)
+            ],
+        )
+    )
     rows = [r for _, r in table.iterrows()]
     for attack in attacks:
         for metric in METRICS:
@@ -241,8 +246,9 @@ def semantic_note(table: pd.DataFrame) -> str | None:
     if col in table and table[col].notna().any():
         values = {
             config_label(r.defense, r.channel, r.options): plus_minus(r[col], r.get(f"{CLEAN_SEM_ACC}_ci95"), 3)
-            for _, r in table.iterrows() if not pd.isna(r[col])
-        }  # fmt: skip
+            for _, r in table.iterrows()
+            if not pd.isna(r[col])
+        }
         same = len(set(values.values())) == 1
         ref = next(iter(values.values())) if same else ", ".join(f"{k} {v}" for k, v in values.items())
         note += f". Reference line, its accuracy on the clean evaluation images: {ref}"
@@ -273,9 +279,17 @@ def to_csv(table: pd.DataFrame) -> str:
 
 
 _LATEX_ESCAPE = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-}  # fmt: skip
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 # An absolute path (two components or more, POSIX or Windows): LaTeX output keeps its last part.
 _PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[/\\][\w.+@~-]+){2,}")
 
@@ -292,10 +306,14 @@ def _latex(s: str) -> str:
 
 def _latex_table(cols: list[Column], title: str, notes: list[str]) -> list[str]:
     lines = [
-        r"\begin{table}[htbp]", r"\centering", r"\caption{" + _latex(title) + "}",
-        r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
-        " & ".join(_latex(c.header) for c in cols) + r" \\", r"\midrule",
-    ]  # fmt: skip
+        r"\begin{table}[htbp]",
+        r"\centering",
+        r"\caption{" + _latex(title) + "}",
+        r"\begin{tabular}{" + "l" * len(cols) + "}",
+        r"\toprule",
+        " & ".join(_latex(c.header) for c in cols) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(_latex(v) for v in row) + r" \\" for row in zip(*(c.cells for c in cols))]
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [r"\par{\footnotesize " + _latex(n) + "}" for n in notes]

@@ -167,11 +167,17 @@ def attack_run(
             sem_mod.prepare(cfg, data, attacker_data, perm, eval_x, groups, dev, log) if use_semantic else None
         )
         state.update(
-            target=make_target(model, data.image_shape, dev), attacker_x=attacker_x, eval_x=eval_x,
-            attacker_split=attacker_split, eval_split=eval_split, dropped=dropped,
-            lpips_model=lpips_model, lpips_missing=lpips_missing,
-            mean_image=attacker_x.mean(dim=0, keepdim=True), groups=groups,
-        )  # fmt: skip
+            target=make_target(model, data.image_shape, dev),
+            attacker_x=attacker_x,
+            eval_x=eval_x,
+            attacker_split=attacker_split,
+            eval_split=eval_split,
+            dropped=dropped,
+            lpips_model=lpips_model,
+            lpips_missing=lpips_missing,
+            mean_image=attacker_x.mean(dim=0, keepdim=True),
+            groups=groups,
+        )
         return state
 
     results = []
@@ -206,16 +212,24 @@ def attack_run(
             baseline = summarize(base_scores, s["lpips_missing"], s["groups"])
             t3 = time.perf_counter()
             result = {
-                "attack": name, "options": resolved, "attacker_data": attacker_data,
-                "attacker_split": s["attacker_split"], "attacker_images": len(attacker_x),
-                "eval_images": len(eval_x), "eval_split": s["eval_split"],
-                "eval_duplicates_dropped": s["dropped"], "seed": seed, "run": run.name,
-                "threat_model": threat_model(attacker_data), "info": dict(getattr(attack, "info", None) or {}),
-                "metrics": summarize(per_image, s["lpips_missing"], s["groups"]), "baseline": baseline,
+                "attack": name,
+                "options": resolved,
+                "attacker_data": attacker_data,
+                "attacker_split": s["attacker_split"],
+                "attacker_images": len(attacker_x),
+                "eval_images": len(eval_x),
+                "eval_split": s["eval_split"],
+                "eval_duplicates_dropped": s["dropped"],
+                "seed": seed,
+                "run": run.name,
+                "threat_model": threat_model(attacker_data),
+                "info": dict(getattr(attack, "info", None) or {}),
+                "metrics": summarize(per_image, s["lpips_missing"], s["groups"]),
+                "baseline": baseline,
                 "eval_groups": len(set(s["groups"])) if s["groups"] is not None else len(eval_x),
                 "timings": {"fit_seconds": t1 - t0, "reconstruct_seconds": t2 - t1, "metrics_seconds": t3 - t2},
                 "provenance": prov | {"end_time": now()},
-            }  # fmt: skip
+            }
             if sem is not None:
                 result["semantic"] = sem.record()
                 atomic_write_text(tmp / "semantic.csv", sem_csv)
@@ -236,9 +250,16 @@ def attack_run(
         write_combined_grid(run.path / "attacks" / "grid.png", [Path(r["path"]) for r in results])
     if check_saturation if check_saturation is not None else preset_value(cfg.preset, "check_saturation"):
         results = saturation.check(
-            run.path, results, attack_run, attacker_data=attacker_data, eval_images=n_eval, device=device,
-            seed=seed, progress=progress, log=log,
-        )  # fmt: skip
+            run.path,
+            results,
+            attack_run,
+            attacker_data=attacker_data,
+            eval_images=n_eval,
+            device=device,
+            seed=seed,
+            progress=progress,
+            log=log,
+        )
     return results
 
 

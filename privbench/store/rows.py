@@ -32,8 +32,12 @@ METRIC_LABEL = {"ssim": "SSIM", "psnr": "PSNR", "lpips": "LPIPS", "mse": "MSE", 
 METRIC_UNIT = {"ssim": "[0,1]", "psnr": "(dB)", "lpips": "", "mse": "", "sem_acc": "[0,1]"}
 METRIC_DIGITS = {"ssim": 3, "psnr": 2, "lpips": 3, "mse": 4, "sem_acc": 3}
 METRIC_RANGE = {
-    "ssim": (0.0, 1.0), "psnr": (0.0, math.inf), "lpips": (0.0, math.inf), "mse": (0.0, 1.0), "sem_acc": (0.0, 1.0),
-}  # fmt: skip
+    "ssim": (0.0, 1.0),
+    "psnr": (0.0, math.inf),
+    "lpips": (0.0, math.inf),
+    "mse": (0.0, 1.0),
+    "sem_acc": (0.0, 1.0),
+}
 # Privacy cells that do no better than the mean image: higher is better for the attacker here.
 ATTACKER_HIGHER = {"ssim": True, "psnr": True, "lpips": False, "mse": False, "sem_acc": True}
 # Run-level metric: the evaluation classifier's accuracy on the clean evaluation images, sem_acc's reference line.
@@ -48,10 +52,32 @@ NOT_A_SETTING = {"seed", "device", "data_dir", "progress", "compile", "defense_o
 # Provenance fields that make two cells' numbers differ beyond the seed (reproducibility).
 ENV_FIELDS = ("torch_version", "device_name", "num_threads", "deterministic")
 LONG_COLUMNS = [
-    "run", "config", "dataset", "model", "preset", "cut", "defense", "channel", "bottleneck", "noise", "options",
-    "seed", "num_classes", "attack", "attack_dir", "variant", "attacker_data", "eval_images",
-    "metric", "value", "ci95", "n", "note", *ENV_FIELDS, "path",
-]  # fmt: skip
+    "run",
+    "config",
+    "dataset",
+    "model",
+    "preset",
+    "cut",
+    "defense",
+    "channel",
+    "bottleneck",
+    "noise",
+    "options",
+    "seed",
+    "num_classes",
+    "attack",
+    "attack_dir",
+    "variant",
+    "attacker_data",
+    "eval_images",
+    "metric",
+    "value",
+    "ci95",
+    "n",
+    "note",
+    *ENV_FIELDS,
+    "path",
+]
 
 
 def metric_of(key: str) -> str | None:
@@ -126,8 +152,23 @@ def collect(paths: Iterable[str | Path], *, attack_dirs: Iterable[str | Path] | 
     return _label_attack_variants(df)
 
 
-TEXT_COLUMNS = ("run", "config", "dataset", "model", "preset", "defense", "channel", "options", "attack",
-                "attack_dir", "variant", "attacker_data", "metric", "note", "path")  # fmt: skip
+TEXT_COLUMNS = (
+    "run",
+    "config",
+    "dataset",
+    "model",
+    "preset",
+    "defense",
+    "channel",
+    "options",
+    "attack",
+    "attack_dir",
+    "variant",
+    "attacker_data",
+    "metric",
+    "note",
+    "path",
+)
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:
@@ -136,14 +177,20 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     one-line UserError."""
     path = Path(path)
     try:
-        df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False,
-                         na_values={c: [""] for c in LONG_COLUMNS if c not in TEXT_COLUMNS})  # fmt: skip
+        df = pd.read_csv(
+            path,
+            dtype={c: str for c in TEXT_COLUMNS},
+            keep_default_na=False,
+            na_values={c: [""] for c in LONG_COLUMNS if c not in TEXT_COLUMNS},
+        )
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise UserError(f"cannot read results rows from {path}: {str(exc).splitlines()[0]}") from None
     missing = [c for c in ("config", "defense", "channel", "attack", "metric", "value") if c not in df]
     if missing:
-        raise UserError(f"{path} is not a long-form results file (no column {missing[0]!r}); pass the results.csv "
-                        "that privbench run writes")  # fmt: skip
+        raise UserError(
+            f"{path} is not a long-form results file (no column {missing[0]!r}); pass the results.csv "
+            "that privbench run writes"
+        )
     return df
 
 
@@ -167,17 +214,33 @@ def _run_rows(run_dir: Path, keep: set[Path] | None) -> list[dict[str, Any]]:
         prov = {}  # no provenance: its environment is unknown, never a difference
     ident = {k: v for k, v in cfg.identity().items() if k != "seed"}
     base = {
-        "run": run_dir.name, "config": config_hash(ident), "dataset": cfg.dataset, "model": cfg.model,
-        "preset": cfg.preset, "cut": cfg.cut, "defense": stack_label(cfg.defense),
-        "channel": channel_label(cfg.bottleneck, cfg.noise), "bottleneck": cfg.bottleneck, "noise": cfg.noise,
-        "options": options_label(cfg.defense_options), "seed": cfg.seed, "num_classes": metrics.get("num_classes"),
+        "run": run_dir.name,
+        "config": config_hash(ident),
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "preset": cfg.preset,
+        "cut": cfg.cut,
+        "defense": stack_label(cfg.defense),
+        "channel": channel_label(cfg.bottleneck, cfg.noise),
+        "bottleneck": cfg.bottleneck,
+        "noise": cfg.noise,
+        "options": options_label(cfg.defense_options),
+        "seed": cfg.seed,
+        "num_classes": metrics.get("num_classes"),
         "path": str(run_dir),
-    }  # fmt: skip
+    }
     # An accuracy measured as an expectation over noise draws may carry its CI over test images.
-    rows = [base | _environment(prov) | {
-        "attack": "", "attack_dir": "", "metric": "accuracy", "value": accuracy,
-        "ci95": metrics.get("test_accuracy_ci95"),
-    }]  # fmt: skip
+    rows = [
+        base
+        | _environment(prov)
+        | {
+            "attack": "",
+            "attack_dir": "",
+            "metric": "accuracy",
+            "value": accuracy,
+            "ci95": metrics.get("test_accuracy_ci95"),
+        }
+    ]
     root = run_dir / "attacks"
     folders = sorted(p for p in root.iterdir() if (p / "metrics.json").is_file()) if root.is_dir() else []
     baselines: list[dict[str, Any]] = []
@@ -196,10 +259,17 @@ def _run_rows(run_dir: Path, keep: set[Path] | None) -> list[dict[str, Any]]:
         if isinstance(info, dict) and info.get("query_free"):  # never queried the target: say so in its name
             name = f"{name} (query-free)"
         variant = {"options": m.get("options", {}), "eval_images": m.get("eval_images"), "seed": m.get("seed")}
-        cell = base | _environment(m.get("provenance")) | {
-            "attack": name, "attack_dir": folder.name, "variant": json.dumps(variant, sort_keys=True),
-            "attacker_data": data, "eval_images": m.get("eval_images"),
-        }  # fmt: skip
+        cell = (
+            base
+            | _environment(m.get("provenance"))
+            | {
+                "attack": name,
+                "attack_dir": folder.name,
+                "variant": json.dumps(variant, sort_keys=True),
+                "attacker_data": data,
+                "eval_images": m.get("eval_images"),
+            }
+        )
         rows += _metric_rows(cell, m.get("metrics", {}))
         saturation = m.get("saturation")
         if isinstance(saturation, dict) and "unsaturated" in saturation:  # 1: doubling the budget still helped
@@ -225,10 +295,15 @@ def _metric_rows(base: dict[str, Any], metrics: dict[str, Any]) -> list[dict[str
         if "missing" in stats:
             rows.append(base | {"metric": metric, "value": math.nan, "note": f"{metric} missing: {stats['missing']}"})
         else:
-            rows.append(base | {
-                "metric": metric, "value": stats.get("mean", math.nan), "ci95": stats.get("ci95", math.nan),
-                "n": stats.get("n"),
-            })  # fmt: skip
+            rows.append(
+                base
+                | {
+                    "metric": metric,
+                    "value": stats.get("mean", math.nan),
+                    "ci95": stats.get("ci95", math.nan),
+                    "n": stats.get("n"),
+                }
+            )
     return rows
 
 

@@ -48,9 +48,12 @@ def now() -> str:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(privbench.__file__).parent,
-            capture_output=True, text=True, timeout=5,
-        )  # fmt: skip
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(privbench.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -218,11 +221,18 @@ def train_run(
         write_json(tmp / "config.json", {"train": cfg.to_dict(), "defense_options": result.defense.options()})
         state = {"model": result.model.state_dict(), "defense": result.defense.state_dict()}
         atomic_write_bytes(tmp / "checkpoint.pt", tensor_bytes(state))  # CPU tensors: opens on any machine
-        write_json(tmp / "metrics.json", {
-            **result.accuracy, "test_accuracy": result.test_accuracy, "train_seconds": result.seconds,
-            "history": result.history, "num_classes": result.model.num_classes,
-            **result.z_stats, **({"entropy_bound": result.entropy_bound} if result.entropy_bound else {}),
-        })  # fmt: skip
+        write_json(
+            tmp / "metrics.json",
+            {
+                **result.accuracy,
+                "test_accuracy": result.test_accuracy,
+                "train_seconds": result.seconds,
+                "history": result.history,
+                "num_classes": result.model.num_classes,
+                **result.z_stats,
+                **({"entropy_bound": result.entropy_bound} if result.entropy_bound else {}),
+            },
+        )
         write_curves_csv(result.history, tmp / "curves.csv")
         write_json(tmp / "provenance.json", prov | {"end_time": now()})
 

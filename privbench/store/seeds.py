@@ -21,9 +21,12 @@ METRICS = ("ssim", "psnr")  # attack metrics collected; accuracy always comes fi
 
 
 def configuration_label(train: dict[str, Any]) -> str:
-    channel = "plain" if not train.get("bottleneck") and not train.get("noise") else (
-        f"C{train['bottleneck']}" if train.get("bottleneck") else "") + (
-        f"+{train['noise']:g}" if train.get("noise") else "")  # fmt: skip
+    channel = (
+        "plain"
+        if not train.get("bottleneck") and not train.get("noise")
+        else (f"C{train['bottleneck']}" if train.get("bottleneck") else "")
+        + (f"+{train['noise']:g}" if train.get("noise") else "")
+    )
     # Settings that differ from the run's preset name it too: a folder holding runs of an older
     # preset (15 epochs) beside the current one must not pool them under one label. They are read
     # as the library reads the folder (a field it lacks has the value it trained with).

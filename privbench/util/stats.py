@@ -149,7 +149,12 @@ def paired_min_detectable_difference(sd_diff: float, n: int, *, alpha: float = A
 
 
 def seeds_needed(
-    sd_value: float, difference: float, *, paired: bool = False, most: int = 1000, alpha: float = ALPHA,
+    sd_value: float,
+    difference: float,
+    *,
+    paired: bool = False,
+    most: int = 1000,
+    alpha: float = ALPHA,
     power: float = POWER,
 ) -> int | None:
     """Fewest seeds per arm whose MDD (paired: the paired MDD, sd_value the sd of the within-seed
