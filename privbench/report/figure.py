@@ -7,6 +7,7 @@ so figures render on machines without a display (CI, SLURM nodes).
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 
 def pyplot() -> ModuleType:
@@ -16,3 +17,18 @@ def pyplot() -> ModuleType:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def labelled_line(ax: Any, y: float, label: str, ls: str) -> None:
+    """A thin grey horizontal line at `y`, named at the left edge (the mean-image baseline,
+    chance accuracy)."""
+    ax.axhline(y, color="0.5", ls=ls, lw=1)
+    ax.annotate(
+        label,
+        (0.01, y),
+        xycoords=("axes fraction", "data"),
+        fontsize=6,
+        color="0.4",
+        xytext=(0, 2),
+        textcoords="offset points",
+    )

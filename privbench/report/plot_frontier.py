@@ -141,17 +141,7 @@ def _panel(ax: Any, rows: pd.DataFrame, fams: pd.DataFrame, comparison: Comparis
             color="0.3",
         )
     if rows.baseline_mean.notna().any():
-        y = float(rows.baseline_mean.mean())
-        ax.axhline(y, color="0.5", ls="--", lw=1)
-        ax.annotate(
-            "mean image",
-            (0.01, y),
-            xycoords=("axes fraction", "data"),
-            fontsize=6,
-            color="0.4",
-            xytext=(0, 2),
-            textcoords="offset points",
-        )
+        figure.labelled_line(ax, float(rows.baseline_mean.mean()), "mean image", "--")
     if "added" in rows and rows.added.astype(bool).any():
         ax.plot([], [], "s", mfc="none", color="black", label="reference point added to bracket a defense")
     if rows.extrapolated.astype(bool).any():

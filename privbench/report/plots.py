@@ -144,17 +144,7 @@ def _draw_panel(ax: Any, rows: pd.DataFrame, colours: dict[str, str], metric: st
     classes = rows.num_classes.dropna()
     low, high = ax.get_ylim()
     if len(classes) and classes.nunique() == 1 and low <= 100 / classes.iloc[0] <= high:  # only where it shows
-        y = 100 / classes.iloc[0]
-        ax.axhline(y, color="0.5", ls=":", lw=1)
-        ax.annotate(
-            "chance",
-            (0.01, y),
-            xycoords=("axes fraction", "data"),
-            fontsize=6,
-            color="0.4",
-            xytext=(0, 2),
-            textcoords="offset points",
-        )
+        figure.labelled_line(ax, 100 / classes.iloc[0], "chance", ":")
     unit = f" {METRIC_UNIT[metric]}" if METRIC_UNIT.get(metric) else ""
     better = "higher" if ATTACKER_HIGHER[metric] else "lower"
     ax.set_xlabel(
