@@ -19,6 +19,7 @@ from typing import Any
 
 from privbench.analysis import bracket as bracketing
 from privbench.analysis import frontier, sequential, tables
+from privbench.engine.train import check_configs
 from privbench.executors.compute import compute_cells, open_executor
 from privbench.grid.spec import Grid
 from privbench.plugin import registry, strength
@@ -84,6 +85,8 @@ def run_grid(
         if validate:
             grid.validate()
         configs = grid.train_configs()
+        if validate:
+            check_configs(configs)  # every model and defense builds, before the first cell
         log(f"{len(configs)} training cells, {len(configs) * len(grid.attack)} attack cells -> {out_dir}")
         result = GridResult(table=None, long=None, out_dir=out_dir, files=[], runs=[], attack_dirs=[])
         compute_cells(executor, grid, configs, result, train_fn=train_fn, attack_fn=attack_fn, log=log)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from privbench.engine import resume
-from privbench.engine.config import CUDA_GRAPH_MODES, TrainConfig
+from privbench.engine.config import CUDA_GRAPH_MODES, TrainConfig, config_hash
 from privbench.engine.data import Dataset, Split, augment, load_dataset, to_float
 from privbench.engine.diagnostics import entropy_bound
 from privbench.engine.features import encoder_features, z_spread
@@ -122,6 +122,40 @@ def check_trainable(cfg: TrainConfig, data: Dataset, model: SplitModel | None = 
     model = model if model is not None else make_model(cfg, data)
     attach_defense(model, defense, data.image_shape, torch.device("cpu"))
     return model
+
+
+# The TrainConfig fields that make the model (check_configs builds each distinct one once).
+MODEL_FIELDS = (
+    "model",
+    "cut",
+    "bottleneck",
+    "width",
+    "model_options",
+    "pretrained",
+    "weights",
+    "weights_digest",
+    "image_size",
+)
+
+
+def check_configs(configs: list[TrainConfig]) -> None:
+    """`check_trainable` for a grid's training configurations before any of them trains: each
+    distinct model is built once, and each distinct defense on it once (seeds and channel noise
+    do not change whether a defense takes the model's z)."""
+    if not configs:
+        return
+    first = configs[0]
+    data = load_dataset(
+        first.dataset, data_dir=first.data_dir, seed=first.data_seed, n_train=first.n_train, image_size=first.image_size
+    )
+    models: dict[str, SplitModel] = {}
+    checked: set[tuple[str, str]] = set()
+    for cfg in configs:
+        key = config_hash({k: getattr(cfg, k) for k in MODEL_FIELDS})
+        pair = (key, config_hash([cfg.defense, cfg.defense_options]))
+        if pair not in checked:
+            checked.add(pair)
+            models[key] = check_trainable(cfg, data, models.get(key))
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> Dataset:

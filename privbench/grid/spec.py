@@ -33,9 +33,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 from privbench.engine.config import DEFAULT_GRID, PRESETS, TrainConfig, config_hash
-from privbench.engine.data import load_dataset
 from privbench.engine.models import parse_bottleneck
-from privbench.engine.train import check_trainable
 from privbench.errors import UserError
 from privbench.grid.executor import parse_executor
 from privbench.plugin import options, registry, stack, strength
@@ -73,18 +71,6 @@ SHORTCUTS = {
     "eval_images": ("attacks", "eval_images"),
     "attacker_data": ("attacks", "attacker_data"),
 }
-# The TrainConfig fields that make the model (Grid.validate builds each distinct one once).
-MODEL_FIELDS = (
-    "model",
-    "cut",
-    "bottleneck",
-    "width",
-    "model_options",
-    "pretrained",
-    "weights",
-    "weights_digest",
-    "image_size",
-)
 TOP_KEYS = (
     "preset",
     "dataset",
@@ -365,7 +351,9 @@ class Grid:
         return Path(self.out) if self.out else Path(self.results_dir) / "tables" / self.hash()
 
     def validate(self) -> None:
-        """Check every name and option before any work starts (bad input must not cost minutes)."""
+        """Check every name and option before any work starts (bad input must not cost minutes);
+        whether each model and defense can be built is the engine's check
+        (privbench.engine.train.check_configs)."""
         parts = self.defense_parts()  # unknown or repeated parts fail here
         if self.privacy_metric not in METRICS:
             raise UserError(f"unknown privacy metric {self.privacy_metric!r} (known: {', '.join(METRICS)})")
@@ -403,26 +391,6 @@ class Grid:
         budget = {"epochs": self.attacks.get("epochs", 1), "steps": self.attacks.get("steps", 1)}
         for name in self.attack:
             resolve_attack(name, self.attack_options().get(name, {}), budget, progress=False)
-        configs = self.train_configs()
-        first = configs[0]
-        data = load_dataset(
-            first.dataset,
-            data_dir=first.data_dir,
-            seed=first.data_seed,
-            n_train=first.n_train,
-            image_size=first.image_size,
-        )
-        # Each distinct model, and each distinct defense on it, is built once (seeds and channel
-        # noise do not change whether a defense takes the model's z).
-        models: dict[str, Any] = {}
-        checked: set[tuple[str, str]] = set()
-        for cfg in configs:
-            key = config_hash({k: getattr(cfg, k) for k in MODEL_FIELDS})
-            pair = (key, config_hash([cfg.defense, cfg.defense_options]))
-            if pair in checked:
-                continue
-            checked.add(pair)
-            models[key] = check_trainable(cfg, data, models.get(key))
 
 
 def _as_list(value: Any) -> list[Any]:
