@@ -237,3 +237,38 @@ def test_real_tiny_run_then_rerun(tmp_path, capsys):
 
     code, out, _ = run_cli(args, capsys)
     assert code == 0 and "cells: 0 computed, 3 reused" in out and out.strip().splitlines()[-1] == str(out_dir)
+
+
+def test_a_grid_reads_its_data_folder_and_weights_file_once(tmp_path, monkeypatch):
+    """The folder's fingerprint and the weights' digest are part of every cell's identity; the grid
+    computes them once, however often it expands (output folder, validation, cells, bracketing)."""
+    from privbench.engine import config
+
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    (tmp_path / "images" / "cat" / "a.png").write_bytes(b"png")
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    calls = {"folder": 0, "weights": 0}
+    real_folder, real_weights = config.folder_fingerprint, config.weights_digest
+
+    def folder(path):
+        calls["folder"] += 1
+        return real_folder(path)
+
+    def weights(path):
+        calls["weights"] += 1
+        return real_weights(path)
+
+    monkeypatch.setattr(config, "folder_fingerprint", folder)
+    monkeypatch.setattr(config, "weights_digest", weights)
+    grid = Grid(
+        dataset=f"folder:{tmp_path / 'images'}",
+        defense=["none@plain", "none"],
+        model="torchvision:resnet18",
+        weights=str(tmp_path / "w.pt"),
+        seeds=3,
+    )
+    first = grid.train_configs()
+    assert [grid.train_configs() for _ in range(3)][-1] == first and len(first) == 6
+    assert calls == {"folder": 1, "weights": 1}
+    single = config.TrainConfig.from_preset(dataset=f"folder:{tmp_path / 'images'}", weights=str(tmp_path / "w.pt"))
+    assert (single.data_fingerprint, single.weights_digest) == (first[0].data_fingerprint, first[0].weights_digest)

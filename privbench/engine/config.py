@@ -168,7 +168,7 @@ class TrainConfig:
         dataset = values.get("dataset", "embedded")
         if isinstance(dataset, str) and dataset.startswith("folder:") and not values.get("data_fingerprint"):
             values["data_fingerprint"] = folder_fingerprint(dataset[len("folder:") :])
-        if values.get("weights"):
+        if values.get("weights") and not values.get("weights_digest"):  # a grid digests its file once
             values["weights_digest"] = weights_digest(values["weights"])
         return cls(preset=preset, **values)
 

@@ -177,6 +177,9 @@ class Grid:
     # Reference strengths `run` may add (each at every seed) so that every defense's accuracy lies
     # within the reference's range (privbench.analysis.bracket); 0: the reference stays as swept.
     bracket: int = BRACKET_CAP
+    # The data folder's fingerprint and the weights file's digest, read once per grid: every
+    # expansion (output folder, validation, cells, each bracketing round) reuses them.
+    _identity: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.executor = parse_executor(self.executor)
@@ -304,7 +307,11 @@ class Grid:
                             seed=seed,
                             device=self.device,
                             progress=self.progress,
+                            **self._identity,
                         )
+                        if not self._identity:
+                            facts = {"data_fingerprint": cfg.data_fingerprint, "weights_digest": cfg.weights_digest}
+                            self._identity.update({k: v for k, v in facts.items() if v})
                         out.setdefault(cfg.hash(), cfg)
         return list(out.values())
 
