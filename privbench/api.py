@@ -34,13 +34,15 @@ from privbench.errors import UserError
 from privbench.grid.spec import DEFAULT_ATTACKS, Grid
 from privbench.job import GridResult
 from privbench.plugin import options as options_mod
-from privbench.report import table_format
+from privbench.plugin import registry, strength
+from privbench.report import blocks, table_format
 from privbench.store import rows
 from privbench.store.attacks import attack_run
 from privbench.store.outputs import check_output_dir, resolve_inputs
 from privbench.store.runs import DEFAULT_RESULTS, Run, train_run
 from privbench.store.seeds import collect_seeds, configuration_runs
 from privbench.store.tiles import evaluate_tiles
+from privbench.util.storage import atomic_write_text
 
 
 def train(
@@ -302,6 +304,55 @@ def variance_split(results_dir: str | Path, configuration: str) -> dict[str, Any
     rates as fractions). Needs a data set with test tiles and at least 2 seeds."""
     runs = configuration_runs(Path(results_dir), configuration)
     return seed_tile_split.split(configuration, evaluate_tiles(runs, configuration))
+
+
+def plugins(preset: str = "quick") -> dict[str, list[dict[str, Any]]]:
+    """`privbench list`: every installed attack and defense (built in, from entry points, or loaded
+    with `registry.load_file`), each as {"name", "summary", "defaults", "sweep"}. `defaults` are its
+    options as a run under `preset` uses them (an attack gets the preset's epochs / steps and
+    options); `sweep` is a defense's strength knob and default sweep (`lam=4,16,64`), the knob
+    alone where it has no default grid, or None."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for kind in ("attack", "defense"):
+        out[kind] = []
+        for name in registry.names(kind):
+            cls = registry.get(kind, name)
+            defaults = registry.option_defaults(cls)
+            sweep = None
+            if kind == "attack":
+                budget = {"epochs": p["attack_epochs"], "steps": p["attack_steps"], **p["attack_options"].get(name, {})}
+                defaults |= {k: v for k, v in budget.items() if k in defaults}
+            else:
+                try:
+                    found = strength.parse(name)
+                    sweep = f"{found.key}={','.join(format(v, 'g') for v in found.values)}"
+                except UserError:  # a knob without a default grid
+                    sweep = strength.knob(name)
+            out[kind].append({"name": name, "summary": cls.summary, "defaults": defaults, "sweep": sweep})
+    return out
+
+
+def report(files: Iterable[str | Path], *, check: bool = False) -> list[Path]:
+    """`privbench report`: regenerate the generated blocks (`<!-- privbench: KIND FOLDER -->` ...
+    `<!-- privbench: end -->`) of Markdown files from the committed rows they name; returns the
+    files whose blocks were stale (rewritten unless `check`)."""
+    paths = [Path(f) for f in files]
+    texts = {}
+    for path in paths:  # every file is checked before any is written
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        text = path.read_text()
+        if not blocks.blocks(text):
+            raise UserError(f"{path} has no block: <!-- privbench: KIND FOLDER --> ... <!-- privbench: end -->")
+        texts[path] = (text, blocks.regenerate(text, path.parent))
+    stale = [path for path, (old, new) in texts.items() if new != old]
+    if not check:
+        for path in stale:
+            atomic_write_text(path, texts[path][1])
+    return stale
 
 
 def cuts(

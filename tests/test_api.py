@@ -67,3 +67,35 @@ def test_attack_refuses_an_option_for_an_attack_it_does_not_run(stacked_run):
     _, run = stacked_run
     with pytest.raises(UserError, match="names 'ridge', which is not in the attacks run"):
         api.attack(run, ["decoder"], options={"ridge.alpha": 3}, log=None)
+
+
+def test_plugins_lists_what_privbench_list_prints(capsys):
+    from conftest import run_cli
+
+    from privbench.engine.config import PRESETS
+
+    found = api.plugins("quick")
+    decoder = next(p for p in found["attack"] if p["name"] == "decoder")
+    assert decoder["defaults"]["epochs"] == PRESETS["quick"]["attack_epochs"] and decoder["sweep"] is None
+    gmm = next(p for p in found["defense"] if p["name"] == "gmm-cem")
+    assert gmm["sweep"].startswith("lam=") and gmm["defaults"]["lam"] == 16
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0 and f"sweep: {gmm['sweep']}" in out and gmm["summary"] in out
+    with pytest.raises(UserError, match="unknown preset 'fast'"):
+        api.plugins("fast")
+
+
+def test_report_checks_every_file_before_writing_any(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).parents[1] / "docs" / "data" / "main-job", tmp_path / "rows")
+    stale = tmp_path / "a.md"
+    stale.write_text("<!-- privbench: verdicts rows -->\nold\n<!-- privbench: end -->\n")
+    assert api.report([stale], check=True) == [stale] and "old" in stale.read_text()
+    with pytest.raises(UserError, match="has no block"):
+        (tmp_path / "b.md").write_text("no block here\n")
+        api.report([stale, tmp_path / "b.md"])
+    assert "old" in stale.read_text()  # nothing written when one file is bad
+    assert api.report([stale]) == [stale] and "**gmm-cem**" in stale.read_text()
+    assert api.report([stale], check=True) == []

@@ -25,7 +25,7 @@ from privbench.errors import UserError
 from privbench.executors.base import CellsFailed
 from privbench.grid.spec import Grid, grid_from_options
 from privbench.plugin import options as options_mod
-from privbench.plugin import registry, strength
+from privbench.plugin import registry
 from privbench.report import precision as precision_table
 from privbench.report.summary import summary_markdown
 from privbench.util.progress import reset_warnings
@@ -133,12 +133,12 @@ def cli() -> None:
 def list_cmd(preset: str, plugins: tuple[str, ...]) -> None:
     """Print the installed attacks, defenses and datasets, and the defaults of a preset."""
     load_plugins(plugins)
-    for kind in ("attack", "defense"):
+    for kind, found in api.plugins(preset).items():
         click.echo(f"{kind}s:")
-        for name in registry.names(kind):
-            cls = registry.get(kind, name)
-            opts = ", ".join(f"{k}={v}" for k, v in plugin_defaults(kind, name, preset).items())
-            click.echo(f"  {name:<14} {cls.summary}" + (f"  [{opts}]" if opts else "") + sweep_note(kind, name))
+        for p in found:
+            opts = ", ".join(f"{k}={v}" for k, v in p["defaults"].items())
+            sweep = f"  sweep: {p['sweep']}" if p["sweep"] else ""
+            click.echo(f"  {p['name']:<14} {p['summary']}" + (f"  [{opts}]" if opts else "") + sweep)
     click.echo("datasets:\n" + "".join(f"  {d}\n" for d in DATASETS), nl=False)
     click.echo("models:\n" + "".join(f"  {m}\n" for m in MODELS), nl=False)
     click.echo("  torchvision:NAME | timm:NAME | pkg.module:callable  (cut by module name: privbench cuts MODEL)")
@@ -146,28 +146,6 @@ def list_cmd(preset: str, plugins: tuple[str, ...]) -> None:
     click.echo("defense stacks: --defense dropout+gmm-cem (parts left to right; -o PART.key=value)")
     click.echo("strength sweeps: --sweep gmm-cem.lam=4,16,64 | --sweep NAME (its knob over its default grid)")
     click.echo(preset_defaults(preset))
-
-
-def sweep_note(kind: str, name: str) -> str:
-    """A defense's strength knob and default sweep, as `--sweep NAME` uses them."""
-    if kind != "defense":
-        return ""
-    try:
-        sweep = strength.parse(name)
-    except UserError:  # a knob without a default grid
-        return f"  sweep: {strength.knob(name)}"
-    return f"  sweep: {sweep.key}={','.join(format(v, 'g') for v in sweep.values)}"
-
-
-def plugin_defaults(kind: str, name: str, preset: str) -> dict:
-    """A plugin's option defaults as a run under `preset` uses them: an attack gets the preset's
-    budget (epochs / steps, where it takes them) and the preset's options for it."""
-    defaults = registry.option_defaults(registry.get(kind, name))
-    if kind == "attack":
-        p = PRESETS[preset]
-        preset_opts = {"epochs": p["attack_epochs"], "steps": p["attack_steps"], **p["attack_options"].get(name, {})}
-        defaults |= {k: v for k, v in preset_opts.items() if k in defaults}
-    return defaults
 
 
 def preset_defaults(preset: str) -> str:

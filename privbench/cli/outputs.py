@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 import pandas as pd
@@ -13,7 +12,7 @@ from privbench import api
 from privbench.analysis import frontier, tables
 from privbench.cli.help import examples
 from privbench.errors import UserError
-from privbench.report import blocks, plots, table_cem
+from privbench.report import plots, table_cem
 from privbench.report.plot_frontier import plot_frontier
 from privbench.report.run_diagnostics import write_run_diagnostics
 from privbench.store.outputs import check_output_file
@@ -220,19 +219,7 @@ def report_cmd(files: tuple[str, ...], check: bool) -> None:
     summary | table | verdicts, FOLDER a `privbench run` output folder (results.csv, verdicts.csv)
     relative to the file. Everything between the two comments is rewritten.
     """
-    stale = []
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        text = path.read_text()
-        if not blocks.blocks(text):
-            raise UserError(f"{path} has no block: <!-- privbench: KIND FOLDER --> ... <!-- privbench: end -->")
-        new = blocks.regenerate(text, path.parent)
-        if new != text:
-            stale.append(str(path))
-            if not check:
-                atomic_write_text(path, new)
+    stale = [str(p) for p in api.report(files, check=check)]
     if check and stale:
         click.echo(f"stale generated blocks in {', '.join(stale)}: run privbench report {' '.join(stale)}", err=True)
         sys.exit(1)
