@@ -144,10 +144,7 @@ def check_configs(configs: list[TrainConfig]) -> None:
     do not change whether a defense takes the model's z)."""
     if not configs:
         return
-    first = configs[0]
-    data = load_dataset(
-        first.dataset, data_dir=first.data_dir, seed=first.data_seed, n_train=first.n_train, image_size=first.image_size
-    )
+    data = load_data(configs[0], torch.device("cpu"))
     models: dict[str, SplitModel] = {}
     checked: set[tuple[str, str]] = set()
     for cfg in configs:
