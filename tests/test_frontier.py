@@ -234,7 +234,8 @@ def test_the_reference_ends_at_the_undefended_model(tmp_path):
     assert "the reference was not swept high enough" in frontier.verdict_lines(off)[0]
 
 
-def test_a_defense_more_accurate_than_the_undefended_model_gets_no_verdict(tmp_path):
+@pytest.mark.parametrize("undefended", [0.95, 0.88])  # above the reference's top (90%), or below it
+def test_a_defense_more_accurate_than_the_undefended_model_gets_no_verdict(tmp_path, undefended):
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
     write_family(tmp_path, "gmm-cem", (0.97,), (0.50,))
     for s in range(3):
@@ -244,18 +245,22 @@ def test_a_defense_more_accurate_than_the_undefended_model_gets_no_verdict(tmp_p
             bottleneck=None,
             noise=0.0,
             seed=s,
-            acc=UNDEFENDED[0],
+            acc=undefended,
             attacks={"decoder": UNDEFENDED[1], "optimization": UNDEFENDED[1] - 0.1},
         )
     cmp = frontier.compare(points_of(tmp_path), resamples=RESAMPLES)
     assert fam(cmp, "gmm-cem").verdict == "extrapolation only"
     line = frontier.verdict_lines(cmp)[0]
     assert line.startswith(
-        "gmm-cem: no verdict: more accurate than the undefended model (97.0% against 95.0%) and "
-        "every none point (up to 90.0%)"
+        f"gmm-cem: no verdict: more accurate than the undefended model (97.0% against {100 * undefended:.1f}%) "
+        "and every none point (up to 90.0%)"
     )
     # the dominance clause still applies: 0.500 is below the 90% point's 0.600, not the 85% point's 0.500
-    assert "; it leaks less than the most accurate none point (90.0%, 0.600 against its 0.500)" in line
+    # and the undefended model, less accurate than the defense too, leaks more (0.800)
+    assert (
+        "; it leaks less than the most accurate none point (90.0%, 0.600) and the undefended model "
+        f"({100 * undefended:.1f}%, 0.800) against its 0.500, each less accurate than it"
+    ) in line
 
 
 def test_verdict_lines(world):
@@ -540,6 +545,6 @@ def test_a_defense_beyond_the_reference_is_said_to_dominate_the_points_it_beats(
     ]
     assert line.startswith("gmm-cem: no verdict: no none point at its accuracy (93.0%")
     assert line.endswith(
-        "it leaks less than the 2 most accurate none points (85.0-90.0%, 0.500-0.600 against its "
-        "0.450), each less accurate than it: a dominance, not a gain at matched accuracy"
+        "it leaks less than the 2 most accurate none points (85.0-90.0%, 0.500-0.600) against its "
+        "0.450, each less accurate than it: a dominance, not a gain at matched accuracy"
     )

@@ -322,7 +322,8 @@ def compare(
         acc_o, leak_o = grp.accuracy_mean.to_numpy(float), sign * grp.privacy_mean.to_numpy(float)
         r = (grp.family == ref).to_numpy()
         own_hi = acc_o[r].max()  # the reference family's own most accurate point
-        und = (grp.family == UNDEFENDED).to_numpy() & (acc_o > own_hi)
+        und_all = (grp.family == UNDEFENDED).to_numpy()
+        und = und_all & (acc_o > own_hi)
         if undefended_end and und.any():
             r = r | (und & (acc_o == acc_o[und].max()))
         ra, rl, rab, rlb = acc_o[None, r], leak_o[None, r], acc_b[:, r], leak_b[:, r]
@@ -349,6 +350,7 @@ def compare(
                 "ref_acc_min": lo,
                 "ref_acc_max": hi,
                 "ref_own_max": own_hi,
+                "undefended_acc": float(acc_o[und_all].max()) if und_all.any() else math.nan,
                 "n_points": len(m),
                 "n_via_undefended": int(grp.via_undefended.to_numpy()[m].sum()),
             }
@@ -403,6 +405,7 @@ def compare(
         "ref_acc_min",
         "ref_acc_max",
         "ref_own_max",
+        "undefended_acc",
         "n_via_undefended",
     ]
     families = families.reindex(columns=cols)
@@ -491,11 +494,11 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
         acc = 100 * float(members.accuracy_mean.mean())
         if r.verdict == "extrapolation only":
             side = "low" if acc < 100 * r.ref_acc_min else "high"
-            above = float(members.accuracy_mean.min()) > r.ref_acc_max  # every point more accurate than the reference
-            if above and r.ref_acc_max > r.ref_own_max:  # the reference already ends at the undefended model
+            lowest = float(members.accuracy_mean.min())
+            if lowest > r.ref_acc_max and lowest > r.undefended_acc:  # nothing reaches it, dropping the defense neither
                 line = (
                     head + f"no verdict: more accurate than the undefended model ({acc:.1f}% against "
-                    f"{100 * r.ref_acc_max:.1f}%) and every {r.reference} point (up to "
+                    f"{100 * r.undefended_acc:.1f}%) and every {r.reference} point (up to "
                     f"{100 * r.ref_own_max:.1f}%)"
                 )
             else:
@@ -558,12 +561,18 @@ def _dominance(members: pd.DataFrame, pts: pd.DataFrame, fam: Any, side: str, di
         which = f"the most accurate {fam.reference} point"
         accs, leaks = f"{100 * top.accuracy_mean.iloc[0]:.1f}%", f"{top.privacy_mean.iloc[0]:.{digits}f}"
     else:
-        which = f"{'all' if k == len(ref) else 'the'} {k} most accurate {fam.reference} points"
+        which = f"all {k} {fam.reference} points" if k == len(ref) else f"the {k} most accurate {fam.reference} points"
         accs = f"{100 * top.accuracy_mean.min():.1f}-{100 * top.accuracy_mean.max():.1f}%"
         leaks = f"{top.privacy_mean.min():.{digits}f}-{top.privacy_mean.max():.{digits}f}"
+    beaten = f"{which} ({accs}, {leaks})"
+    und = pts[(pts.group == fam.group) & (pts.family == UNDEFENDED)]
+    und = und[(und.accuracy_mean < members.accuracy_mean.min()) & (sign * (own - und.privacy_mean) < 0)]
+    if len(und):  # the undefended model is less accurate too: the defense beats dropping it outright
+        u = und.iloc[0]
+        beaten += f" and the undefended model ({100 * u.accuracy_mean:.1f}%, {u.privacy_mean:.{digits}f})"
     return (
-        f"; it leaks less than {which} ({accs}, {leaks} against its {own:.{digits}f}), each less accurate "
-        "than it: a dominance, not a gain at matched accuracy"
+        f"; it leaks less than {beaten} against its {own:.{digits}f}, each less accurate than it: a dominance, "
+        "not a gain at matched accuracy"
     )
 
 
