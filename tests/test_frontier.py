@@ -118,7 +118,8 @@ def write_world(root, **kw):
     write_family(root, "gmm-cem", ACCS, [ref_ssim(a) - SHIFT for a in ACCS], **kw)  # below: better
     write_family(root, "slot-cem", ACCS, [ref_ssim(a) for a in ACCS], **kw)  # a copy: indistinguishable
     write_family(root, "dropout", ACCS, [ref_ssim(a) + SHIFT for a in ACCS], knob="rate", **kw)  # above: worse
-    write_family(root, "topk", (0.70, 0.97), (0.2, 0.5), knob="ratio", **kw)  # outside the range, both sides
+    # outside the range on both sides, the upper point by more than the accuracies resolve (0.035)
+    write_family(root, "topk", (0.70, 0.99), (0.2, 0.5), knob="ratio", **kw)
     for s, off in zip(range(3), (0.0, -0.01, 0.01)):
         write_cell(
             root,
@@ -228,16 +229,39 @@ def test_the_reference_ends_at_the_undefended_model(tmp_path):
     block = blocks.regenerate("<!-- privbench: verdicts out -->\n<!-- privbench: end -->", tmp_path)
     assert "1 of 1 points at matched accuracy (1 on the line from none's best point to the undefended model)" in block
     # Without the undefended end the same point lies outside the reference's range.
-    off = frontier.compare(pts, resamples=RESAMPLES, undefended_end=False)
+    off = frontier.compare(pts, resamples=RESAMPLES, undefended_end=False, top_resolution=False)
     assert off.points.set_index("family").loc["gmm-cem"].extrapolated
     assert fam(off, "gmm-cem").verdict == "extrapolation only"
     assert "the reference was not swept high enough" in frontier.verdict_lines(off)[0]
 
 
+def test_a_point_above_the_top_by_less_than_the_accuracies_resolve_is_compared_with_the_top(tmp_path):
+    """No undefended model here. The reference's top is (90%, 0.60), its accuracy CI over three
+    seeds +-0.025 (sd 0.01, t 4.30), as is the defense's: a defense at 92% is 2 points above it,
+    within sqrt(2) x 0.025 = 0.035, so it is compared with the top's 0.60; one at 96% is not."""
+    write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
+    write_family(tmp_path, "gmm-cem", (0.92,), (0.55,))
+    write_family(tmp_path, "slot-cem", (0.96,), (0.55,))
+    pts = points_of(tmp_path)
+    cmp = frontier.compare(pts, resamples=RESAMPLES)
+    near, far = (cmp.points.set_index("family").loc[f] for f in ("gmm-cem", "slot-cem"))
+    assert near.at_top and not near.extrapolated and near.ref_value == pytest.approx(0.60)
+    assert near.gain == pytest.approx(0.05) and fam(cmp, "gmm-cem").verdict == "better"
+    assert far.extrapolated and not far.at_top and fam(cmp, "slot-cem").verdict == "extrapolation only"
+    line = next(v for v in frontier.verdict_lines(cmp) if v.startswith("gmm-cem"))
+    assert "1 above the reference's most accurate point (90.0%) by less than the accuracies resolve" in line
+    (tmp_path / "out").mkdir()
+    cmp.families.to_csv(tmp_path / "out" / "verdicts.csv", index=False)
+    block = blocks.regenerate("<!-- privbench: verdicts out -->\n<!-- privbench: end -->", tmp_path)
+    assert "(1 compared with none's most accurate point, within the accuracies' resolution)" in block
+    off = frontier.compare(pts, resamples=RESAMPLES, top_resolution=False)
+    assert fam(off, "gmm-cem").verdict == "extrapolation only"
+
+
 @pytest.mark.parametrize("undefended", [0.95, 0.88])  # above the reference's top (90%), or below it
 def test_a_defense_more_accurate_than_the_undefended_model_gets_no_verdict(tmp_path, undefended):
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
-    write_family(tmp_path, "gmm-cem", (0.97,), (0.50,))
+    write_family(tmp_path, "gmm-cem", (0.98,), (0.50,))
     for s in range(3):
         write_cell(
             tmp_path,
@@ -252,7 +276,7 @@ def test_a_defense_more_accurate_than_the_undefended_model_gets_no_verdict(tmp_p
     assert fam(cmp, "gmm-cem").verdict == "extrapolation only"
     line = frontier.verdict_lines(cmp)[0]
     assert line.startswith(
-        f"gmm-cem: no verdict: more accurate than the undefended model (97.0% against {100 * undefended:.1f}%) "
+        f"gmm-cem: no verdict: more accurate than the undefended model (98.0% against {100 * undefended:.1f}%) "
         "and every none point (up to 90.0%)"
     )
     # the dominance clause still applies: 0.500 is below the 90% point's 0.600, not the 85% point's 0.500
@@ -537,13 +561,13 @@ def test_a_defense_beyond_the_reference_is_said_to_dominate_the_points_it_beats(
     """More accurate than every reference point: no matched-accuracy verdict, but the line names
     the most accurate reference points it also leaks less than (here 0.60 and 0.50, not 0.40)."""
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
-    write_family(tmp_path, "gmm-cem", (0.93,), (0.45,))
+    write_family(tmp_path, "gmm-cem", (0.95,), (0.45,))
     (line,) = [
         v
         for v in frontier.verdict_lines(frontier.compare(points_of(tmp_path), resamples=50))
         if v.startswith("gmm-cem")
     ]
-    assert line.startswith("gmm-cem: no verdict: no none point at its accuracy (93.0%")
+    assert line.startswith("gmm-cem: no verdict: no none point at its accuracy (95.0%")
     assert line.endswith(
         "it leaks less than the 2 most accurate none points (85.0-90.0%, 0.500-0.600) against its "
         "0.450, each less accurate than it: a dominance, not a gain at matched accuracy"

@@ -274,6 +274,7 @@ def compare(
     seed: int = 0,
     *,
     undefended_end: bool = True,
+    top_resolution: bool = True,
 ) -> Comparison:
     """Every family of `points` against the reference family's frontier at matched accuracy.
 
@@ -288,7 +289,12 @@ def compare(
     `undefended_end`: where the undefended model is more accurate than every reference point,
     the reference's frontier ends at it (a client can always drop the defense, and serving the
     two at random reaches every point of the line between them); points between the two are
-    judged against that line and flagged `via_undefended`."""
+    judged against that line and flagged `via_undefended`.
+
+    `top_resolution`: a point above the reference's most accurate point by less than the 95% CI of
+    the two accuracies' difference (sqrt(ci_point^2 + ci_top^2)) is at that accuracy as far as
+    the runs can tell: it is compared with the top point's leakage (the curve held flat there)
+    and flagged `at_top` instead of extrapolated."""
     if points.empty or "cells" not in points:
         raise UserError("nothing to compare: pass the frame frontier.points() returns")
     metric, sign = points.metric.iloc[0], leak_sign(points.metric.iloc[0])
@@ -302,7 +308,7 @@ def compare(
     for group, grp in points.groupby("group", sort=False):
         grp = grp.reset_index(drop=True).copy()
         grp[["ref_value", "gain", "gain_lo", "gain_hi"]] = math.nan
-        grp["extrapolated"] = grp["via_undefended"] = False
+        grp["extrapolated"] = grp["via_undefended"] = grp["at_top"] = False
         ref = resolved[group][0]
         if ref is None:
             pts.append(grp)
@@ -332,9 +338,15 @@ def compare(
         ref_o = fs.curve_at(ra, rl, fs.pareto_mask(ra, rl), acc_o[None, o])[0]
         gain_b = fs.curve_at(rab, rlb, fs.pareto_mask(rab, rlb), acc_b[:, o]) - leak_b[:, o]
         out = (acc_o[o] < lo - 1e-12) | (acc_o[o] > hi + 1e-12)
+        if top_resolution:  # above the top by less than the accuracies can resolve: at the top
+            ci = np.nan_to_num(grp.accuracy_ci95.to_numpy(float))
+            top = np.flatnonzero(r)[np.argmax(acc_o[r])]
+            at_top = (acc_o[o] > hi + 1e-12) & (acc_o[o] - hi <= np.sqrt(ci[o] ** 2 + ci[top] ** 2))
+            out &= ~at_top
+            grp.loc[o, "at_top"] = at_top
         g_lo, g_hi = fs.interval(gain_b)
         grp.loc[o, "extrapolated"] = out
-        grp.loc[o, "via_undefended"] = ~out & (acc_o[o] > own_hi + 1e-12)
+        grp.loc[o, "via_undefended"] = ~out & (acc_o[o] > own_hi + 1e-12) & (acc_o[o] <= hi + 1e-12)
         grp.loc[o, "ref_value"] = np.where(out, np.nan, sign * ref_o)
         grp.loc[o, "gain"] = np.where(out, np.nan, ref_o - leak_o[o])
         grp.loc[o, "gain_lo"], grp.loc[o, "gain_hi"] = np.where(out, np.nan, g_lo), np.where(out, np.nan, g_hi)
@@ -353,6 +365,7 @@ def compare(
                 "undefended_acc": float(acc_o[und_all].max()) if und_all.any() else math.nan,
                 "n_points": len(m),
                 "n_via_undefended": int(grp.via_undefended.to_numpy()[m].sum()),
+                "n_at_top": int(grp.at_top.to_numpy()[m].sum()),
             }
             row |= dcs_of(m)
             if fam == ref:
@@ -406,6 +419,7 @@ def compare(
         "ref_acc_max",
         "ref_own_max",
         "undefended_acc",
+        "n_at_top",
         "n_via_undefended",
     ]
     families = families.reindex(columns=cols)
@@ -537,6 +551,11 @@ def verdict_lines(comparison: Comparison, bracket: Any = None) -> list[str]:
             via = (
                 f"; {r.n_via_undefended} above every {r.reference} point ({100 * r.ref_own_max:.1f}%), judged "
                 f"against the line to the undefended model ({100 * r.ref_acc_max:.1f}%)"
+            )
+        if r.n_at_top:  # above the top by less than the accuracies resolve
+            via += (
+                f"; {r.n_at_top} above the reference's most accurate point ({100 * r.ref_acc_max:.1f}%) by less "
+                "than the accuracies resolve, compared with that point"
             )
         lines.append(head + say + f" [{r.n_in_range} of {r.n_points} points at matched accuracy{via}]")
     return lines

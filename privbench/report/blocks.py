@@ -53,6 +53,12 @@ def _verdict_lines(folder: Path) -> str:
         gain = "" if pd.isna(r.mean_gain) else f" (gain {r.mean_gain:.3f}, 95% CI {r.gain_lo:.3f}..{r.gain_hi:.3f})"
         via = int(getattr(r, "n_via_undefended", 0) or 0)  # absent from older verdicts.csv
         via = f" ({via} on the line from {r.reference}'s best point to the undefended model)" if via else ""
+        top = int(getattr(r, "n_at_top", 0) or 0)
+        via += (
+            f" ({top} compared with {r.reference}'s most accurate point, within the accuracies' resolution)"
+            if top
+            else ""
+        )
         out.append(
             f"- **{r.family}**: {said}{gain}; {int(r.n_in_range)} of {int(r.n_points)} points at matched accuracy{via}"
         )
