@@ -254,3 +254,17 @@ def test_aux_attacker_data_gets_its_own_columns_and_train_baseline(tmp_path):
     row = api.results([run]).iloc[0]
     assert row["decoder_ssim_mean"] == 0.6 and row["decoder[aux]_ssim_mean"] == 0.4
     assert row["baseline_ssim_mean"] == 0.1
+
+
+def test_environment_warnings_name_what_differs_between_trainings():
+    from privbench.analysis.tables import environment_warnings
+
+    def rows(threads, attack_threads="8"):
+        train = [{"attack": "", "metric": "accuracy", "num_threads": t, "torch_version": "2.14.1"} for t in threads]
+        attack = [{"attack": "decoder", "metric": "ssim", "num_threads": attack_threads, "torch_version": "2.14.1"}]
+        return pd.DataFrame(train + attack)
+
+    (line,) = environment_warnings(rows(["2", "1", "2"]))
+    assert line.startswith("note: these trainings ran in different environments (num_threads 1 / 2);")
+    assert environment_warnings(rows(["2", "2"])) == []  # an attack elsewhere is not a training
+    assert environment_warnings(pd.DataFrame()) == []

@@ -652,7 +652,7 @@ def run(
     verdicts = None if result.comparison is None else result.comparison.families
     click.echo(summary_markdown(result.table, verdicts), nl=False)
     click.echo(f"(every attack and metric: {result.out_dir / 'table.md'})")
-    for line in tables.chance_warnings(result.table):
+    for line in tables.chance_warnings(result.table) + tables.environment_warnings(result.long):
         click.echo(line, err=True)
     if result.verdicts:
         metric = grid.privacy_metric
