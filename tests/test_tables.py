@@ -265,6 +265,32 @@ def test_environment_warnings_name_what_differs_between_trainings():
         return pd.DataFrame(train + attack)
 
     (line,) = environment_warnings(rows(["2", "1", "2"]))
-    assert line.startswith("note: these trainings ran in different environments (num_threads 1 / 2);")
+    assert line.startswith("note: these trainings ran in different environments (num_threads 1 vs 2);")
     assert environment_warnings(rows(["2", "2"])) == []  # an attack elsewhere is not a training
     assert environment_warnings(pd.DataFrame()) == []
+
+
+def test_results_csv_read_back_keeps_provenance_as_text(tmp_path):
+    """rows.read_csv gives provenance as collect does (text), so a results.csv read back shows
+    the same environment differences: num_threads 1 and 2 are not read as 1.0 and 2.0."""
+    from privbench.analysis.tables import environment_warnings
+    from privbench.store import rows
+
+    frame = pd.DataFrame(
+        [
+            {
+                "config": c,
+                "defense": "none",
+                "channel": "plain",
+                "attack": "",
+                "metric": "accuracy",
+                "value": 0.9,
+                "num_threads": t,
+            }
+            for c, t in (("a", "1"), ("b", "2"))
+        ]
+    )
+    frame.to_csv(tmp_path / "results.csv", index=False)
+    back = rows.read_csv(tmp_path / "results.csv")
+    assert list(back.num_threads) == ["1", "2"]
+    assert environment_warnings(back) == environment_warnings(frame)

@@ -30,7 +30,6 @@ from privbench.store.rows import (
     ATTACKER_HIGHER,
     CHANCE_FACTOR,
     CLEAN_SEM_ACC,
-    ENV_FIELDS,
     ID_COLUMNS,
     METRICS,
     NOT_A_SETTING,
@@ -196,16 +195,14 @@ def environment_warnings(long: pd.DataFrame) -> list[str]:
     """A line where the trainings of one table ran in different environments (thread count, torch,
     device): the run identity leaves them out, so a cache built elsewhere is reused, yet each can
     move a training's numbers (on 25 epochs, a seed's accuracy by points at another thread count)."""
-    train = long[(long.attack.fillna("") == "") & (long.metric == "accuracy")] if not long.empty else long
-    differ = []
-    for field in ENV_FIELDS:
-        values = sorted({_joined([v]) for v in train.get(field, []) if not pd.isna(v)} - {""}, key=natural_key)
-        if len(values) > 1:
-            differ.append(f"{field} {' / '.join(values)}")
+    if long.empty:
+        return []
+    trainings = long[(long.attack == "") & (long.metric == "accuracy")].assign(config="trainings")
+    differ = environment_differences(trainings).get("trainings")
     if not differ:
         return []
     return [
-        f"note: these trainings ran in different environments ({'; '.join(differ)}); each changes a training's "
-        "numbers though not its run identity, so configurations trained alike compare best (every run folder's "
+        f"note: these trainings ran in different environments ({differ}); each changes a training's numbers "
+        "though not its run identity, so configurations trained alike compare best (every run folder's "
         "provenance.json records its own)"
     ]

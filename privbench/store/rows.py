@@ -179,7 +179,7 @@ def read_csv(path: str | Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(
             path,
-            dtype={c: str for c in TEXT_COLUMNS},
+            dtype={c: str for c in (*TEXT_COLUMNS, *ENV_FIELDS)},  # provenance stays text, as collect gives it
             keep_default_na=False,
             na_values={c: [""] for c in LONG_COLUMNS if c not in TEXT_COLUMNS},
         )
