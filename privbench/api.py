@@ -205,10 +205,7 @@ def frontier(
     with their gains, one verdict per family (`.families`), and `frontier_analysis.verdict_lines`
     turns it into the sentences `privbench run` prints (docs/frontier.md)."""
     long = results(runs, long=True, privacy_metric=privacy_metric)
-    points = frontier_analysis.points(
-        long, privacy_metric, infos=rows.run_infos(long), per_image=rows.per_image(long, privacy_metric)
-    )
-    return frontier_analysis.compare(points, reference=reference)
+    return frontier_analysis.compare(job.frontier_points(long, privacy_metric), reference=reference)
 
 
 def table(df: pd.DataFrame, fmt: str = "md") -> str:

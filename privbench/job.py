@@ -148,6 +148,13 @@ def run_grid(
     return result
 
 
+def frontier_points(long: Any, privacy_metric: str, *, per_image: bool = True) -> Any:
+    """privbench.analysis.frontier.points of long-form rows, with the run facts and (unless
+    `per_image` is False: accuracies only, no comparison) the per-image values the store reads."""
+    images = rows.per_image(long, privacy_metric) if per_image else None
+    return frontier.points(long, privacy_metric, infos=rows.run_infos(long), per_image=images)
+
+
 def write_frontier(
     long: Any,
     out_dir: Path,
@@ -161,9 +168,7 @@ def write_frontier(
     """frontier.csv (every point with its gain at matched accuracy; `added` marks the reference
     points added to bracket the defenses), verdicts.csv (one row per family) and frontier.png /
     .pdf into out_dir; returns the comparison, the verdict lines and the files."""
-    pts = frontier.points(
-        long, privacy_metric, infos=rows.run_infos(long), per_image=rows.per_image(long, privacy_metric)
-    )
+    pts = frontier_points(long, privacy_metric)
     added_paths = {str(p) for p in added or ()}
     pts["added"] = [bool(added_paths & {c.path for c in cells}) for cells in pts.cells]
     comparison = frontier.compare(pts, reference=reference)
@@ -204,8 +209,7 @@ def bracket_reference(
 
     def reference_and_targets() -> tuple[list[tuple[float, float]], dict[str, float]]:
         long = rows.collect(result.runs, attack_dirs=result.attack_dirs)
-        # Bracketing reads accuracies only: no per-image values, no comparison on these points.
-        pts = frontier.points(long, grid.privacy_metric, infos=rows.run_infos(long))
+        pts = frontier_points(long, grid.privacy_metric, per_image=False)  # bracketing reads accuracies only
         undefended[:] = pts[pts.family == frontier.UNDEFENDED].accuracy_mean.tolist()
         family = frontier.reference_family(pts, grid.bracket_reference())
         ref = pts[pts.family == family]
@@ -266,9 +270,7 @@ def sequential_seeds(
             log(f"sequential seeds: adding seed {look.n - 1} ({open_} not yet resolved)")
             compute([c for c in grid.train_configs() if (Path(grid.results_dir) / run_name(c)).resolve() not in done])
         long = rows.collect(result.runs, attack_dirs=result.attack_dirs)
-        per_image = rows.per_image(long, grid.privacy_metric)
-        pts = frontier.points(long, grid.privacy_metric, infos=rows.run_infos(long), per_image=per_image)
-        cmp = frontier.compare(pts, reference=grid.verdict_reference())
+        cmp = frontier.compare(frontier_points(long, grid.privacy_metric), reference=grid.verdict_reference())
         judged = cmp.families[~cmp.families.verdict.isin([frontier.REFERENCE, "extrapolation only"])]
         decisions = {
             r.family: sequential.decide(look, r.mean_gain, r.gain_lo, r.gain_hi, dof=look.n - 1)
