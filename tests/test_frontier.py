@@ -113,6 +113,14 @@ def write_family(root, defense, accs, ssims, *, seeds=3, knob="lam", noise=0.025
             )
 
 
+def write_undefended(root, acc=UNDEFENDED[0], ssim=UNDEFENDED[1], *, spread=0.01, optimization=True, **kw):
+    """The undefended model (none, no bottleneck, noise 0) at three seeds spread +-`spread` around
+    (acc, decoder SSIM); the optimization attack 0.1 below the decoder unless `optimization` is off."""
+    for s, off in zip(range(3), (0.0, -spread, spread)):
+        attacks = {"decoder": ssim + off} | ({"optimization": ssim - 0.1} if optimization else {})
+        write_cell(root, defense="none", bottleneck=None, noise=0.0, seed=s, acc=acc + off, attacks=attacks, **kw)
+
+
 def write_world(root, **kw):
     write_family(root, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise", **kw)  # the reference
     write_family(root, "gmm-cem", ACCS, [ref_ssim(a) - SHIFT for a in ACCS], **kw)  # below: better
@@ -120,17 +128,7 @@ def write_world(root, **kw):
     write_family(root, "dropout", ACCS, [ref_ssim(a) + SHIFT for a in ACCS], knob="rate", **kw)  # above: worse
     # outside the range on both sides, the upper point by more than the accuracies resolve (0.035)
     write_family(root, "topk", (0.70, 0.99), (0.2, 0.5), knob="ratio", **kw)
-    for s, off in zip(range(3), (0.0, -0.01, 0.01)):
-        write_cell(
-            root,
-            defense="none",
-            bottleneck=None,
-            noise=0.0,
-            seed=s,
-            acc=UNDEFENDED[0] + off,
-            attacks={"decoder": UNDEFENDED[1] + off},
-            **kw,
-        )
+    write_undefended(root, optimization=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -199,16 +197,7 @@ def test_the_reference_ends_at_the_undefended_model(tmp_path):
     (95%, 0.80) is judged against the line between them: at 92% that line is at 0.68."""
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
     write_family(tmp_path, "gmm-cem", (0.92,), (0.63,))
-    for s, off in zip(range(3), (0.0, -0.01, 0.01)):
-        write_cell(
-            tmp_path,
-            defense="none",
-            bottleneck=None,
-            noise=0.0,
-            seed=s,
-            acc=UNDEFENDED[0] + off,
-            attacks={"decoder": UNDEFENDED[1] + off, "optimization": UNDEFENDED[1] - 0.1},
-        )
+    write_undefended(tmp_path)
     pts = points_of(tmp_path)
     cmp = frontier.compare(pts, resamples=RESAMPLES)
     point = cmp.points.set_index("family").loc["gmm-cem"]
@@ -262,16 +251,7 @@ def test_a_point_above_the_top_by_less_than_the_accuracies_resolve_is_compared_w
 def test_a_defense_more_accurate_than_the_undefended_model_gets_no_verdict(tmp_path, undefended):
     write_family(tmp_path, "none", ACCS, [ref_ssim(a) for a in ACCS], knob="noise")
     write_family(tmp_path, "gmm-cem", (0.98,), (0.50,))
-    for s in range(3):
-        write_cell(
-            tmp_path,
-            defense="none",
-            bottleneck=None,
-            noise=0.0,
-            seed=s,
-            acc=undefended,
-            attacks={"decoder": UNDEFENDED[1], "optimization": UNDEFENDED[1] - 0.1},
-        )
+    write_undefended(tmp_path, undefended, spread=0.0)
     cmp = frontier.compare(points_of(tmp_path), resamples=RESAMPLES)
     assert fam(cmp, "gmm-cem").verdict == "extrapolation only"
     line = frontier.verdict_lines(cmp)[0]
